@@ -1,0 +1,25 @@
+"""The small interface every scoring backend implements. Only the batcher's worker thread calls it."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+
+class Backend(Protocol):
+    name: str
+    """The model's served name."""
+    tokenizer: Any
+    """The model's tokenizer (used by the engine to render and encode)."""
+    max_length: int
+    """Longest input in tokens."""
+    pad_multiple: int
+    """Sequences in one forward are padded to the longest; backends that pack report 1 here."""
+
+    def score_batch(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        """Raw rewards for a batch of token-id lists, in order. Runs on the worker thread only."""
+
+    def warmup(self) -> None:
+        """A few forward passes so the first request does not pay for lazy initialisation."""
+
+    def close(self) -> None:
+        """Free the model."""

@@ -1,0 +1,81 @@
+"""transformers backend: SDPA attention, fp32 or bf16 on CPU, bf16/fp16 on CUDA."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+from service.modeling import load_reward_model, load_tokenizer, log_untrained, resolve_model, reward_forward
+from service.rendering import model_max_length
+
+log = logging.getLogger("rewardserve.hf")
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> Any:
+    import torch
+
+    if requested == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, DTYPES[requested])
+
+
+class HFBackend:
+    pad_multiple = 1
+
+    def __init__(self, config: Any):
+        import torch
+
+        if config.threads and config.threads > 0:
+            torch.set_num_threads(int(config.threads))
+        self.source = resolve_model(config.model)
+        log_untrained(self.source)
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.tokenizer = load_tokenizer(self.source)
+        self.model = load_reward_model(self.source, self.dtype, self.device)
+        self.name = config.model_name or self.source.name
+        self.max_length = model_max_length(self.tokenizer, self.model.config, config.max_tokens)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        log.info(
+            "loaded %s (%s) on %s as %s, max_length=%d, threads=%d",
+            self.source.path, type(self.model).__name__, self.device, self.dtype, self.max_length,
+            torch.get_num_threads(),
+        )
+
+    def score_batch(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        import torch
+
+        longest = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)  # (B, T)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        with torch.inference_mode():
+            rewards = reward_forward(
+                self.model, input_ids.to(self.device), attention_mask.to(self.device)
+            )  # (B,)
+        return rewards.cpu().tolist()
+
+    def warmup(self) -> None:
+        ids = self.tokenizer("warm up the reward model", add_special_tokens=True)["input_ids"]
+        for n in (1, 4):
+            self.score_batch([ids] * n)
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()

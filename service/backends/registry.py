@@ -1,0 +1,24 @@
+"""Lazy backend registry: a name maps to "module:Class"; heavy imports happen only when chosen."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+BACKENDS: dict[str, str] = {
+    "hf": "service.backends.hf_backend:HFBackend",
+    "vllm": "service.backends.vllm_backend:VLLMBackend",
+}
+
+
+def backend_class(name: str) -> Any:
+    try:
+        target = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose from {sorted(BACKENDS)}") from None
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def create_backend(config: Any) -> Any:
+    return backend_class(config.backend)(config)

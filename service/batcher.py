@@ -1,0 +1,261 @@
+"""DynamicBatcher: one queue for every request of every transport, one worker thread that owns the model.
+
+Schedule -> execute -> update:
+- the event loop `submit`s token-id lists and gets one asyncio future per input (admission is bounded:
+  a full queue raises OVERLOADED at once);
+- the worker thread takes a window of queued inputs (after waiting at most `max_wait_s` for the oldest one
+  to get company), drops those whose caller went away or whose deadline passed, sorts the rest by length and
+  cuts them into batches by count, token budget (padded cost = longest x count) and padding ratio;
+- each batch is computed by the backend and every future is resolved on its own loop; a failed batch fails
+  every one of its futures with a typed error, so no caller ever hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from service.errors import ErrorKind, RewardServeError
+
+log = logging.getLogger("rewardserve.batcher")
+
+
+@dataclass(eq=False)
+class WorkItem:
+    ids: Sequence[int]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    deadline: float | None = None  # time.monotonic() value
+    enqueued: float = field(default_factory=time.monotonic)
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    finished: bool = False  # answered or dropped: no longer counted in the queue depth
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class BatchObserver(Protocol):
+    def on_batch(self, size: int, padded_tokens: int, real_tokens: int, seconds: float) -> None: ...
+    def on_queue_wait(self, seconds: float) -> None: ...
+    def on_dropped(self, reason: str) -> None: ...
+    def on_depth(self, depth: int) -> None: ...
+
+
+class _NullObserver:
+    def on_batch(self, size, padded_tokens, real_tokens, seconds):  # noqa: D102
+        pass
+
+    def on_queue_wait(self, seconds):  # noqa: D102
+        pass
+
+    def on_dropped(self, reason):  # noqa: D102
+        pass
+
+    def on_depth(self, depth):  # noqa: D102
+        pass
+
+
+def plan_batches(
+    items: list[WorkItem], max_batch_size: int, max_batch_tokens: int, max_padding_ratio: float
+) -> list[list[WorkItem]]:
+    """Sort by length and cut greedily; shortest batches first. Pure: tested on its own."""
+    batches: list[list[WorkItem]] = []
+    current: list[WorkItem] = []
+    real = 0
+    for item in sorted(items, key=lambda it: it.length):
+        if current:
+            longest = item.length  # sorted ascending: the newcomer is the longest
+            padded = longest * (len(current) + 1)
+            waste = 1.0 - (real + item.length) / padded
+            if len(current) >= max_batch_size or padded > max_batch_tokens or waste > max_padding_ratio:
+                batches.append(current)
+                current, real = [], 0
+        current.append(item)
+        real += item.length
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _resolve(future: asyncio.Future, value: float | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
+def _post(item: WorkItem, value: float | None, error: BaseException | None = None) -> None:
+    """Resolve an item's future on its own loop (thread-safe); a closed loop means nobody waits."""
+    try:
+        item.loop.call_soon_threadsafe(_resolve, item.future, value, error)
+    except RuntimeError:
+        pass
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        compute: Callable[[list[Sequence[int]]], list[float]],
+        *,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 8192,
+        max_wait_s: float = 0.002,
+        max_padding_ratio: float = 0.25,
+        max_queue: int = 2048,
+        observer: BatchObserver | None = None,
+        name: str = "rewardserve-batcher",
+    ):
+        self._compute = compute
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_padding_ratio = max_padding_ratio
+        self.max_queue = max_queue
+        self.max_window = max_batch_size * 4
+        self._observer = observer or _NullObserver()
+        self._queue: deque[WorkItem] = deque()
+        self._cond = threading.Condition()
+        self._pending = 0  # queued + being computed
+        self._running = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # ---- event-loop side -------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self._pending
+
+    def start(self) -> None:
+        self._running = True
+        self._thread.start()
+
+    def submit(self, batch: Sequence[Sequence[int]], deadline: float | None = None) -> list[WorkItem]:
+        """Queue inputs; returns their work items (await `item.future`). Raises OVERLOADED when full."""
+        loop = asyncio.get_running_loop()
+        items = [WorkItem(ids, loop.create_future(), loop, deadline) for ids in batch]
+        with self._cond:
+            if not self._running:
+                raise RewardServeError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+            if len(items) > self.max_queue:
+                raise RewardServeError(
+                    ErrorKind.INVALID_ARGUMENT,
+                    f"request has {len(items)} inputs, more than the whole queue holds (max_queue={self.max_queue})",
+                )
+            if self._pending + len(items) > self.max_queue:
+                raise RewardServeError(
+                    ErrorKind.OVERLOADED,
+                    f"queue full ({self._pending} inputs waiting, limit {self.max_queue}); retry later",
+                )
+            self._pending += len(items)
+            self._queue.extend(items)
+            self._cond.notify()
+        self._observer.on_depth(self._pending)
+        return items
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish everything queued, then stop the worker."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- worker side -----------------------------------------------------------------------------------
+    def _take_window(self) -> list[WorkItem] | None:
+        with self._cond:
+            while not self._queue and self._running:
+                self._cond.wait()
+            if not self._queue:
+                return None  # stopped and drained
+            oldest = self._queue[0].enqueued
+            while len(self._queue) < self.max_batch_size and self._running:
+                remaining = oldest + self.max_wait_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            n = min(len(self._queue), self.max_window)
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _run(self) -> None:
+        while True:
+            window = self._take_window()
+            if window is None:
+                return
+            try:
+                self._process(window)
+            except BaseException as exc:  # never let the worker die with callers waiting
+                log.exception("batcher window failed")
+                self._finish(window, error=RewardServeError(ErrorKind.BACKEND, f"internal error: {exc}"))
+
+    def _finish(
+        self, items: list[WorkItem], values: list[float] | None = None, error: BaseException | None = None
+    ) -> None:
+        """Answer (or drop, with values=None and error=None) items not yet finished; frees queue room first."""
+        todo = [(i, item) for i, item in enumerate(items) if not item.finished]
+        for _, item in todo:
+            item.finished = True
+        with self._cond:
+            self._pending -= len(todo)
+            depth = self._pending
+        self._observer.on_depth(depth)
+        for i, item in todo:
+            if values is not None:
+                _post(item, values[i])
+            elif error is not None:
+                _post(item, None, error)
+
+    def _live(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Drop inputs whose caller went away; fail those past their deadline."""
+        now = time.monotonic()
+        live, gone, expired = [], [], []
+        for item in items:
+            if item.future.done():
+                gone.append(item)
+            elif item.deadline is not None and now >= item.deadline:
+                expired.append(item)
+            else:
+                live.append(item)
+        for reason, dropped in (("cancelled", gone), ("deadline", expired)):
+            for _ in dropped:
+                self._observer.on_dropped(reason)
+        self._finish(gone)
+        self._finish(expired, error=RewardServeError(ErrorKind.DEADLINE, "deadline passed while queued"))
+        return live
+
+    def _process(self, window: list[WorkItem]) -> None:
+        batches = plan_batches(
+            self._live(window), self.max_batch_size, self.max_batch_tokens, self.max_padding_ratio
+        )
+        for batch in batches:
+            batch = self._live(batch)
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[WorkItem]) -> None:
+        start = time.monotonic()
+        for item in batch:
+            item.queue_s = start - item.enqueued
+            self._observer.on_queue_wait(item.queue_s)
+        try:
+            rewards = self._compute([item.ids for item in batch])
+            if len(rewards) != len(batch):
+                raise RuntimeError(f"backend returned {len(rewards)} rewards for {len(batch)} inputs")
+        except Exception as exc:
+            log.exception("batch of %d failed", len(batch))
+            error = RewardServeError(ErrorKind.BACKEND, f"scoring failed: {type(exc).__name__}: {exc}")
+            self._finish(batch, error=error)
+            return
+        seconds = time.monotonic() - start
+        longest = max(item.length for item in batch)
+        self._observer.on_batch(len(batch), longest * len(batch), sum(i.length for i in batch), seconds)
+        for item in batch:
+            item.compute_s = seconds
+        self._finish(batch, [float(r) for r in rewards])

@@ -1,0 +1,120 @@
+"""THE configuration of a rewardserve process.
+
+Precedence (highest first): command-line flags, `REWARDSERVE_*` environment variables, a config file
+(`--config FILE`, YAML or JSON), the defaults below. Every field's docstring is its `--help` text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "REWARDSERVE_"
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
+
+    model: str = "default"
+    """Reward model: a Hugging Face checkpoint directory, or `default` (the shipped default RM) or `minilm`."""
+    model_name: str | None = None
+    """Name the model is served under (defaults to the directory's name)."""
+    backend: str = "hf"
+    """Scoring backend: `hf` (transformers) or `vllm` (vLLM pooling runner)."""
+    device: str = "auto"
+    """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and compute dtype. `auto`: float32 on CPU (exact batch invariance), bfloat16 on CUDA."""
+    threads: int = 0
+    """Intra-op threads for the model worker (0: one per available core)."""
+
+    host: str = "127.0.0.1"
+    """HTTP and gRPC bind address."""
+    port: int = 8000
+    """HTTP port (0: pick a free port)."""
+    grpc_port: int = 50051
+    """gRPC port (0: pick a free port; -1: no gRPC server)."""
+
+    max_batch_size: int = 32
+    """Most inputs in one forward pass."""
+    max_batch_tokens: int = 8192
+    """Token budget of one forward pass, counted as padded cost: longest input x inputs."""
+    max_wait_ms: float = 2.0
+    """Longest time the first queued input waits for others to join its batch."""
+    max_padding_ratio: float = 0.25
+    """A batch is cut before an input whose addition would make padding exceed this share of its tokens."""
+    max_queue: int = 2048
+    """Most inputs waiting or in flight; past it requests are refused at once (HTTP 429, RESOURCE_EXHAUSTED)."""
+
+    max_tokens: int = 0
+    """Longest input in tokens; longer ones are truncated from the left (0: the model's own limit)."""
+    max_inputs_per_request: int = 1024
+    """Most inputs in one request."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest HTTP request body (HTTP 413 past it) and gRPC message."""
+    default_timeout_s: float = 0.0
+    """Deadline applied to requests that bring none (0: none)."""
+    warmup: bool = True
+    """Run a few forward passes before reporting ready."""
+    log_level: str = "info"
+    """Log level of the rewardserve loggers."""
+
+
+def _coerce(value: str, annotation: Any) -> Any:
+    if annotation in (bool, "bool"):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return value
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping")
+    return data
+
+
+def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, field in ServeConfig.model_fields.items():
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            out[name] = _coerce(environ[key], field.annotation)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; defaults are None so that only flags given override env and file."""
+    parser.add_argument("--config", help="YAML or JSON config file (fields as below).")
+    for name, field in ServeConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        helptext = f"{field.description or ''} (default: {field.default!r}; env {ENV_PREFIX}{name.upper()})"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=helptext)
+
+
+def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
+    data: dict[str, Any] = {}
+    config_file = getattr(args, "config", None) if args is not None else None
+    if config_file:
+        data.update(load_file(config_file))
+    data.update(from_env(environ))
+    if args is not None:
+        for name in ServeConfig.model_fields:
+            value = getattr(args, name, None)
+            if value is not None:
+                data[name] = value
+    return ServeConfig.model_validate(data)

@@ -1,0 +1,33 @@
+"""Transport-free error kinds. HTTP and gRPC translate them at the edge (service/error_map.py)."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(str, enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNAUTHENTICATED = "unauthenticated"
+    OVERLOADED = "overloaded"
+    DEADLINE = "deadline_exceeded"
+    CANCELLED = "cancelled"
+    UNAVAILABLE = "unavailable"
+    BACKEND = "backend_error"
+
+
+class RewardServeError(Exception):
+    """An error with a kind that every transport knows how to report."""
+
+    def __init__(self, kind: ErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"RewardServeError({self.kind.value}, {self.message!r})"
+
+
+def invalid(message: str) -> RewardServeError:
+    return RewardServeError(ErrorKind.INVALID_ARGUMENT, message)

@@ -1,0 +1,114 @@
+"""Builds the engine from config and runs HTTP (uvicorn) and gRPC (grpc.aio) on one event loop.
+
+One signal/drain path: SIGTERM or SIGINT -> readiness false (HTTP /ready 503, gRPC health NOT_SERVING) and
+new work refused -> everything already accepted is answered (up to `grace_s`) -> servers stop -> exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from typing import Any
+
+import uvicorn
+
+from service.config import ServeConfig
+from service.engine import RewardEngine
+from service.http_app import create_app
+
+log = logging.getLogger("rewardserve.runtime")
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime owns signals and drains itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class Runtime:
+    def __init__(self, config: ServeConfig, engine: RewardEngine | None = None):
+        self.config = config
+        self.engine = engine
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self._http: _UvicornServer | None = None
+        self._http_task: asyncio.Task | None = None
+        self._grpc: Any = None
+        self._health: Any = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(RewardEngine.from_config, self.config)
+        await self.engine.start()
+        if self.config.grpc_port >= 0:
+            from service.grpc_servicer import start_grpc_server
+
+            self._grpc, self.grpc_port, self._health = await start_grpc_server(self.engine, self.config)
+        sock = bind_socket(self.config.host, self.config.port)
+        self.http_port = sock.getsockname()[1]
+        app = create_app(self.engine)
+        uv_config = uvicorn.Config(
+            app, log_level=self.config.log_level.lower(), access_log=False, lifespan="off",
+            timeout_graceful_shutdown=30,
+        )
+        self._http = _UvicornServer(uv_config)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # surface the startup error
+            await asyncio.sleep(0.01)
+        log.info(
+            "rewardserve serving %s: HTTP http://%s:%d  gRPC %s",
+            self.engine.name, self.config.host, self.http_port,
+            f"{self.config.host}:{self.grpc_port}" if self.grpc_port else "off",
+        )
+
+    async def drain_and_stop(self, grace_s: float = 30.0) -> None:
+        """Stop taking work, answer what was accepted (up to grace_s), then stop everything."""
+        assert self.engine is not None
+        self.engine.mark_draining()
+        if self._health is not None:
+            await self._health.set_all_not_serving()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace_s
+        while self.engine.batcher.depth > 0 and loop.time() < end:
+            await asyncio.sleep(0.01)
+        if self._grpc is not None:
+            await self._grpc.stop(max(0.0, end - loop.time()))
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_task is not None:
+                await self._http_task
+        await self.engine.stop()
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await stop_requested.wait()
+        log.info("signal received: draining")
+        await self.drain_and_stop()
+        log.info("stopped")
+
+
+def serve(config: ServeConfig) -> None:
+    asyncio.run(Runtime(config).serve_forever())

@@ -1,0 +1,123 @@
+"""Transport-free request and result models (pydantic). HTTP uses them as its body schema;
+gRPC converts its protobuf messages into them, so both transports validate the same way."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
+
+from service.errors import invalid
+
+Role = Literal["system", "user", "assistant"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Strict):
+    role: Role = Field(description="Who speaks: system, user or assistant.")
+    content: str = Field(description="The message text.")
+
+
+class PromptResponseInput(_Strict):
+    """A single-turn pair: the prompt becomes the user turn, the response the assistant turn."""
+
+    prompt: str
+    response: str
+
+
+class MessagesInput(_Strict):
+    """A conversation in OpenAI chat format; the last message is the assistant's response being scored."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _last_is_assistant(self) -> "MessagesInput":
+        if self.messages[-1].role != "assistant":
+            raise ValueError("the last message must have role 'assistant' (the response being scored)")
+        return self
+
+
+class RawInput(_Strict):
+    """A pre-rendered string, scored as is (e.g. policy-templated text); special tokens are not added twice."""
+
+    raw: str
+
+
+def _input_tag(value: object) -> str | None:
+    if isinstance(value, dict):
+        keys = value.keys()
+    elif isinstance(value, BaseModel):
+        keys = type(value).model_fields.keys()
+    else:
+        return None
+    if "raw" in keys:
+        return "raw"
+    if "messages" in keys:
+        return "messages"
+    if "prompt" in keys or "response" in keys:
+        return "pair"
+    return None
+
+
+ScoreInput = Annotated[
+    Union[
+        Annotated[PromptResponseInput, Tag("pair")],
+        Annotated[MessagesInput, Tag("messages")],
+        Annotated[RawInput, Tag("raw")],
+    ],
+    Discriminator(
+        _input_tag,
+        custom_error_type="input_form",
+        custom_error_message="an input is an object with 'prompt' and 'response', or 'messages', or 'raw'",
+    ),
+]
+
+_INPUTS = TypeAdapter(list[ScoreInput])
+
+
+_TAGS = {"pair", "messages", "raw"}
+
+
+def _is_tag(loc: tuple, i: int) -> bool:
+    """Discriminator tags show up in error locations right after a list index; they are not fields."""
+    return loc[i] in _TAGS and i > 0 and isinstance(loc[i - 1], int) and i + 1 < len(loc)
+
+
+def describe_validation_error(exc: Any, prefix: str = "") -> str:
+    """One readable line per problem, each naming the field (e.g. `inputs.2.messages.0.role: ...`).
+
+    Takes a pydantic ValidationError or FastAPI's RequestValidationError (whose locations start with "body").
+    """
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        if loc[:1] == ("body",):
+            loc = loc[1:]
+        parts = [p for i, p in enumerate(loc) if not _is_tag(loc, i)]
+        loc = ".".join(str(p) for p in (prefix, *parts) if p != "")
+        lines.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(lines)
+
+
+def parse_inputs(raw: list[dict]) -> list:
+    """Validate plain dicts (from gRPC or Python callers) into input models; bad ones -> INVALID_ARGUMENT."""
+    try:
+        return _INPUTS.validate_python(raw)
+    except ValidationError as exc:
+        raise invalid(describe_validation_error(exc, "inputs")) from None
+
+
+class ScoreResult(BaseModel):
+    reward: float = Field(description="Raw logit of the reward head.")
+    truncated: bool = Field(description="True when the input was cut from the left to fit the token limit.")
+    tokens: int = Field(description="Tokens scored (after truncation).")
+    normalized: float | None = Field(
+        default=None, description="(reward - mean) / std with the model's stats; only when asked for."
+    )
+
+
+def input_kind(inp: PromptResponseInput | MessagesInput | RawInput) -> str:
+    return {PromptResponseInput: "pair", MessagesInput: "messages", RawInput: "raw"}[type(inp)]

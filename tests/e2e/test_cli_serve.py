@@ -1,0 +1,87 @@
+"""`rewardserve serve` as a real process: flags/env/config file, scoring, SIGTERM -> drain -> exit 0."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server never became ready")
+
+
+@pytest.fixture
+def serve_proc(tiny_bert_dir, tmp_path):
+    procs = []
+
+    def start(*args, env_extra=None):
+        env = {**os.environ, **(env_extra or {})}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_process_scores_and_drains_on_sigterm(serve_proc, tiny_bert_dir, tmp_path):
+    port, grpc_port = free_port(), free_port()
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(f"model: {tiny_bert_dir}\nmodel_name: from-file\nport: {port}\n")
+    proc = serve_proc(
+        "--config", str(config_file), "--grpc-port", str(grpc_port), "--max-batch-size", "8",
+        env_extra={"REWARDSERVE_MODEL_NAME": "from-env", "REWARDSERVE_LOG_LEVEL": "warning"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
+    assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "from-env"  # env beats the file
+    r = httpx.post(url + "/v1/score", json={"inputs": [{"prompt": "hi", "response": "hello"}]})
+    assert r.status_code == 200 and isinstance(r.json()["scores"][0]["reward"], float)
+    with socket.create_connection(("127.0.0.1", grpc_port), timeout=5):
+        pass  # gRPC listens on its own port
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
+def test_bad_model_dir_fails_fast_with_a_clear_message(serve_proc, tmp_path):
+    proc = serve_proc("--model", str(tmp_path / "missing"), "--port", str(free_port()), "--grpc-port", "-1")
+    assert proc.wait(timeout=120) != 0
+    assert "does not exist" in proc.stderr.read()
+
+
+def test_serve_help_documents_every_field():
+    from service.config import ServeConfig
+
+    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in ServeConfig.model_fields:
+        assert "--" + name.replace("_", "-") in out.stdout
+        assert "REWARDSERVE_" + name.upper() in out.stdout.replace("\n", "").replace(" ", "")

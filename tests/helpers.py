@@ -1,0 +1,139 @@
+"""Shared test helpers: tiny reward models built from configs, and a live server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+from service.config import ServeConfig
+
+
+def make_tiny_bert_rm(out: Path, seed: int = 0) -> Path:
+    """A 2-layer BERT reward model with the MiniLM tokenizer (no chat template: plain format)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from service.modeling import minilm_path
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, num_labels=1, pad_token_id=0,
+        initializer_range=0.4,  # spread the untrained rewards so tests can tell inputs apart
+    )
+    BertForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(out)
+    return out
+
+
+def make_tiny_llama_rm(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama reward model with the SmolLM2 tokenizer and its chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=1024, num_labels=1,
+        initializer_range=0.4,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def save_smollm2_tokenizer(out: Path) -> Path:
+    from service.modeling import load_tokenizer, resolve_model
+
+    load_tokenizer(resolve_model("smollm2")).save_pretrained(out)
+    return out
+
+
+def test_config(model_dir: Path | str, **overrides: Any) -> ServeConfig:
+    base = dict(model=str(model_dir), port=0, grpc_port=0, warmup=True, log_level="warning")
+    base.update(overrides)
+    return ServeConfig(**base)
+
+
+test_config.__test__ = False  # a helper, not a test (modules import it by name)
+
+
+class LiveServer:
+    """A real Runtime (uvicorn + grpc.aio) on 127.0.0.1 free ports, in a background thread with its own loop."""
+
+    def __init__(self, config: ServeConfig):
+        from service.runtime import Runtime
+
+        self.config = config
+        self.runtime = Runtime(config)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="live-server", daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.runtime.start(), self.loop).result(timeout=300)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(self.runtime.drain_and_stop(grace_s), self.loop)
+            fut.result(timeout=60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the server's loop (e.g. to poke at the engine) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout)
+
+    @property
+    def engine(self) -> Any:
+        return self.runtime.engine
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.runtime.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.runtime.grpc_port}"
+
+
+class inject_latency:
+    """Fault injection: every forward pass of a live server's engine takes `delay` seconds longer."""
+
+    def __init__(self, server: LiveServer, delay: float):
+        self.batcher = server.engine.batcher
+        self.delay = delay
+        self.original = self.batcher._compute
+
+    def __enter__(self) -> "inject_latency":
+        import time
+
+        def slow(batch: Any) -> Any:
+            time.sleep(self.delay)
+            return self.original(batch)
+
+        self.batcher._compute = slow
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.batcher._compute = self.original
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of a metric in Prometheus text whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

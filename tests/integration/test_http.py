@@ -1,0 +1,205 @@
+"""HTTP transport against a real uvicorn server on loopback, tiny BERT reward model."""
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from tests.helpers import LiveServer, inject_latency, metric_value, test_config
+
+PAIR = {"prompt": "How do I boil an egg?", "response": "Put it in boiling water for nine minutes."}
+MSGS = {"messages": [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]}
+RAW = {"raw": "Human: hi Assistant: hello"}
+
+
+def score(server, inputs, **extra):
+    return httpx.post(server.http_url + "/v1/score", json={"inputs": inputs, **extra}, timeout=60)
+
+
+def test_scores_are_raw_logits_in_input_order(bert_server, tiny_bert_dir):
+    inputs = [PAIR, MSGS, RAW, PAIR]
+    r = score(bert_server, inputs)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "tiny-bert"
+    assert [set(s) >= {"reward", "truncated", "tokens"} for s in body["scores"]] == [True] * 4
+    # the same texts through plain transformers, one at a time: the raw logit, no sigmoid
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    texts = [
+        "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water for nine minutes.",
+        "\n\nSystem: You are terse.\n\nHuman: Capital of France?\n\nAssistant: Paris.",
+        "Human: hi Assistant: hello",
+    ]
+    with torch.inference_mode():
+        expected = [model(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+    got = [s["reward"] for s in body["scores"]]
+    assert got[:3] == pytest.approx(expected, abs=1e-5)
+    assert got[0] == pytest.approx(got[3], abs=1e-6)  # same input, another row of the batch
+    assert [s["tokens"] for s in body["scores"][:3]] == [len(tok(t)["input_ids"]) for t in texts]
+
+
+def test_timing_and_request_id_headers(bert_server):
+    r = httpx.post(bert_server.http_url + "/v1/score", json={"inputs": [PAIR]}, headers={"X-Request-Id": "abc-1"})
+    assert r.status_code == 200
+    assert r.headers["x-request-id"] == "abc-1"
+    assert float(r.headers["x-queue-time-ms"]) >= 0 and float(r.headers["x-compute-time-ms"]) > 0
+    assert len(httpx.get(bert_server.http_url + "/health").headers["x-request-id"]) == 32
+
+
+def test_truncation_is_reported(bert_server):
+    long = {"prompt": "word " * 2000, "response": "the end"}
+    r = score(bert_server, [long, PAIR])
+    first, second = r.json()["scores"]
+    assert first["truncated"] is True and first["tokens"] == 512
+    assert second["truncated"] is False
+
+
+def test_operational_routes(bert_server):
+    url = bert_server.http_url
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/ready").json()["status"] == "ready"
+    models = httpx.get(url + "/v1/models").json()
+    assert models["data"][0]["id"] == "tiny-bert" and models["data"][0]["max_model_len"] == 512
+    spec = httpx.get(url + "/openapi.json").json()
+    assert "/v1/score" in spec["paths"]
+    assert httpx.get(url + "/docs").status_code == 200
+    score(bert_server, [PAIR])
+    text = httpx.get(url + "/metrics").text
+    for name in (
+        "rewardserve_requests_total", "rewardserve_request_latency_seconds_bucket",
+        "rewardserve_queue_wait_seconds_bucket", "rewardserve_batch_size_bucket",
+        "rewardserve_batch_tokens_bucket", "rewardserve_padding_ratio_bucket", "rewardserve_queue_depth",
+        "rewardserve_in_flight_requests", "rewardserve_reward_bucket", "rewardserve_inputs_total",
+    ):
+        assert name in text, name
+    assert metric_value(text, "rewardserve_requests_total", route="/v1/score", code="200") >= 1
+
+
+BAD = [
+    ({"inputs": []}, 422, "inputs"),
+    ({}, 422, "inputs: Field required"),
+    ({"inputs": [{"prompt": "a"}]}, 422, "inputs.0.response"),
+    ({"inputs": [{"foo": "a"}]}, 422, "'prompt' and 'response', or 'messages', or 'raw'"),
+    ({"inputs": [{"messages": [{"role": "bot", "content": "x"}]}]}, 422, "inputs.0.messages.0.role"),
+    ({"inputs": [{"messages": [{"role": "user", "content": "x"}]}]}, 422, "last message must have role 'assistant'"),
+    ({"inputs": [{"messages": []}]}, 422, "inputs.0.messages"),
+    ({"inputs": [{"raw": 5}]}, 422, "inputs.0.raw"),
+    ({"inputs": "abc"}, 422, "inputs"),
+    ({"inputs": [PAIR], "extra": 1}, 422, "extra"),
+    ({"inputs": [PAIR], "timeout": -1}, 422, "timeout"),
+    ({"model": "other-model", "inputs": [PAIR]}, 404, "unknown model 'other-model'"),
+]
+
+
+@pytest.mark.parametrize("body,code,needle", BAD)
+def test_bad_input_gets_a_clear_4xx(bert_server, body, code, needle):
+    r = httpx.post(bert_server.http_url + "/v1/score", json=body)
+    assert r.status_code == code, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["code"] == code
+
+
+@pytest.mark.parametrize("raw", [b"not json", b'{"inputs": [{"raw": "\xff\xfe"}]}', b"", b"[1,2]", b'{"inputs": [{"raw": "a"}'])
+def test_malformed_bodies_are_4xx(bert_server, raw):
+    r = httpx.post(bert_server.http_url + "/v1/score", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    assert r.json()["error"]["type"] == "invalid_argument"
+
+
+def test_unknown_route_and_method(bert_server):
+    r = httpx.get(bert_server.http_url + "/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    r = httpx.get(bert_server.http_url + "/v1/score")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
+
+
+def test_bad_timeout_header(bert_server):
+    r = httpx.post(bert_server.http_url + "/v1/score", json={"inputs": [PAIR]}, headers={"X-Request-Timeout": "soon"})
+    assert r.status_code == 400 and "X-Request-Timeout" in r.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def limited_server(tiny_bert_dir):
+    cfg = test_config(tiny_bert_dir, model_name="tiny-bert", grpc_port=-1, max_body_bytes=4096,
+                      max_inputs_per_request=4, max_queue=8, max_batch_size=4)
+    with LiveServer(cfg) as server:
+        yield server
+
+
+def test_limits(limited_server):
+    r = score(limited_server, [PAIR] * 5)
+    assert r.status_code == 400 and "too many inputs: 5 > max_inputs_per_request=4" in r.json()["error"]["message"]
+    r = score(limited_server, [{"raw": "x" * 5000}])
+    assert r.status_code == 413 and "max_body_bytes=4096" in r.json()["error"]["message"]
+    # chunked upload without content-length is counted too
+    r = httpx.post(limited_server.http_url + "/v1/score", content=iter([b"{" + b" " * 3000, b" " * 3000 + b"}"]))
+    assert r.status_code == 413
+    assert score(limited_server, [PAIR] * 4).status_code == 200  # the server is fine afterwards
+
+
+async def test_full_queue_answers_429_at_once(limited_server):
+    async with httpx.AsyncClient(base_url=limited_server.http_url, timeout=30) as client:
+        with inject_latency(limited_server, 0.3):
+            tasks = [client.post("/v1/score", json={"inputs": [PAIR] * 4}) for _ in range(6)]
+            responses = await asyncio.gather(*tasks)
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 429}, codes
+    assert codes.count(200) >= 2
+    for r in responses:
+        if r.status_code == 429:
+            assert "queue full" in r.json()["error"]["message"]
+            assert r.elapsed.total_seconds() < 0.5
+
+
+@pytest.mark.parametrize("how", ["body", "header"])
+def test_deadline_gives_504(limited_server, how):
+    kwargs = {"json": {"inputs": [PAIR], "timeout": 0.05}} if how == "body" else {
+        "json": {"inputs": [PAIR]}, "headers": {"X-Request-Timeout": "0.05"}}
+    with inject_latency(limited_server, 0.5):
+        r = httpx.post(limited_server.http_url + "/v1/score", timeout=10, **kwargs)
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["type"] == "deadline_exceeded"
+    assert r.elapsed.total_seconds() < 0.45
+
+
+async def test_client_gone_is_dropped_before_compute(limited_server):
+    url = limited_server.http_url
+    while limited_server.engine.batcher.depth:  # earlier tests' abandoned work finishes first
+        await asyncio.sleep(0.05)
+    before = metric_value(httpx.get(url + "/metrics").text, "rewardserve_dropped_inputs_total", reason="cancelled")
+    with inject_latency(limited_server, 0.4):
+        async with httpx.AsyncClient(base_url=url) as client:
+            blocker = asyncio.ensure_future(client.post("/v1/score", json={"inputs": [PAIR] * 4}, timeout=10))
+            await asyncio.sleep(0.1)
+            with pytest.raises(httpx.ReadTimeout):  # this client gives up while its inputs are queued
+                await client.post("/v1/score", json={"inputs": [RAW] * 3}, timeout=0.1)
+            assert (await blocker).status_code == 200
+    await asyncio.sleep(0.5)
+    after = metric_value(httpx.get(url + "/metrics").text, "rewardserve_dropped_inputs_total", reason="cancelled")
+    assert after - before == 3
+
+
+async def test_concurrent_clients_coalesce(bert_server):
+    url = bert_server.http_url
+    before = httpx.get(url + "/metrics").text
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        with inject_latency(bert_server, 0.02):
+            responses = await asyncio.gather(*(
+                client.post("/v1/score", json={"inputs": [{"prompt": f"q{i}", "response": "same length answer"}]})
+                for i in range(32)
+            ))
+    assert all(r.status_code == 200 for r in responses)
+    after = httpx.get(url + "/metrics").text
+    batches = (metric_value(after, "rewardserve_batch_size_count", model="tiny-bert")
+               - metric_value(before, "rewardserve_batch_size_count", model="tiny-bert"))
+    inputs = (metric_value(after, "rewardserve_batch_size_sum", model="tiny-bert")
+              - metric_value(before, "rewardserve_batch_size_sum", model="tiny-bert"))
+    assert inputs == 32
+    assert batches <= 16, f"32 concurrent requests ran in {batches} forward passes"

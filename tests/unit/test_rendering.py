@@ -1,0 +1,100 @@
+"""Rendering and truncation: the one function service and training share."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from service.modeling import minilm_path
+from service.rendering import encode_input, encode_text, model_max_length, render_plain, render_text
+from service.schemas import MessagesInput, PromptResponseInput, RawInput
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    return AutoTokenizer.from_pretrained(str(minilm_path()))
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm2_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+
+
+def test_plain_format_without_chat_template(bert_tok):
+    inp = PromptResponseInput(prompt="What is 2+2?", response="4")
+    assert render_text(bert_tok, inp) == "\n\nHuman: What is 2+2?\n\nAssistant: 4"
+    msgs = MessagesInput(messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ])
+    assert render_text(bert_tok, msgs) == "\n\nSystem: Be brief.\n\nHuman: Hi\n\nAssistant: Hello"
+
+
+def test_prompt_response_equals_two_messages(bert_tok, smol_tok):
+    pair = PromptResponseInput(prompt="Hi", response="Hello")
+    msgs = MessagesInput(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    for tok in (bert_tok, smol_tok):
+        assert encode_input(tok, pair, 512) == encode_input(tok, msgs, 512)
+
+
+def test_chat_template_is_used_when_present(smol_tok):
+    text = render_text(smol_tok, PromptResponseInput(prompt="Hi", response="Hello"))
+    assert text == smol_tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenize=False
+    )
+    assert "<|im_start|>assistant\nHello<|im_end|>" in text
+
+
+def test_raw_is_scored_as_is(smol_tok):
+    raw = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    enc = encode_input(smol_tok, RawInput(raw=raw), 512)
+    assert enc.input_ids == smol_tok(raw, add_special_tokens=True)["input_ids"]
+    assert smol_tok.decode(enc.input_ids) == raw
+
+
+def test_bos_never_doubled(smollm2_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir), add_bos_token=True)
+    bos = tok.bos_token_id
+    assert tok("hello")["input_ids"][0] == bos  # the tokenizer adds BOS ...
+    ids = encode_text(tok, tok.bos_token + "hello", 64).input_ids  # ... and the text already has one
+    assert ids[0] == bos and ids[1] != bos
+    assert encode_text(tok, "hello", 64).input_ids == ids
+
+
+def test_left_truncation_keeps_the_end_and_leading_special(bert_tok):
+    response = " ".join(f"w{i}" for i in range(400))
+    full = encode_input(bert_tok, PromptResponseInput(prompt="question", response=response), 10_000)
+    assert not full.truncated
+    cut = encode_input(bert_tok, PromptResponseInput(prompt="question", response=response), 64)
+    assert cut.truncated and cut.tokens == 64
+    assert cut.input_ids[0] == bert_tok.cls_token_id  # [CLS] kept
+    assert cut.input_ids[1:] == full.input_ids[-63:]  # the end survives, including [SEP]
+    assert cut.input_ids[-1] == bert_tok.sep_token_id
+
+
+def test_truncation_boundary(bert_tok):
+    inp = RawInput(raw="a b c d e f")
+    n = encode_input(bert_tok, inp, 10_000).tokens
+    assert not encode_input(bert_tok, inp, n).truncated
+    shorter = encode_input(bert_tok, inp, n - 1)
+    assert shorter.truncated and shorter.tokens == n - 1
+
+
+def test_decoder_truncation_keeps_the_scored_end(smol_tok):
+    long = PromptResponseInput(prompt="x " * 300, response="the final answer")
+    enc = encode_input(smol_tok, long, 32)
+    assert enc.truncated and enc.tokens == 32
+    assert smol_tok.decode(enc.input_ids).endswith("the final answer<|im_end|>\n")
+
+
+def test_model_max_length(bert_tok):
+    class Cfg:
+        max_position_embeddings = 512
+
+    assert model_max_length(bert_tok, Cfg()) == 512
+    assert model_max_length(bert_tok, Cfg(), cap=128) == 128
+
+
+def test_render_plain_roles():
+    assert render_plain([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == (
+        "\n\nHuman: a\n\nAssistant: b"
+    )
