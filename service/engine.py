@@ -155,6 +155,7 @@ class RewardEngine:
             raise RewardServeError(ErrorKind.DEADLINE, "deadline passed before the request was queued")
         items = self.batcher.submit(batch, deadline)
         waiter = asyncio.gather(*(item.future for item in items))
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             rewards = await asyncio.wait_for(waiter, timeout)
