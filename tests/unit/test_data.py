@@ -1,0 +1,341 @@
+"""Preference data: every accepted format, every reader, the HH file, and the collator (no train/serve skew).
+
+The HH file holds red-team text: tests on it assert on structure and counts only, never on (or printing) content.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.rendering import encode_input, render_plain
+from service.schemas import parse_inputs
+from training.data import (
+    PreferenceBatch, PreferenceCollator, PreferencePair, load_preferences, pad_right, parse_hh_dialogue,
+    parse_record, read_records,
+)
+
+HH_TRAIN = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "hh_harmless" / "train.jsonl.gz"
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def bot(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from service.modeling import minilm_path
+
+    return AutoTokenizer.from_pretrained(str(minilm_path()))  # BERT: no chat template -> plain HH format
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tokenizer):
+    """The same tokenizer with a small chat template, to cover the template branch of encode_input."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+    return tok
+
+
+# ------------------------------------------------------------------------------------------- HH dialogues
+
+
+def test_hh_dialogue_turns():
+    text = (
+        "\n\nHuman: What is a good name for a cat?\n\nAssistant: Maybe Whiskers."
+        "\n\nHuman: Another?\n\nAssistant: Mittens."
+    )
+    assert parse_hh_dialogue(text) == [
+        user("What is a good name for a cat?"), bot("Maybe Whiskers."), user("Another?"), bot("Mittens."),
+    ]
+
+
+def test_hh_dialogue_odd_whitespace():
+    # no leading blank line, a third newline, double spaces, trailing spaces, an empty last turn
+    text = "Human:  Hello there  \n\n\nAssistant:   Hi! \n\nHuman: Bye\n\nAssistant:"
+    assert parse_hh_dialogue(text) == [user("Hello there"), bot("Hi!"), user("Bye"), bot("")]
+
+
+def test_hh_marker_inside_text_is_content():
+    text = "\n\nHuman: Write the word Human: twice\n\nAssistant: Human: Human:"
+    assert parse_hh_dialogue(text) == [user("Write the word Human: twice"), bot("Human: Human:")]
+
+
+@pytest.mark.parametrize("text", ["just text", "", "Preamble\n\nHuman: hi\n\nAssistant: yo"])
+def test_not_an_hh_dialogue(text):
+    with pytest.raises(ValueError):
+        parse_hh_dialogue(text)
+
+
+def test_hh_pair_shared_prefix():
+    head = "\n\nHuman: Name a fruit.\n\nAssistant: Apple.\n\nHuman: A yellow one?\n\nAssistant:"
+    pair = parse_record({"chosen": head + " Banana.", "rejected": head + " Grape."})
+    prompt = [user("Name a fruit."), bot("Apple."), user("A yellow one?")]
+    assert pair == PreferencePair(prompt, [bot("Banana.")], [bot("Grape.")])
+    assert pair.chosen_input() == {"messages": [*pair.prompt_messages, bot("Banana.")]}
+    assert pair.margin is None
+
+
+def test_hh_pair_with_different_prefixes_keeps_each_side_whole():
+    # As in a few upstream pairs: one side has two assistant turns at the end, the other one.
+    chosen = "\n\nHuman: Count to two.\n\nAssistant: One.\n\nAssistant: Two."
+    rejected = "\n\nHuman: Count to two.\n\nAssistant: Three."
+    pair = parse_record({"chosen": chosen, "rejected": rejected})
+    assert pair.prompt_messages == [user("Count to two.")]
+    assert pair.chosen == [bot("One."), bot("Two.")]
+    assert pair.rejected == [bot("Three.")]
+    assert pair.chosen_input()["messages"] == parse_hh_dialogue(chosen)
+    assert pair.rejected_input()["messages"] == parse_hh_dialogue(rejected)
+
+
+def test_hh_pair_differing_from_the_first_turn_has_an_empty_prompt():
+    pair = parse_record({"chosen": "\n\nHuman: A\n\nAssistant: B", "rejected": "\n\nHuman: C\n\nAssistant: D"})
+    assert pair.prompt_messages == []
+    assert pair.chosen == [user("A"), bot("B")] and pair.rejected == [user("C"), bot("D")]
+
+
+def test_identical_sides_still_leave_a_response_each():
+    pair = parse_record({"chosen": [user("q"), bot("a")], "rejected": [user("q"), bot("a")]})
+    assert pair.prompt_messages == [user("q")] and pair.chosen == [bot("a")] and pair.rejected == [bot("a")]
+
+
+# ------------------------------------------------------------------------------------------- TRL formats
+
+
+def test_explicit_prompt_strings_with_margin():
+    pair = parse_record({"prompt": "Sky colour?", "chosen": "Blue.", "rejected": "Green.", "margin": 2})
+    assert pair == PreferencePair([user("Sky colour?")], [bot("Blue.")], [bot("Green.")], margin=2.0)
+    assert isinstance(pair.margin, float)
+
+
+def test_explicit_prompt_in_hh_style_is_parsed_as_a_dialogue():
+    record = {"prompt": "\n\nHuman: Sky colour?\n\nAssistant:", "chosen": " Blue.", "rejected": " Green."}
+    assert parse_record(record) == PreferencePair([user("Sky colour?")], [bot("Blue.")], [bot("Green.")])
+
+
+def test_conversational_explicit_prompt():
+    system = {"role": "system", "content": "Be brief."}
+    record = {
+        "prompt": [system, {"role": "user", "content": "Sky colour?", "name": "ann"}],  # extra keys are dropped
+        "chosen": [bot("Blue.")],
+        "rejected": [bot("Green.")],
+    }
+    pair = parse_record(record)
+    assert pair == PreferencePair([system, user("Sky colour?")], [bot("Blue.")], [bot("Green.")])
+
+
+def test_conversational_implicit_prompt():
+    record = {
+        "chosen": [user("Hi"), bot("Hello"), user("Sky colour?"), bot("Blue.")],
+        "rejected": [user("Hi"), bot("Hello"), user("Sky colour?"), bot("Green.")],
+        "margin": 0.5,
+    }
+    pair = parse_record(record)
+    assert pair == PreferencePair([user("Hi"), bot("Hello"), user("Sky colour?")], [bot("Blue.")], [bot("Green.")], 0.5)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"chosen": "\n\nHuman: a\n\nAssistant: b"},  # no rejected
+        {"prompt": "q", "chosen": [user("a")], "rejected": [bot("b")]},  # chosen ends with the user
+        {"prompt": [{"role": "tool", "content": "x"}], "chosen": "a", "rejected": "b"},  # unknown role
+        {"prompt": [{"role": "user", "content": ["part"]}], "chosen": "a", "rejected": "b"},  # content not a str
+        {"prompt": [], "chosen": "a", "rejected": "b"},  # empty prompt list
+        {"chosen": "plain text", "rejected": "other text"},  # implicit strings that are not HH dialogues
+        {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"},
+    ],
+)
+def test_bad_records_are_refused(record):
+    with pytest.raises(ValueError):
+        parse_record(record)
+
+
+# --------------------------------------------------------------------------------------------------- readers
+
+RECORDS = [
+    {"prompt": [user("Sky colour?")], "chosen": [bot("Blue.")], "rejected": [bot("Green.")], "margin": 1.0},
+    {"prompt": [user("Grass colour?")], "chosen": [bot("Green.")], "rejected": [bot("Pink.")], "margin": 0.0},
+]
+
+
+def _write(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"prefs.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS) + "\n", encoding="utf-8")
+    elif kind == "json":
+        path.write_text(json.dumps(RECORDS), encoding="utf-8")
+    elif kind == "jsonl.gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in RECORDS)
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(RECORDS), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "jsonl.gz", "parquet"])
+def test_every_file_format_reads_the_same_pairs(tmp_path, kind):
+    expected = [parse_record(r) for r in RECORDS]
+    assert load_preferences(_write(tmp_path, kind)) == expected
+    assert load_preferences(str(_write(tmp_path, kind))) == expected
+
+
+def test_datasets_dataset_and_plain_lists():
+    from datasets import Dataset
+
+    expected = [parse_record(r) for r in RECORDS]
+    assert load_preferences(Dataset.from_list(RECORDS)) == expected
+    assert load_preferences(RECORDS) == expected
+
+
+def test_reader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_records(tmp_path / "missing.jsonl")
+    (tmp_path / "prefs.csv").write_text("chosen,rejected\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown format"):
+        read_records(tmp_path / "prefs.csv")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{oops\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_records(tmp_path / "bad.jsonl")
+    with pytest.raises(TypeError, match="split"):
+        read_records({"train": RECORDS})
+    with pytest.raises(ValueError, match="record 1"):
+        load_preferences([RECORDS[0], {"chosen": "x"}])
+
+
+# ------------------------------------------------------------------------------------------- the HH file
+
+
+@pytest.mark.skipif(not HH_TRAIN.exists(), reason="shared HH data not present")
+def test_hh_train_file_parses_whole():
+    pairs = load_preferences(HH_TRAIN)
+    assert len(pairs) == 1512
+    assert all(p.chosen[-1]["role"] == "assistant" and p.rejected[-1]["role"] == "assistant" for p in pairs)
+    assert all(len(p.prompt_messages) > 0 and p.prompt_messages[-1]["role"] == "user" for p in pairs)
+    # a few pairs (differing histories) carry more than one message on a side; most carry exactly one
+    assert sum(len(p.chosen) > 1 or len(p.rejected) > 1 for p in pairs) <= 5
+    # every side is a valid /score input for the server
+    inputs = [side for p in pairs for side in (p.chosen_input(), p.rejected_input())]
+    assert len(parse_inputs(inputs)) == 2 * len(pairs)
+    # the plain renderer gives back the original dialogue exactly, except where odd whitespace was stripped
+    with gzip.open(HH_TRAIN, "rt", encoding="utf-8") as f:
+        raw = [json.loads(line) for line in f]
+    same = sum(
+        render_plain(p.chosen_input()["messages"]) == r["chosen"]
+        and render_plain(p.rejected_input()["messages"]) == r["rejected"]
+        for p, r in zip(pairs, raw)
+    )
+    assert same >= 1500
+
+
+@pytest.mark.skipif(not HH_TRAIN.exists(), reason="shared HH data not present")
+def test_hh_pairs_collate_exactly_as_the_server_encodes(tokenizer):
+    pairs = load_preferences(HH_TRAIN)[:24]
+    collator = PreferenceCollator(tokenizer, max_length=96)
+    batch = collator(pairs)
+    sides = [p.chosen_input() for p in pairs] + [p.rejected_input() for p in pairs]
+    expected = [encode_input(tokenizer, s, 96) for s in sides]
+    mismatched = sum(
+        batch.input_ids[i, : len(e.input_ids)].tolist() != e.input_ids or int(batch.attention_mask[i].sum()) != e.tokens
+        for i, e in enumerate(expected)
+    )
+    assert mismatched == 0
+    assert batch.truncated.tolist() == [e.truncated for e in expected]
+    assert 0 < int(batch.truncated.sum()) < 48  # some long dialogues were cut, some were not
+
+
+# ---------------------------------------------------------------------------------------------- collator
+
+PAIRS = [
+    PreferencePair([user("Sky colour?")], [bot("Blue.")], [bot("Green, or maybe some purple on most days.")]),
+    PreferencePair([user("Hi")], [bot("Hello! How can I help you today with anything at all?")], [bot("Go away.")]),
+    PreferencePair([user("Count to two.")], [bot("One."), bot("Two.")], [bot("Three.")]),
+]
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "chat_tokenizer"])
+def test_collator_matches_encode_input_and_pads_right(request, which):
+    tok = request.getfixturevalue(which)
+    batch = PreferenceCollator(tok, max_length=512)(PAIRS)
+    B = len(PAIRS)
+    sides = [p.chosen_input() for p in PAIRS] + [p.rejected_input() for p in PAIRS]  # rows: chosen, then rejected
+    expected = [encode_input(tok, s, 512) for s in sides]
+    T = max(e.tokens for e in expected)
+    assert batch.input_ids.shape == batch.attention_mask.shape == (2 * B, T)
+    assert batch.num_pairs == B and batch.margin is None
+    assert batch.input_ids.dtype == torch.long and batch.truncated.dtype == torch.bool
+    for i, e in enumerate(expected):
+        n = e.tokens
+        assert batch.input_ids[i, :n].tolist() == e.input_ids
+        assert batch.attention_mask[i].tolist() == [1] * n + [0] * (T - n)
+        assert batch.input_ids[i, n:].tolist() == [tok.pad_token_id] * (T - n)
+    assert not batch.truncated.any()
+
+
+def test_collator_truncates_from_the_left(tokenizer):
+    batch = PreferenceCollator(tokenizer, max_length=6)(PAIRS)
+    full = [encode_input(tokenizer, p.chosen_input(), 10_000) for p in PAIRS]
+    assert batch.input_ids.shape[1] == 6
+    assert batch.truncated.tolist() == [e.tokens > 6 for e in full] + [
+        encode_input(tokenizer, p.rejected_input(), 10_000).tokens > 6 for p in PAIRS
+    ]
+    for i, e in enumerate(full):
+        if e.tokens > 6:  # [CLS] kept, then the last 5 ids (the end of the response, where the reward is read)
+            assert batch.input_ids[i].tolist() == [tokenizer.cls_token_id] + e.input_ids[-5:]
+
+
+def test_collator_margins_and_padding_multiple(tokenizer):
+    with_margin = [PreferencePair(p.prompt_messages, p.chosen, p.rejected, float(i)) for i, p in enumerate(PAIRS)]
+    batch = PreferenceCollator(tokenizer, max_length=512, pad_to_multiple_of=8)(with_margin)
+    assert batch.margin.dtype == torch.float32 and batch.margin.tolist() == [0.0, 1.0, 2.0]
+    assert batch.input_ids.shape[1] % 8 == 0
+    with pytest.raises(ValueError, match="margin"):
+        PreferenceCollator(tokenizer, max_length=512)([with_margin[0], PAIRS[1]])
+    with pytest.raises(ValueError):
+        PreferenceCollator(tokenizer, max_length=512)([])
+
+
+def test_pad_right():
+    ids, mask = pad_right([[5, 6, 7], [8]], pad_id=0, multiple_of=4)
+    assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_dataloader_batches_and_batched_rewards_equal_single_rewards(tokenizer):
+    """Padding changes nothing: a reward read from the padded training batch equals the reward of that input alone."""
+    from torch.utils.data import DataLoader
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from service.modeling import reward_forward
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, num_labels=1, pad_token_id=0,
+    )
+    model = BertForSequenceClassification(config).eval()
+    loader = DataLoader(PAIRS, batch_size=2, collate_fn=PreferenceCollator(tokenizer, max_length=64))
+    batches = list(loader)
+    assert [type(b) for b in batches] == [PreferenceBatch, PreferenceBatch] and batches[0].num_pairs == 2
+    batch = batches[0].to("cpu")
+    with torch.no_grad():
+        rewards = reward_forward(model, batch.input_ids, batch.attention_mask)  # (2B,)
+        sides = [p.chosen_input() for p in PAIRS[:2]] + [p.rejected_input() for p in PAIRS[:2]]
+        for i, side in enumerate(sides):
+            ids = torch.tensor([encode_input(tokenizer, side, 64).input_ids])  # (1, T_i)
+            alone = reward_forward(model, ids, torch.ones_like(ids))
+            assert abs(alone.item() - rewards[i].item()) < 1e-5

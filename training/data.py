@@ -1,0 +1,266 @@
+"""Preference data: files or datasets in the usual formats -> PreferencePair records -> padded batches.
+
+Every pair becomes two rewardserve inputs `{"messages": [...]}` whose last message is the assistant's, and the
+collator tokenizes them with `service.rendering.encode_input`, the very function the server uses, so a trained
+model reads exactly the ids it will be served (no train/serve skew).
+
+Accepted records (TRL column conventions, plus Anthropic HH-RLHF):
+- HH-RLHF dialogues   {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
+- explicit prompt     {"prompt": str, "chosen": str, "rejected": str}
+- conversational      {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+- implicit prompt     {"chosen": [messages], "rejected": [messages]}
+each with an optional numeric "margin". The prompt of an implicit-prompt record is the longest common prefix of
+the two conversations, as in TRL's `extract_prompt`, so each side keeps its own full conversation even when the
+two sides' histories differ (5 of the 2,312 upstream HH harmless-base test pairs).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from service.rendering import Encoded, encode_input
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+# A turn marker starts the text or follows a blank line; "Human:" inside a turn's text is content.
+_HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A shared prompt and two completions; each completion is one or more messages ending with the assistant's."""
+
+    prompt_messages: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    margin: float | None = None
+
+    def chosen_input(self) -> dict[str, list[Message]]:
+        """The chosen side as a rewardserve input (what a client would send to /score)."""
+        return {"messages": [*self.prompt_messages, *self.chosen]}
+
+    def rejected_input(self) -> dict[str, list[Message]]:
+        return {"messages": [*self.prompt_messages, *self.rejected]}
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def parse_hh_dialogue(text: str) -> list[Message]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> [user a, assistant b]; turn text is stripped of outer whitespace."""
+    parts = _HH_MARKER.split(text.lstrip())  # [before, speaker, text, speaker, text, ...]
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError("not an HH dialogue: it must start with a 'Human:' or 'Assistant:' turn")
+    return [{"role": HH_ROLES[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def _looks_like_hh(text: str) -> bool:
+    return bool(_HH_MARKER.match(text.lstrip()))
+
+
+def _messages(value: Any, what: str) -> list[Message]:
+    """Validated [{role, content}] (other keys dropped) from a list of message dicts."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{what}: expected a non-empty list of messages")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, Mapping) or msg.get("role") not in ROLES or not isinstance(msg.get("content"), str):
+            raise ValueError(f"{what}[{i}]: expected {{'role': one of {ROLES}, 'content': str}}")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out
+
+
+def _split_common_prompt(chosen: list[Message], rejected: list[Message]) -> tuple[list[Message], ...]:
+    """(prompt, chosen rest, rejected rest): the longest shared prefix, leaving each side at least one message."""
+    n = 0
+    limit = min(len(chosen), len(rejected)) - 1
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _side(value: Any, what: str) -> list[Message]:
+    """A completion: a string is one assistant message; a list is messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    return _messages(value, what)
+
+
+def _full_conversations(record: Mapping[str, Any]) -> tuple[list[Message], list[Message], list[Message] | None]:
+    """(chosen, rejected, explicit prompt or None) as message lists."""
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    if prompt is None:
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            return parse_hh_dialogue(chosen), parse_hh_dialogue(rejected), None
+        return _messages(chosen, "chosen"), _messages(rejected, "rejected"), None
+    if isinstance(prompt, str) and _looks_like_hh(prompt) and isinstance(chosen, str) and isinstance(rejected, str):
+        # HH-style text split into prompt "...\n\nAssistant:" and completion " ...": parse the joined dialogue.
+        return parse_hh_dialogue(prompt + chosen), parse_hh_dialogue(prompt + rejected), None
+    if isinstance(prompt, str):
+        prompt_msgs = [{"role": "user", "content": prompt}]
+    else:
+        prompt_msgs = _messages(prompt, "prompt")
+    return _side(chosen, "chosen"), _side(rejected, "rejected"), prompt_msgs
+
+
+def parse_record(record: Mapping[str, Any]) -> PreferencePair:
+    """One record in any accepted format -> PreferencePair (ValueError says what is wrong)."""
+    if "chosen" not in record or "rejected" not in record:
+        raise ValueError(f"a preference record needs 'chosen' and 'rejected'; got keys {sorted(record)}")
+    chosen, rejected, prompt = _full_conversations(record)
+    if prompt is None:
+        prompt, chosen, rejected = _split_common_prompt(chosen, rejected)
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if side[-1]["role"] != "assistant":
+            raise ValueError(f"{name}: the last message must be the assistant's (the response being scored)")
+    margin = record.get("margin")
+    return PreferencePair(list(prompt), chosen, rejected, None if margin is None else float(margin))
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _open_text(path: Path) -> Any:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return path.open("r", encoding="utf-8")
+
+
+def _read_json_or_jsonl(path: Path) -> list[dict]:
+    """A JSON list, or one JSON object per line (blank lines skipped)."""
+    with _open_text(path) as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return list(json.loads(text))
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - pyarrow comes with `datasets` (the [train] extra)
+        raise ImportError("reading parquet needs pyarrow: pip install 'rewardserve[train]'") from None
+    return pq.read_table(path).to_pylist()
+
+
+def read_records(source: str | Path | Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows from a .jsonl / .json / .parquet file (.gz for JSON), a `datasets.Dataset` or an iterable of dicts."""
+    if isinstance(source, Mapping):
+        raise TypeError("got a mapping (a DatasetDict?): pass one split, e.g. dataset['train']")
+    if not isinstance(source, (str, Path)):
+        return list(source)  # datasets.Dataset / IterableDataset iterate rows as dicts
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no preference data file at {path}")
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes[-1:] == [".parquet"]:
+        return _read_parquet(path)
+    if any(s in (".jsonl", ".json") for s in suffixes[-2:]):
+        return _read_json_or_jsonl(path)
+    raise ValueError(f"{path}: unknown format; use .jsonl, .json, .jsonl.gz, .json.gz or .parquet")
+
+
+def load_preferences(source: str | Path | Iterable[Mapping[str, Any]]) -> list[PreferencePair]:
+    """All records of a source as PreferencePairs; a bad record fails with its index."""
+    pairs = []
+    for i, record in enumerate(read_records(source)):
+        try:
+            pairs.append(parse_record(record))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"preference record {i}: {exc}") from None
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class PreferenceBatch:
+    """B pairs as one right-padded batch of 2B rows: rows [0, B) chosen, rows [B, 2B) rejected (as TRL)."""
+
+    input_ids: torch.Tensor  # (2B, T) long
+    attention_mask: torch.Tensor  # (2B, T) long, 1 on real tokens
+    truncated: torch.Tensor  # (2B,) bool: the row was cut from the left to fit max_length
+    margin: torch.Tensor | None = None  # (B,) float32, when the pairs carry margins
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def to(self, device: torch.device | str) -> "PreferenceBatch":
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return PreferenceBatch(move(self.input_ids), move(self.attention_mask), move(self.truncated), move(self.margin))
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int, multiple_of: int | None = None) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask), each (N, T), T the longest row rounded up to `multiple_of`."""
+    width = max(len(r) for r in rows)
+    if multiple_of:
+        width = -(-width // multiple_of) * multiple_of
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (N, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _margins(pairs: Sequence[PreferencePair]) -> torch.Tensor | None:
+    given = [p.margin is not None for p in pairs]
+    if not any(given):
+        return None
+    if not all(given):
+        raise ValueError("some pairs in the batch have a margin and some do not")
+    return torch.tensor([p.margin for p in pairs], dtype=torch.float32)  # (B,)
+
+
+class PreferenceCollator:
+    """Tokenizes pairs with `service.rendering.encode_input` (left truncation) and right-pads them into one batch.
+
+    Use as `DataLoader(pairs, batch_size=B, collate_fn=PreferenceCollator(tokenizer, max_length))`.
+    """
+
+    def __init__(
+        self, tokenizer: Any, max_length: int, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None
+    ):
+        if max_length < 1:
+            raise ValueError("max_length must be at least 1")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)  # never read: masked out
+
+    def encode(self, pair: PreferencePair) -> tuple[Encoded, Encoded]:
+        """(chosen, rejected) exactly as the server would encode each input."""
+        return (
+            encode_input(self.tokenizer, pair.chosen_input(), self.max_length),
+            encode_input(self.tokenizer, pair.rejected_input(), self.max_length),
+        )
+
+    def __call__(self, pairs: Sequence[PreferencePair]) -> PreferenceBatch:
+        if not pairs:
+            raise ValueError("cannot collate an empty list of pairs")
+        encoded = [self.encode(p) for p in pairs]
+        rows = [c for c, _ in encoded] + [r for _, r in encoded]  # (2B,): chosen first, then rejected
+        input_ids, attention_mask = pad_right([e.input_ids for e in rows], self.pad_token_id, self.pad_to_multiple_of)
+        truncated = torch.tensor([e.truncated for e in rows], dtype=torch.bool)  # (2B,)
+        return PreferenceBatch(input_ids, attention_mask, truncated, _margins(pairs))
