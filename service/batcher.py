@@ -63,9 +63,17 @@ class _NullObserver:
 
 
 def plan_batches(
-    items: list[WorkItem], max_batch_size: int, max_batch_tokens: int, max_padding_ratio: float
+    items: list[WorkItem],
+    max_batch_size: int,
+    max_batch_tokens: int,
+    max_padding_ratio: float,
+    packed: bool = False,
 ) -> list[list[WorkItem]]:
-    """Sort by length and cut greedily; shortest batches first. Pure: tested on its own."""
+    """Sort by length and cut greedily; shortest batches first. Pure: tested on its own.
+
+    Padded batches cost longest x count and are also cut where padding would pass `max_padding_ratio`;
+    packed batches cost their real tokens and carry no padding.
+    """
     batches: list[list[WorkItem]] = []
     current: list[WorkItem] = []
     real = 0
@@ -73,8 +81,9 @@ def plan_batches(
         if current:
             longest = item.length  # sorted ascending: the newcomer is the longest
             padded = longest * (len(current) + 1)
-            waste = 1.0 - (real + item.length) / padded
-            if len(current) >= max_batch_size or padded > max_batch_tokens or waste > max_padding_ratio:
+            cost = real + item.length if packed else padded
+            waste = 0.0 if packed else 1.0 - (real + item.length) / padded
+            if len(current) >= max_batch_size or cost > max_batch_tokens or waste > max_padding_ratio:
                 batches.append(current)
                 current, real = [], 0
         current.append(item)
@@ -111,6 +120,7 @@ class DynamicBatcher:
         max_wait_s: float = 0.002,
         max_padding_ratio: float = 0.25,
         max_queue: int = 2048,
+        packed: bool = False,
         observer: BatchObserver | None = None,
         name: str = "rewardserve-batcher",
     ):
@@ -121,6 +131,7 @@ class DynamicBatcher:
         self.max_padding_ratio = max_padding_ratio
         self.max_queue = max_queue
         self.max_window = max_batch_size * 4
+        self.packed = packed
         self._observer = observer or _NullObserver()
         self._queue: deque[WorkItem] = deque()
         self._cond = threading.Condition()
@@ -232,7 +243,7 @@ class DynamicBatcher:
 
     def _process(self, window: list[WorkItem]) -> None:
         batches = plan_batches(
-            self._live(window), self.max_batch_size, self.max_batch_tokens, self.max_padding_ratio
+            self._live(window), self.max_batch_size, self.max_batch_tokens, self.max_padding_ratio, self.packed
         )
         for batch in batches:
             batch = self._live(batch)
@@ -254,8 +265,9 @@ class DynamicBatcher:
             self._finish(batch, error=error)
             return
         seconds = time.monotonic() - start
-        longest = max(item.length for item in batch)
-        self._observer.on_batch(len(batch), longest * len(batch), sum(i.length for i in batch), seconds)
+        real = sum(item.length for item in batch)
+        cost = real if self.packed else max(item.length for item in batch) * len(batch)
+        self._observer.on_batch(len(batch), cost, real, seconds)
         for item in batch:
             item.compute_s = seconds
         self._finish(batch, [float(r) for r in rewards])

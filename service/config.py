@@ -32,6 +32,9 @@ class ServeConfig(BaseModel):
     """Weights and compute dtype. `auto`: float32 on CPU (exact batch invariance), bfloat16 on CUDA."""
     threads: int = 0
     """Intra-op threads for the model worker (0: one per available core)."""
+    packing: Literal["auto", "on", "off"] = "auto"
+    """Padding-free batches (sequences packed into one row, attention per sequence). `auto`: on for CPU with
+    supported heads (BERT-style and decoder RMs), off on CUDA, where padded batches with fused attention win."""
 
     host: str = "127.0.0.1"
     """HTTP and gRPC bind address."""
@@ -42,8 +45,8 @@ class ServeConfig(BaseModel):
 
     max_batch_size: int = 32
     """Most inputs in one forward pass."""
-    max_batch_tokens: int = 8192
-    """Token budget of one forward pass, counted as padded cost: longest input x inputs."""
+    max_batch_tokens: int = 4096
+    """Token budget of one forward pass: padded cost (longest x inputs), or real tokens when packing."""
     max_wait_ms: float = 2.0
     """Longest time the first queued input waits for others to join its batch."""
     max_padding_ratio: float = 0.25

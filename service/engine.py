@@ -55,6 +55,7 @@ class RewardEngine:
             max_wait_s=config.max_wait_ms / 1000.0,
             max_padding_ratio=config.max_padding_ratio,
             max_queue=config.max_queue,
+            packed=bool(getattr(backend, "packed", False)),
             observer=self.observer,
         )
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rewardserve-tokenize")

@@ -28,7 +28,8 @@ BATCH_SIZE = Histogram(
     "rewardserve_batch_size", "Inputs per forward pass.", ["model"], buckets=SIZE_BUCKETS,
 )
 BATCH_TOKENS = Histogram(
-    "rewardserve_batch_tokens", "Padded tokens per forward pass (longest x inputs).", ["model"],
+    "rewardserve_batch_tokens", "Tokens computed per forward pass (padded: longest x inputs; packed: real).",
+    ["model"],
     buckets=TOKEN_BUCKETS,
 )
 PADDING_RATIO = Histogram(

@@ -12,8 +12,8 @@ class Backend(Protocol):
     """The model's tokenizer (used by the engine to render and encode)."""
     max_length: int
     """Longest input in tokens."""
-    pad_multiple: int
-    """Sequences in one forward are padded to the longest; backends that pack report 1 here."""
+    packed: bool
+    """True when a batch costs its real tokens (padding-free), False when it is padded to its longest."""
 
     def score_batch(self, batch: Sequence[Sequence[int]]) -> list[float]:
         """Raw rewards for a batch of token-id lists, in order. Runs on the worker thread only."""

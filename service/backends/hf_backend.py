@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+from service.backends import packing
 from service.modeling import load_reward_model, load_tokenizer, log_untrained, resolve_model, reward_forward
 from service.rendering import model_max_length
 
@@ -31,8 +32,6 @@ def pick_dtype(requested: str, device: str) -> Any:
 
 
 class HFBackend:
-    pad_multiple = 1
-
     def __init__(self, config: Any):
         import torch
 
@@ -47,15 +46,31 @@ class HFBackend:
         self.name = config.model_name or self.source.name
         self.max_length = model_max_length(self.tokenizer, self.model.config, config.max_tokens)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.head = packing.head_kind(self.model)
+        self.packed = self._want_packing(config.packing)
+        if self.packed:
+            self.model.set_attn_implementation(packing.register())
         log.info(
-            "loaded %s (%s) on %s as %s, max_length=%d, threads=%d",
+            "loaded %s (%s) on %s as %s, max_length=%d, threads=%d, packing=%s",
             self.source.path, type(self.model).__name__, self.device, self.dtype, self.max_length,
-            torch.get_num_threads(),
+            torch.get_num_threads(), self.packed,
         )
+
+    def _want_packing(self, mode: str) -> bool:
+        if mode == "off":
+            return False
+        if self.head is None:
+            if mode == "on":
+                raise ValueError(f"packing is not supported for {type(self.model).__name__}; use --packing off")
+            return False
+        return mode == "on" or not self.device.startswith("cuda")
 
     def score_batch(self, batch: Sequence[Sequence[int]]) -> list[float]:
         import torch
 
+        if self.packed:
+            with torch.inference_mode():
+                return packing.packed_reward_forward(self.model, self.head, batch).cpu().tolist()
         longest = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)  # (B, T)

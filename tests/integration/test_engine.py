@@ -35,10 +35,14 @@ def _inputs(seed: int, n: int) -> list[dict]:
     return out
 
 
-@pytest.fixture(params=["bert", "llama"])
+@pytest.fixture(params=[("bert", "on"), ("bert", "off"), ("llama", "on"), ("llama", "off")], ids=str)
 async def engine(request, tiny_bert_dir, tiny_llama_dir):
-    model_dir = tiny_bert_dir if request.param == "bert" else tiny_llama_dir
-    eng = RewardEngine.from_config(test_config(model_dir, max_batch_size=16, max_padding_ratio=0.9))
+    which, packing = request.param
+    model_dir = tiny_bert_dir if which == "bert" else tiny_llama_dir
+    eng = RewardEngine.from_config(
+        test_config(model_dir, max_batch_size=16, max_padding_ratio=0.9, packing=packing)
+    )
+    assert eng.batcher.packed == (packing == "on")
     await eng.start()
     yield eng
     await eng.stop()
