@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from protos import reward_pb2, reward_pb2_grpc
@@ -46,7 +47,31 @@ def input_to_dict(index: int, inp: reward_pb2.ScoreInput) -> dict[str, Any]:
     raise invalid(f"inputs.{index}: no input set: set one of pair, conversation or raw")
 
 
+class MalformedRequest:
+    """What a request that does not parse as its protobuf message becomes; answered INVALID_ARGUMENT."""
+
+    def __init__(self, error: str):
+        self.error = error
+        self.request_id = ""
+
+
+def _safe_deserializer(parse: Any) -> Any:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:  # grpc would answer UNKNOWN: it is the client's bytes that are wrong
+            return MalformedRequest(str(exc))
+
+    return deserialize
+
+
+def check_parsed(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise invalid(f"malformed request message: {request.error}")
+
+
 def decode_inputs(request: reward_pb2.ScoreRequest) -> list:
+    check_parsed(request)
     if not request.inputs:
         raise invalid("inputs is empty: send at least one input")
     return parse_inputs([input_to_dict(i, inp) for i, inp in enumerate(request.inputs)])
@@ -148,7 +173,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         await _ScoreStream(self, context).run(request_iterator)
 
     async def ListModels(self, request: reward_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
-        with _Observed("ListModels", context):
+        with _Observed("ListModels", context) as obs:
+            if isinstance(request, MalformedRequest):
+                obs.fail(grpc.StatusCode.INVALID_ARGUMENT)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.error}")
             engine = self.engine
             stats = engine.stats
             info = reward_pb2.ModelInfo(
@@ -244,13 +272,36 @@ class HealthReporter:
         await self.servicer.enter_graceful_shutdown()
 
 
+class _CaptureHandlers:
+    """Stands in for a server to catch the method-handler table the generated code builds."""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.handlers = handlers
+
+
+def add_reward_service(servicer: RewardServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, with request deserializers that turn undecodable bytes into
+    MalformedRequest (-> INVALID_ARGUMENT) instead of grpc's UNKNOWN."""
+    capture = _CaptureHandlers()
+    reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, capture)
+    handlers = {
+        name: handler._replace(request_deserializer=_safe_deserializer(handler.request_deserializer))
+        for name, handler in capture.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 async def start_grpc_server(engine: RewardEngine, config: ServeConfig) -> tuple[grpc.aio.Server, int, HealthReporter]:
     """Start RewardService + health + reflection on config.host:config.grpc_port (0: a free port)."""
     limit = config.max_body_bytes
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
-    reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(engine), server)
+    add_reward_service(RewardServicer(engine), server)
     health = HealthReporter()
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(

@@ -164,6 +164,34 @@ def test_invalid_requests(bert_server, case):
     assert fragment in err.value.details()
 
 
+MALFORMED = {
+    "bad utf-8": pb.ScoreRequest(inputs=[pb.ScoreInput(raw="ab")]).SerializeToString().replace(b"ab", b"\xff\xfe"),
+    "corrupt wire": b"\x0a\xff\xff\xff",
+    "garbage": b"garbage\x00\x01",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+@pytest.mark.parametrize("method", ["Score", "ScoreStream", "ListModels"])
+def test_malformed_bytes_are_invalid_argument(bert_server, case, method):
+    if method == "ListModels" and case == "bad utf-8":
+        pytest.skip("ListModelsRequest has no fields: a ScoreRequest's bytes are unknown fields there, which is valid")
+    with grpc.insecure_channel(bert_server.grpc_target) as channel:
+        path = f"/rewardserve.v1.RewardService/{method}"
+        identity = dict(request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            if method == "ScoreStream":
+                list(channel.stream_stream(path, **identity)(iter([MALFORMED[case]]), timeout=10))
+            else:
+                channel.unary_unary(path, **identity)(MALFORMED[case], timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert "malformed request message" in err.value.details()
+        # the server is fine afterwards
+        assert reward_pb2_grpc.RewardServiceStub(channel).Score(
+            pb.ScoreRequest(inputs=[pb.ScoreInput(raw="ok")]), timeout=10
+        ).scores
+
+
 def test_tiny_deadline_on_big_request(bert_server):
     big = pb.ScoreRequest(inputs=[pair(f"prompt {i} " * 50, "response " * 100) for i in range(512)])
     with stub_for(bert_server) as stub:
