@@ -46,6 +46,65 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from training.rm import main as train_rm_main  # heavy (torch, accelerate, peft): imported only here
+
+    return train_rm_main(args)
+
+
+def cmd_eval_rm(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from training.evaluate import main as eval_rm_main
+
+    return eval_rm_main(args)
+
+
+def _add_train_and_eval(sub: argparse._SubParsersAction) -> None:
+    """`train rm` and `eval rm`; flags left out keep the defaults of training.rm.RMConfig / training.loop.TrainConfig."""
+    train = sub.add_parser("train", help="Train a model (rm).").add_subparsers(dest="trainer", required=True)
+    rm = train.add_parser("rm", help="Train a Bradley-Terry reward model and export it for `serve`.")
+    rm.add_argument("--base", help="minilm | smollm2 | a Hugging Face checkpoint folder (default: minilm).")
+    rm.add_argument("--data", required=True, help="Training pairs: .jsonl/.json(.gz)/.parquet (HH-RLHF or TRL columns).")
+    rm.add_argument("--eval", help="Eval pairs: periodic eval, final accuracy and reward_stats.json.")
+    rm.add_argument("--output", required=True, help="Run folder; the exported model is written into it.")
+    for flag, kind, text in (
+        ("--epochs", int, "passes over the data (default 1)"), ("--max-steps", int, "optimizer steps; overrides --epochs"),
+        ("--lr", float, "peak learning rate (default 2e-5)"), ("--weight-decay", float, "AdamW weight decay (default 0)"),
+        ("--batch-size", int, "pairs per micro-batch per process (default 8)"),
+        ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
+        ("--max-length", int, "token cap per side (default 512)"), ("--max-grad-norm", float, "clip norm; 0: off (default 1)"),
+        ("--warmup-steps", int, "linear warmup steps"), ("--warmup-ratio", float, "warmup fraction, then cosine (default 0)"),
+        ("--eval-every", int, "evaluate every N steps (and at the end)"), ("--save-every", int, "checkpoint every N steps (and at the end)"),
+        ("--keep-checkpoints", int, "checkpoints kept (default 2; 0: all)"), ("--log-every", int, "log every N steps (default 10)"),
+        ("--eval-batch-size", int, "pairs per eval batch; unset: twice --batch-size"), ("--seed", int, "seed (default 42)"),
+        ("--center-rewards-coefficient", float, "reward-centering penalty weight (default off)"),
+        ("--threads", int, "torch CPU threads"), ("--lora-r", int, "LoRA rank (default 16)"),
+        ("--lora-alpha", float, "LoRA alpha (default 32)"), ("--lora-dropout", float, "LoRA dropout (default 0.05)"),
+        ("--lora-targets", str, "comma-separated module names (default: peft's for the architecture)"),
+    ):
+        rm.add_argument(flag, type=kind, help=text)
+    rm.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the export)")
+    rm.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    rm.add_argument("--resume", action="store_true", default=None, help="continue from the newest complete checkpoint")
+    rm.add_argument("--disable-dropout", action=argparse.BooleanOptionalAction, help="dropout off (default on)")
+    rm.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rm.add_argument("--log-level", default="info")
+    rm.set_defaults(func=cmd_train_rm)
+
+    evaluate = sub.add_parser("eval", help="Evaluate a model (rm).").add_subparsers(dest="evaluator", required=True)
+    erm = evaluate.add_parser("rm", help="Accuracy, reward distributions, length bias, calibration: JSON + PNG + HTML.")
+    erm.add_argument("--model", required=True, help="A reward-model folder (e.g. the output of `train rm`).")
+    erm.add_argument("--data", required=True, help="Preference pairs to evaluate on.")
+    erm.add_argument("--report", required=True, help="Folder for report.json, the PNG plots and report.html.")
+    erm.add_argument("--max-length", type=int, default=512, help="token cap per side (default 512)")
+    erm.add_argument("--batch-size", type=int, default=16, help="rows per forward (default 16)")
+    erm.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    erm.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    erm.add_argument("--log-level", default="info")
+    erm.set_defaults(func=cmd_eval_rm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.config import add_arguments
 
@@ -58,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+    _add_train_and_eval(sub)
     return parser
 
 

@@ -68,10 +68,11 @@ class RewardEngine:
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.config.warmup:  # before the worker starts: still the only thread touching the model
+            await asyncio.to_thread(self.backend.warmup)
         self.batcher.start()
-        if self.config.warmup:
-            warm = [{"prompt": "Hello", "response": "Hi! How can I help?"}] * 2
-            await self.score(warm)
+        if self.config.warmup:  # and once through the whole path
+            await self.score([{"prompt": "Hello", "response": "Hi! How can I help?"}] * 2)
         self.ready = True
         metrics.READY.labels(self.name).set(1)
         log.info("model %s ready (max_length=%d)", self.name, self.max_length)

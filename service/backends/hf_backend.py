@@ -15,6 +15,14 @@ log = logging.getLogger("rewardserve.hf")
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
+def available_cores() -> int:
+    """Cores this process may run on (CPU affinity / cpuset), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def pick_device(requested: str) -> str:
     import torch
 
@@ -35,8 +43,7 @@ class HFBackend:
     def __init__(self, config: Any):
         import torch
 
-        if config.threads and config.threads > 0:
-            torch.set_num_threads(int(config.threads))
+        torch.set_num_threads(int(config.threads) if config.threads > 0 else available_cores())
         self.source = resolve_model(config.model)
         log_untrained(self.source)
         self.device = pick_device(config.device)
@@ -84,9 +91,11 @@ class HFBackend:
         return rewards.cpu().tolist()
 
     def warmup(self) -> None:
+        """Short and full-length passes, so lazy kernel set-up is not paid by the first live batches."""
         ids = self.tokenizer("warm up the reward model", add_special_tokens=True)["input_ids"]
-        for n in (1, 4):
-            self.score_batch([ids] * n)
+        long_ids = (ids * (self.max_length // len(ids) + 1))[: self.max_length]
+        for batch in ([ids], [ids] * 4, [long_ids], [long_ids, ids]):
+            self.score_batch(batch)
 
     def close(self) -> None:
         self.model = None
