@@ -1,0 +1,425 @@
+"""The one training loop: every trainer (RM now; DPO, PPO later) hands it a model and a step function.
+
+    step_fn(model, batch) -> (loss, metrics)      loss: scalar mean over the micro-batch; metrics: 0-dim tensors
+
+The loop owns everything else: seeded data order, gradient accumulation, clipping, warmup + cosine LR, bf16
+autocast, periodic eval, atomic checkpoints, exact resume, progress bar, TensorBoard + metrics.jsonl.
+`accelerate` places the model, wraps it for DDP when launched with several processes, and autocasts; a plain
+`python` process works the same (one process, no DDP).
+
+Data order is ours, not a DataLoader's: epoch e visits the items in `numpy.random.default_rng([seed, e])`
+order, cut into micro-batches of `batch_size` per process and grouped `grad_accum` at a time into optimizer steps.
+The position in the data is therefore just (epoch, optimizer step within the epoch), which a checkpoint stores, and
+a resumed run replays the very same micro-batches with the very same RNG states as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from training import checkpoint as ckpt
+
+log = logging.getLogger("rewardserve.train")
+
+Metrics = dict[str, torch.Tensor]
+StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Metrics]]
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapters (peft). The task head (`score` / `classifier`) stays fully trainable (modules_to_save)."""
+
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; None: peft's default for the architecture (query/value projections)."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full; the sequence-classification head is always added."
+    )
+
+
+class TrainConfig(BaseModel):
+    """Everything the loop needs; saved (resolved) in every checkpoint and beside the exported model."""
+
+    output_dir: str = Field(description="Run folder: checkpoints/, tensorboard/, metrics.jsonl (and the export).")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0: epochs x steps per epoch.")
+    batch_size: int = Field(8, ge=1, description="Items (pairs for an RM) per micro-batch, per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0: no clipping.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps; 0: use warmup_ratio.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup as a fraction of all steps (then cosine).")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (and always at the end); 0: end only.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (and always at the end).")
+    keep_checkpoints: int = Field(2, ge=0, description="Complete checkpoints to keep, newest first; 0: all.")
+    log_every: int = Field(10, ge=1, description="Log averaged train metrics every N optimizer steps.")
+    eval_batch_size: int = Field(0, ge=0, description="Items per eval batch; 0: 2 x batch_size.")
+    seed: int = Field(42, ge=0, description="Seeds python, numpy, torch and the data order.")
+    bf16: bool = Field(False, description="bf16 autocast (weights and optimizer state stay fp32).")
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    resume: bool = Field(False, description="Continue from the newest complete checkpoint in output_dir.")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default.")
+    progress: bool = Field(True, description="Show a progress bar (main process).")
+
+
+@dataclass
+class TrainState:
+    """Where training stands; with the RNG states it is all a resume needs besides weights and optimizer."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    step_in_epoch: int = 0  # optimizer steps done within `epoch` (its micro-batches are step_in_epoch x grad_accum)
+    world_size: int = 1
+    num_items: int = 0  # training items: a resume must see the same data
+
+
+@dataclass
+class LoopResult:
+    model: torch.nn.Module  # unwrapped (no DDP, no autocast wrapper), on the training device
+    state: TrainState
+    train_metrics: dict[str, float] = field(default_factory=dict)  # last logged window
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # last evaluation
+    last_loss: float = float("nan")  # loss of the last optimizer step (this process)
+    is_main: bool = True
+    accelerator: Any = None
+
+
+# --------------------------------------------------------------------------------------------- small pieces
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def micro_batches(num_items: int, batch_size: int, epoch: int, seed: int, world: int = 1, rank: int = 0) -> list:
+    """This process's micro-batches (lists of item indices) for one epoch, in a seeded order.
+
+    Each global micro-batch is batch_size x world consecutive items of the epoch's permutation; process r takes
+    slice r. One process keeps a short last batch; several drop an incomplete last global batch (DDP needs every
+    process to step together).
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(num_items).tolist()
+    span = batch_size * world
+    count = math.ceil(num_items / span) if world == 1 else num_items // span
+    return [order[i * span + rank * batch_size : i * span + (rank + 1) * batch_size] for i in range(count)]
+
+
+def steps_per_epoch(num_items: int, config: TrainConfig, world: int = 1) -> int:
+    return math.ceil(len(micro_batches(num_items, config.batch_size, 0, config.seed, world)) / config.grad_accum)
+
+
+def total_steps(num_items: int, config: TrainConfig, world: int = 1) -> int:
+    return config.max_steps or config.epochs * steps_per_epoch(num_items, config, world)
+
+
+def warmup_steps(config: TrainConfig, total: int) -> int:
+    return config.warmup_steps or math.ceil(config.warmup_ratio * total)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if hasattr(batch, "to"):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def add_lora(model: torch.nn.Module, settings: LoraSettings, task_type: str = "SEQ_CLS") -> Any:
+    """Wrap a transformers model with LoRA adapters (peft); SEQ_CLS keeps the score/classifier head trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        task_type=task_type, r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=settings.target_modules, modules_to_save=settings.modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: Sequence, collate: Callable, step_fn: StepFn, batch_size: int, accelerator: Any
+) -> dict[str, float]:
+    """Item-weighted means of the loss and of every step metric over `data` (sharded across processes)."""
+    if not data:
+        return {}
+    model = accelerator.unwrap_model(model)  # no DDP forward: processes may run different numbers of batches
+    was_training = model.training
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world > 1 and len(data) < world:
+        raise ValueError(f"the eval set has {len(data)} items, fewer than the {world} processes")
+    shard = list(range(rank, len(data), world))
+    sums: dict[str, torch.Tensor] = {}
+    for start in range(0, len(shard), batch_size):
+        idx = shard[start : start + batch_size]
+        batch = to_device(collate([data[i] for i in idx]), accelerator.device)
+        with accelerator.autocast():
+            loss, metrics = step_fn(model, batch)
+        for key, value in {"loss": loss, **metrics, "_items": torch.tensor(1.0)}.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float().to(accelerator.device) * len(idx)
+    model.train(was_training)
+    keys = sorted(sums)
+    totals = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")  # (K,)
+    values = dict(zip(keys, totals.tolist()))
+    items = values.pop("_items")
+    return {f"eval/{k}": v / items for k, v in values.items()}
+
+
+# --------------------------------------------------------------------------------------------------- logging
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard + the progress bar; only the main process writes."""
+
+    def __init__(self, out: Path, config: TrainConfig, total: int, state: TrainState, enabled: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.writer = self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        out.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(state.step)  # a resumed run rewrites what came after its checkpoint
+        # On resume, TensorBoard hides what a killed run logged after the checkpoint (steps > state.step).
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=state.step + 1 if state.step else None)
+        self.bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not config.progress)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            if key != "epoch":
+                self.writer.add_scalar(key, value, step)
+        shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in values.items() if k in ("train/loss", "train/accuracy", "eval/accuracy")}
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.bar.close()
+
+
+class Window:
+    """Item-weighted sums of the step metrics since the last log, and the seconds spent stepping."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.items, self.steps, self.seconds = 0, 0, 0.0
+
+    def add(self, metrics: Metrics, items: int) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float() * items
+        self.items += items
+
+    def flush(self, accelerator: Any) -> dict[str, float]:
+        """Means over the window (all processes), then reset."""
+        keys = sorted(self.sums)
+        local = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.items), device=accelerator.device)])
+        totals = accelerator.reduce(local.to(accelerator.device), reduction="sum").tolist()  # (K + 1,)
+        items, steps = totals[-1], max(self.steps, 1)
+        out = {f"train/{k}": s / items for k, s in zip(keys, totals)}
+        out |= {"time/step_s": self.seconds / steps, "time/items_per_s": items / max(self.seconds, 1e-9)}
+        self.__init__()
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+
+def make_accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Accumulation is done by hand below (no_sync + weighted losses) so the data position stays exact on resume.
+    # AcceleratorState is a process-wide singleton that refuses a second mixed-precision setting; forget it
+    # between runs in one process (tests, notebooks). The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # Several processes and no GPU (torchrun / accelerate launch on CPU): accelerate wants cpu=True to use gloo DDP.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=cpu_ddp)
+
+
+def _checkpoint_root(config: TrainConfig) -> Path:
+    return Path(config.output_dir) / "checkpoints"
+
+
+def _check_resume(saved: dict, config: TrainConfig) -> None:
+    """A resume must replay the same data order: same seed, batch shape, processes and dataset size."""
+    before = saved.get("train", {})
+    for key in ("seed", "batch_size", "grad_accum"):
+        if before.get(key) != getattr(config, key):
+            raise ValueError(f"cannot resume exactly: {key} was {before.get(key)!r}, now {getattr(config, key)!r}")
+    for key in ("max_steps", "epochs", "lr", "warmup_steps", "warmup_ratio"):
+        if before.get(key) != getattr(config, key):
+            log.warning("resuming with %s=%r (was %r): the LR schedule changes", key, getattr(config, key), before.get(key))
+
+
+def _save(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState, run_config: dict) -> None:
+    root, name = _checkpoint_root(config), ckpt.checkpoint_name(state.step)
+    if accelerator.is_main_process:
+        ckpt.begin(root, name)
+    accelerator.wait_for_everyone()
+    full_config = {"train": config.model_dump(mode="json"), **run_config}
+    ckpt.write_state(
+        ckpt.temp_dir(root, name), accelerator.unwrap_model(model), optimizer, scheduler, asdict(state),
+        full_config, accelerator.process_index,
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.commit(root, name, keep=config.keep_checkpoints)
+        log.info("saved checkpoint %s", root / name)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState) -> TrainState:
+    root = _checkpoint_root(config)
+    if not config.resume:
+        if ckpt.has_checkpoints(root):
+            raise ValueError(f"{root} already holds checkpoints: pass --resume to continue, or use a new output dir")
+        return state
+    path = ckpt.find_latest(root)
+    if path is None:
+        log.warning("--resume: no complete checkpoint under %s; starting from scratch", root)
+        return state
+    saved = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+    if (saved.world_size, saved.num_items) != (state.world_size, state.num_items):
+        raise ValueError(
+            f"cannot resume exactly: the checkpoint saw {saved.num_items} items on {saved.world_size} processes, "
+            f"this run has {state.num_items} on {state.world_size}"
+        )
+    _check_resume(json.loads((path / "config.json").read_text()), config)
+    ckpt.read_state(path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
+    log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, saved.step, saved.epoch, saved.step_in_epoch)
+    return saved
+
+
+def train(
+    config: TrainConfig,
+    model: torch.nn.Module,
+    train_data: Sequence,
+    collate: Callable[[list], Any],
+    step_fn: StepFn,
+    eval_data: Sequence | None = None,
+    run_config: dict | None = None,
+) -> LoopResult:
+    """Train `model` with `step_fn` on `train_data`; returns the trained (unwrapped) model and the last metrics."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    accelerator = make_accelerator(config)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if steps_per_epoch(len(train_data), config, world) == 0:
+        raise ValueError(f"{len(train_data)} training items make no batch of {config.batch_size} on {world} process(es)")
+    total = total_steps(len(train_data), config, world)
+    seed_everything(config.seed)
+
+    model.train()
+    optimizer = build_optimizer(model, config)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(config, total), total)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by us, once per step
+    state = TrainState(world_size=world, num_items=len(train_data))
+    state = _resume(accelerator, config, model, optimizer, scheduler, state)  # restores the RNGs: nothing random after
+    runlog = RunLog(Path(config.output_dir), config, total, state, enabled=accelerator.is_main_process)
+    params = [p for p in model.parameters() if p.requires_grad]
+    result = LoopResult(accelerator.unwrap_model(model), state, is_main=accelerator.is_main_process, accelerator=accelerator)
+    run_evaluation = partial(evaluate, model, eval_data, collate, step_fn, config.eval_batch_size or 2 * config.batch_size, accelerator)
+    window = Window()
+
+    while state.step < total:
+        groups = micro_batches(len(train_data), config.batch_size, state.epoch, config.seed, world, rank)
+        groups = [groups[i : i + config.grad_accum] for i in range(0, len(groups), config.grad_accum)]
+        for group in groups[state.step_in_epoch :]:
+            # ---- one optimizer step over grad_accum micro-batches; gradients are item-weighted means
+            started = time.perf_counter()
+            group_items = sum(len(idx) for idx in group)
+            for i, idx in enumerate(group):
+                batch = to_device(collate([train_data[j] for j in idx]), accelerator.device)
+                last = i == len(group) - 1
+                with nullcontext() if last else accelerator.no_sync(model):  # DDP all-reduces on the last only
+                    with accelerator.autocast():
+                        loss, metrics = step_fn(model, batch)  # loss: mean over this micro-batch
+                    accelerator.backward(loss * (len(idx) / group_items))
+                window.add({"loss": loss, **metrics}, len(idx))
+            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.step_in_epoch += 1
+            window.seconds += time.perf_counter() - started
+            window.steps += 1
+            runlog.advance()
+
+            # ---- log, evaluate, save
+            done = state.step == total
+            if done or state.step % config.log_every == 0:
+                extra = {"lr": lr, "grad_norm": float(grad_norm),
+                         "epoch": state.epoch + state.step_in_epoch / len(groups)}
+                result.train_metrics = window.flush(accelerator) | extra
+                runlog.write(state.step, result.train_metrics)
+            if eval_data and (done or (config.eval_every and state.step % config.eval_every == 0)):
+                result.eval_metrics = run_evaluation()
+                runlog.write(state.step, result.eval_metrics)
+            if done or (config.save_every and state.step % config.save_every == 0):
+                _save(accelerator, config, model, optimizer, scheduler, state, dict(run_config or {}))
+            if done:
+                result.last_loss = float(loss.detach())  # the final step's last micro-batch loss
+                break
+        else:  # the epoch ran out: next epoch
+            state.epoch += 1
+            state.step_in_epoch = 0
+
+    if eval_data and not result.eval_metrics:  # resumed a run that had already finished
+        result.eval_metrics = run_evaluation()
+    runlog.close()
+    result.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # a plain module again: no autocast
+    accelerator.wait_for_everyone()
+    return result

@@ -1,0 +1,262 @@
+"""Reward-model training: the Bradley-Terry step function, `train_rm`, and the export the server loads.
+
+Rewards are read through `service.modeling.reward_forward` on ids from `service.rendering.encode_input` (via
+`training.data.PreferenceCollator`), the same two functions the server uses, so a trained model scores at serving
+time exactly what it scored while training.
+
+The output folder is a plain Hugging Face checkpoint (`AutoModelForSequenceClassification.from_pretrained(out)`
+works; LoRA is merged first) plus:
+    reward_stats.json      mean/std of the rewards on the eval set (the server's --normalize uses them)
+    training_config.json   the resolved config, final metrics, library versions, the export check
+    checkpoints/ tensorboard/ metrics.jsonl   from the loop
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from service.modeling import load_reward_model, load_tokenizer, resolve_model, reward_forward
+from service.normalization import RewardStats, save_stats
+from service.rendering import model_max_length
+from training import loop
+from training.checkpoint import atomic_write_text
+from training.data import PreferenceBatch, PreferenceCollator, load_preferences
+from training.losses import bradley_terry_loss
+from training.loop import LoraSettings, TrainConfig
+
+log = logging.getLogger("rewardserve.train.rm")
+
+STATS_PAIRS_WITHOUT_EVAL = 512  # with no eval set, reward_stats.json is measured on this many training pairs
+EXPORT_CHECK_PAIRS = 8
+EXPORT_CHECK_TOLERANCE = 1e-3
+
+
+class RMConfig(BaseModel):
+    """A reward-model run: what to train on, and the loop's settings."""
+
+    base: str = Field("minilm", description="minilm | smollm2 | a Hugging Face checkpoint folder.")
+    data: str = Field(description="Training preference pairs (.jsonl/.json[.gz]/.parquet; see training.data).")
+    eval: str | None = Field(None, description="Eval preference pairs: periodic eval and reward_stats.json.")
+    max_length: int = Field(512, ge=8, description="Token cap per side (the model's own limit also applies).")
+    center_rewards_coefficient: float | None = Field(None, ge=0, description="Reward-centering penalty weight.")
+    disable_dropout: bool = Field(True, description="Turn dropout off in the base model (as TRL's RewardTrainer).")
+    train: TrainConfig
+
+
+@dataclass
+class RMResult:
+    output_dir: Path
+    module: torch.nn.Module  # the trained RewardModule (LoRA merged), eval mode
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    stats: RewardStats | None = None
+    is_main: bool = True
+
+
+class RewardModule(torch.nn.Module):
+    """What the loop trains: forward is the service's reward_forward, so DDP sees one forward per batch."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model  # a transformers *ForSequenceClassification (LoRA layers injected in place, if any)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return reward_forward(self.model, input_ids, attention_mask)  # (N,) float32
+
+
+def rm_step(
+    model: torch.nn.Module, batch: PreferenceBatch, center_rewards_coefficient: float | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry on B pairs: chosen and rejected go through ONE forward of 2B rows."""
+    rewards = model(batch.input_ids, batch.attention_mask)  # (2B,): rows [0, B) chosen, [B, 2B) rejected
+    chosen, rejected = rewards.chunk(2)  # (B,), (B,)
+    loss, metrics = bradley_terry_loss(chosen, rejected, batch.margin, center_rewards_coefficient)
+    metrics["reward_sq"] = (rewards.detach().float() ** 2).mean()  # with the means: the std of all rewards
+    return loss, metrics
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def drop_dequantized_gguf_marker(model: torch.nn.Module) -> None:
+    """A model read from a GGUF file (smollm2) on CPU is dequantized to plain float weights but keeps transformers'
+    GGUF quantizer, which refuses `save_pretrained`; the weights are ordinary tensors, so drop the marker."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = any(not p.dtype.is_floating_point for p in model.parameters()) or any(
+        "gguf" in type(m).__name__.lower() for m in model.modules()
+    )
+    if packed:
+        raise ValueError(f"{type(model).__name__} holds quantized weights: load a float checkpoint to train it")
+    quantizer.remove_quantization_config(model)
+
+
+def stats_from_metrics(metrics: dict[str, float], prefix: str = "eval/") -> RewardStats | None:
+    """Mean and (population) std of all rewards, chosen and rejected, from the step metrics' means."""
+    mean = (metrics[f"{prefix}reward_chosen"] + metrics[f"{prefix}reward_rejected"]) / 2
+    var = metrics[f"{prefix}reward_sq"] - mean**2
+    std = math.sqrt(max(var, 0.0))
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 1e-8):
+        log.warning("rewards have mean %s and std %s: no reward_stats.json written", mean, std)
+        return None
+    return RewardStats(mean, std)
+
+
+# -------------------------------------------------------------------------------------------------- export
+
+
+@torch.no_grad()
+def _rewards(module: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+    device = next(module.parameters()).device
+    return module(batch.input_ids.to(device), batch.attention_mask.to(device)).cpu()  # (2B,)
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    """Move an export from tmp into out; config.json goes last, so a half-moved export is no checkpoint."""
+    (out / "config.json").unlink(missing_ok=True)
+    for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+        f.chmod(0o644)  # safetensors writes 0600; an exported model is meant to be read by a server (other uid)
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def export(model: Any, tokenizer: Any, max_length: int, out: Path, extra_files: dict[str, str]) -> None:
+    """A plain HF checkpoint (fp32 safetensors, config, tokenizer + chat template) and extra JSON files.
+
+    The tokenizer's model_max_length becomes the training max_length, so the server truncates inputs exactly
+    where training did (service.rendering.model_max_length takes the smallest limit).
+    """
+    tmp = out / ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(tmp)
+    for name, text in extra_files.items():
+        (tmp / name).write_text(text)
+    _move_into(tmp, out)
+
+
+def check_export(reference: torch.Tensor, batch: PreferenceBatch, out: Path) -> float:
+    """Reload the export the way the server does and compare its rewards with the training-time ones."""
+    served = load_reward_model(resolve_model(str(out)), torch.float32, "cpu")
+    got = _rewards(RewardModule(served), batch)
+    diff = float((got - reference).abs().max())
+    if diff > EXPORT_CHECK_TOLERANCE:
+        raise RuntimeError(f"export check failed: served rewards differ from training-time ones by {diff:.3g}")
+    log.info("export check: served rewards match training-time rewards (max |diff| %.2e)", diff)
+    return diff
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("rewardserve", "torch", "transformers", "accelerate", "peft"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def train_rm(config: RMConfig) -> RMResult:
+    """Train a reward model, export it to config.train.output_dir, return the trained module and metrics."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    loop.seed_everything(config.train.seed)
+    source = resolve_model(config.base)
+    tokenizer = load_tokenizer(source)
+    hf_model = load_reward_model(source, torch.float32, "cpu")
+    drop_dequantized_gguf_marker(hf_model)
+    max_length = model_max_length(tokenizer, hf_model.config, config.max_length)
+    pairs = load_preferences(config.data)
+    eval_pairs = load_preferences(config.eval) if config.eval else None
+    log.info("training %s on %d pairs (eval: %s), max_length %d", source.path, len(pairs),
+             len(eval_pairs) if eval_pairs else "none", max_length)
+    if config.disable_dropout:
+        disable_dropout(hf_model)
+    peft_model = loop.add_lora(hf_model, config.train.lora) if config.train.lora else None
+    module = RewardModule(peft_model.get_base_model() if peft_model is not None else hf_model)
+    collate = PreferenceCollator(tokenizer, max_length)
+    step = partial(rm_step, center_rewards_coefficient=config.center_rewards_coefficient)
+    run_config = {"rm": config.model_dump(mode="json", exclude={"train"}), "resolved_max_length": max_length,
+                  "base_path": str(source.path)}
+
+    result = loop.train(config.train, module, pairs, collate, step, eval_pairs, run_config)
+
+    stats_metrics, stats_split = result.eval_metrics, "eval"
+    if not eval_pairs:  # every process takes part in this evaluation
+        stats_split, sample = "train", pairs[:STATS_PAIRS_WITHOUT_EVAL]
+        stats_metrics = loop.evaluate(result.model, sample, collate, step, 2 * config.train.batch_size, result.accelerator)
+    stats = stats_from_metrics(stats_metrics)
+    out = Path(config.train.output_dir)
+    if result.is_main:
+        module = result.model.eval()
+        check_batch = collate((eval_pairs or pairs)[:EXPORT_CHECK_PAIRS])
+        reference = _rewards(module, check_batch)  # (2K,) training-time rewards, before any merge
+        merged = peft_model.merge_and_unload() if peft_model is not None else module.model  # in place: module stays valid
+        summary = {
+            **run_config, "train": config.train.model_dump(mode="json"), "versions": _versions(),
+            "final_train_metrics": result.train_metrics, "final_eval_metrics": result.eval_metrics,
+            "steps": result.state.step,
+        }
+        export(merged, tokenizer, max_length, out, {"training_config.json": json.dumps(summary, indent=2) + "\n"})
+        if stats is not None:
+            save_stats(out, stats, split=stats_split, rewards=2 * len(eval_pairs or pairs[:STATS_PAIRS_WITHOUT_EVAL]),
+                       max_length=max_length)
+        summary["export_check_max_abs_diff"] = check_export(reference, check_batch, out)
+        atomic_write_text(out / "training_config.json", json.dumps(summary, indent=2) + "\n")
+        log.info("exported reward model to %s", out)
+    result.accelerator.wait_for_everyone()
+    return RMResult(out, result.model, result.train_metrics, result.eval_metrics, stats, result.is_main)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+_TRAIN_FLAGS = (
+    "lr", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm", "warmup_steps",
+    "warmup_ratio", "eval_every", "save_every", "keep_checkpoints", "log_every", "eval_batch_size", "seed", "bf16",
+    "resume", "threads",
+)
+_RM_FLAGS = ("base", "data", "eval", "max_length", "center_rewards_coefficient", "disable_dropout")
+
+
+def config_from_args(args: Any) -> RMConfig:
+    """`rewardserve train rm` flags -> RMConfig; flags left out keep the config's defaults."""
+    given = lambda names: {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}  # noqa: E731
+    train = given(_TRAIN_FLAGS) | {"output_dir": args.output, "progress": not args.no_progress}
+    if args.lora:
+        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                "target_modules": args.lora_targets.split(",") if args.lora_targets else None}
+        train["lora"] = LoraSettings(**{k: v for k, v in lora.items() if v is not None})
+    return RMConfig(**given(_RM_FLAGS), train=TrainConfig(**train))
+
+
+def main(args: Any) -> int:
+    result = train_rm(config_from_args(args))
+    if not result.is_main:
+        return 0
+    acc = result.eval_metrics.get("eval/accuracy")
+    print(f"reward model saved to {result.output_dir}" + (f" (eval accuracy {acc:.4f})" if acc is not None else ""))
+    return 0
