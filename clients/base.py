@@ -1,0 +1,174 @@
+"""What the four clients share: options, the call shape (score / score_full / models / health / ready),
+chunking, and the retry loop. Subclasses add one transport: `_prepare`, `_score_once`, `_models_once`,
+`_probe` and `close`."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+from typing import Any, Iterable, Sequence
+
+from clients.retry import Deadline, EndpointPool, RetryPolicy, acall_with_retries, call_with_retries
+from clients.types import InputLike, ModelInfo, ScoreResult, chunk_request_ids, split, to_input_dicts
+
+PROBE_TIMEOUT_S = 5.0
+
+
+class ClientBase:
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float | None = 60.0,
+        max_retries: int = 3,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 5.0,
+        cooldown_s: float = 5.0,
+        max_batch_size: int = 256,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        Deadline(timeout)  # checks it
+        self.model = model
+        self.api_key = api_key
+        self.timeout = timeout
+        self.max_batch_size = max_batch_size
+        self.policy = RetryPolicy(max_retries, backoff_base, backoff_cap, cooldown_s)
+        self.pool = EndpointPool(endpoints, cooldown_s)
+        self.rng = random.Random()
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self.pool.endpoints)
+
+    def _prepare(self, items: list[dict[str, Any]]) -> list[Any]:
+        """Inputs (server JSON form) as this transport sends them; may raise InvalidInputError."""
+        return items
+
+    def _plan(self, inputs: Iterable[InputLike], timeout: float | None,
+              request_id: str | None) -> tuple[Deadline, list[tuple[Sequence[Any], str]]]:
+        wire = self._prepare(to_input_dicts(inputs))
+        deadline = Deadline(self.timeout if timeout is None else timeout)
+        chunks = split(wire, self.max_batch_size)
+        return deadline, list(zip(chunks, chunk_request_ids(request_id, len(chunks))))
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(self.timeout if timeout is None else timeout)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pool.endpoints!r})"
+
+
+class SyncClient(ClientBase):
+    """Blocking calls; a long input list is sent as chunks of `max_batch_size`, one after another."""
+
+    def score(self, inputs: Iterable[InputLike], **options: Any) -> list[float]:
+        """Raw rewards, in input order. Options as for `score_full`."""
+        return [r.reward for r in self.score_full(inputs, **options)]
+
+    def score_full(self, inputs: Iterable[InputLike], *, normalize: bool = False, model: str | None = None,
+                   timeout: float | None = None, request_id: str | None = None) -> list[ScoreResult]:
+        """One ScoreResult per input, in order. `timeout` (seconds) bounds the whole call, retries included."""
+        deadline, plan = self._plan(inputs, timeout, request_id)
+        results: list[ScoreResult] = []
+        for chunk, rid in plan:
+            send = functools.partial(self._score_once, chunk=chunk, request_id=rid, normalize=normalize,
+                                     model=model or self.model)
+            results.extend(self._call(send, deadline))
+        return results
+
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return self._call(self._models_once, self._deadline(timeout))
+
+    def health(self) -> bool:
+        """True when at least one endpoint is alive."""
+        return any(self._probe(e, ready=False) for e in self.pool.endpoints)
+
+    def ready(self) -> bool:
+        """True when at least one endpoint is ready to score (model loaded, not draining)."""
+        return any(self._probe(e, ready=True) for e in self.pool.endpoints)
+
+    def _call(self, send: Any, deadline: Deadline) -> Any:
+        return call_with_retries(self.pool, self.policy, deadline, self.rng, send)
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "SyncClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncClient(ClientBase):
+    """Coroutine calls; the chunks of a long input list are sent concurrently (at most `max_concurrency`)."""
+
+    def __init__(self, endpoints: str | Sequence[str], *, max_concurrency: int = 8, **options: Any):
+        super().__init__(endpoints, **options)
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.max_concurrency = max_concurrency
+
+    async def score(self, inputs: Iterable[InputLike], **options: Any) -> list[float]:
+        return [r.reward for r in await self.score_full(inputs, **options)]
+
+    async def score_full(self, inputs: Iterable[InputLike], *, normalize: bool = False, model: str | None = None,
+                         timeout: float | None = None, request_id: str | None = None) -> list[ScoreResult]:
+        deadline, plan = self._plan(inputs, timeout, request_id)
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(chunk: Sequence[Any], rid: str) -> list[ScoreResult]:
+            send = functools.partial(self._score_once, chunk=chunk, request_id=rid, normalize=normalize,
+                                     model=model or self.model)
+            async with limit:
+                return await self._call(send, deadline)
+
+        parts = await gather_or_cancel([one(chunk, rid) for chunk, rid in plan])
+        return [result for part in parts for result in part]
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return await self._call(self._models_once, self._deadline(timeout))
+
+    async def health(self) -> bool:
+        return any(await asyncio.gather(*(self._probe(e, ready=False) for e in self.pool.endpoints)))
+
+    async def ready(self) -> bool:
+        return any(await asyncio.gather(*(self._probe(e, ready=True) for e in self.pool.endpoints)))
+
+    async def _call(self, send: Any, deadline: Deadline) -> Any:
+        return await acall_with_retries(self.pool, self.policy, deadline, self.rng, send)
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+async def gather_or_cancel(coros: list[Any]) -> list[Any]:
+    """Results in order; the first failure (in input order) is raised and the others are cancelled."""
+    if len(coros) == 1:
+        return [await coros[0]]
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    return [task.result() for task in tasks]

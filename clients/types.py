@@ -1,0 +1,78 @@
+"""What the clients take and give: input forms, results, model info, and batch splitting."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+from clients.errors import InvalidInputError, ServerError
+
+# One input: {"prompt", "response"}, {"messages": [...]}, {"raw"} as the server takes them,
+# or for convenience a (prompt, response) tuple or a plain string (= raw).
+InputLike = Union[Mapping[str, Any], tuple, str]
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """The score of one input. `reward` is the raw logit; `normalized` is set only when asked for."""
+
+    reward: float
+    truncated: bool
+    tokens: int
+    normalized: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A served model; `normalization` is (mean, std) when the model can normalize rewards."""
+
+    id: str
+    max_model_len: int
+    normalization: tuple[float, float] | None = None
+
+
+def to_input_dict(index: int, item: InputLike) -> dict[str, Any]:
+    """One input as the server's JSON form. Dicts pass through (the server validates them)."""
+    if isinstance(item, str):
+        return {"raw": item}
+    if isinstance(item, tuple):
+        if len(item) != 2 or not all(isinstance(s, str) for s in item):
+            raise InvalidInputError(f"inputs.{index}: a tuple input is (prompt, response), two strings",
+                                    type="invalid_argument")
+        return {"prompt": item[0], "response": item[1]}
+    if isinstance(item, Mapping):
+        return dict(item)
+    raise InvalidInputError(
+        f"inputs.{index}: an input is a dict ({{'prompt', 'response'}}, {{'messages'}} or {{'raw'}}), "
+        f"a (prompt, response) tuple or a string, got {type(item).__name__}", type="invalid_argument")
+
+
+def to_input_dicts(inputs: Iterable[InputLike]) -> list[dict[str, Any]]:
+    if isinstance(inputs, (str, Mapping)):
+        raise InvalidInputError("inputs is a list of inputs; wrap a single input in a list",
+                                type="invalid_argument")
+    items = [to_input_dict(i, item) for i, item in enumerate(inputs)]
+    if not items:
+        raise InvalidInputError("inputs is empty: send at least one input", type="invalid_argument")
+    return items
+
+
+def split(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """Consecutive chunks of at most `size` items (their concatenation is `items`)."""
+    if size < 1:
+        raise ValueError(f"max_batch_size must be at least 1, got {size}")
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def chunk_request_ids(request_id: str | None, count: int) -> list[str]:
+    """One id per chunk: the caller's (or a fresh) id, suffixed `-<i>` when the call is split."""
+    base = request_id or uuid.uuid4().hex
+    return [base] if count == 1 else [f"{base}-{i}" for i in range(count)]
+
+
+def check_count(results: list[ScoreResult], expected: int, endpoint: str) -> list[ScoreResult]:
+    if len(results) != expected:
+        raise ServerError(f"{len(results)} scores for {expected} inputs", type="bad_response",
+                          endpoint=endpoint)
+    return results

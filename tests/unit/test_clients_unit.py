@@ -1,0 +1,279 @@
+"""clients/ without a server: input forms, chunking, retry decisions, error tables, and the HTTP clients over
+httpx.MockTransport (order of chunks, headers, what is retried and what is not)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2
+
+from clients import (
+    AsyncRewardClient, DeadlineExceededError, InvalidInputError, NotFoundError, OverloadedError,
+    PayloadTooLargeError, RewardClient, ServerError, UnavailableError,
+)
+from clients.errors import AuthenticationError, grpc_error, http_error
+from clients.grpc_client import (
+    auth_metadata, credentials, decode_health_status, encode_health_request, to_proto,
+)
+from clients.http_client import tls_verify
+from clients.retry import Attempts, Deadline, EndpointPool, RetryPolicy
+from clients.types import chunk_request_ids, split, to_input_dicts
+
+MESSAGES = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+def test_input_forms():
+    assert to_input_dicts([("p", "r"), "text", {"raw": "x"}, {"messages": MESSAGES}]) == [
+        {"prompt": "p", "response": "r"}, {"raw": "text"}, {"raw": "x"}, {"messages": MESSAGES},
+    ]
+
+
+@pytest.mark.parametrize("bad,where", [([1], "inputs.0"), ([("a",)], "inputs.0"), (["ok", None], "inputs.1"),
+                                       ([], "empty"), ("just a string", "wrap"), ({"raw": "x"}, "wrap")])
+def test_bad_inputs_fail_locally(bad, where):
+    with pytest.raises(InvalidInputError, match=where):
+        to_input_dicts(bad)
+
+
+def test_to_proto_forms_and_errors():
+    assert to_proto(0, {"raw": "x"}).raw == "x"
+    assert to_proto(0, {"prompt": "p", "response": "r"}).pair.response == "r"
+    assert [m.role for m in to_proto(0, {"messages": MESSAGES}).conversation.messages] == ["user", "assistant"]
+    for bad in ({"prompt": "p"}, {"raw": "x", "extra": 1}, {"raw": 5},
+                {"messages": [{"role": "user", "content": "q", "name": "n"}]}, {"messages": ["nope"]}):
+        with pytest.raises(InvalidInputError, match="inputs.3"):
+            to_proto(3, bad)
+
+
+def test_split_and_request_ids():
+    assert split(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    assert sum(split(list(range(1000)), 64), []) == list(range(1000))
+    assert chunk_request_ids("abc", 1) == ["abc"]
+    assert chunk_request_ids("abc", 3) == ["abc-0", "abc-1", "abc-2"]
+    assert len(chunk_request_ids(None, 1)[0]) == 32
+
+
+# ---- retry decisions ----------------------------------------------------------------------------------
+def test_full_jitter_backoff_bounds():
+    policy = RetryPolicy(backoff_base=0.1, backoff_cap=1.0)
+    rng = random.Random(0)
+    for retry, bound in [(0, 0.1), (1, 0.2), (3, 0.8), (4, 1.0), (10, 1.0)]:
+        delays = [policy.backoff(retry, rng) for _ in range(200)]
+        assert all(0.0 <= d <= bound for d in delays)
+        assert max(delays) > bound * 0.8  # spread over the whole range, not a fixed pause
+
+
+def test_pool_round_robin_and_cooldown():
+    clock = Clock()
+    pool = EndpointPool(["a", "b", "c"], cooldown_s=5.0, clock=clock)
+    assert [pool.pick() for _ in range(4)] == ["a", "b", "c", "a"]
+    pool.mark_down("b")
+    assert [pool.pick() for _ in range(4)] == ["c", "a", "c", "a"]
+    clock.now += 5.0
+    assert sorted(pool.pick() for _ in range(3)) == ["a", "b", "c"]
+    for name in "abc":
+        pool.mark_down(name)
+        clock.now += 1.0
+    assert not pool.any_up() and pool.pick() == "a"  # all down: the one back soonest
+
+
+def attempts_for(endpoints, timeout=None, clock=None, **policy):
+    clock = clock or Clock()
+    pool = EndpointPool(endpoints, cooldown_s=5.0, clock=clock)
+    return Attempts(pool, RetryPolicy(**policy), Deadline(timeout, clock=clock), random.Random(0))
+
+
+def test_never_retried_errors_raise_at_once():
+    for exc in (InvalidInputError("x"), NotFoundError("x"), DeadlineExceededError("x"), ServerError("x"),
+                AuthenticationError("x")):
+        attempts = attempts_for(["a", "b"])
+        endpoint, _ = attempts.next()
+        with pytest.raises(type(exc)):
+            attempts.failed(endpoint, exc)
+        assert exc.attempts == 1
+
+
+def test_failover_is_free_once_per_other_endpoint_then_backs_off():
+    attempts = attempts_for(["a", "b"], max_retries=1)
+    assert attempts.next()[0] == "a"
+    assert attempts.failed("a", UnavailableError("down")) == 0.0  # free: b is up
+    assert attempts.next()[0] == "b"
+    assert attempts.failed("b", UnavailableError("down")) > 0.0  # none up: a retry with backoff
+    attempts.next()
+    with pytest.raises(UnavailableError) as info:
+        attempts.failed("a", UnavailableError("down"))
+    assert info.value.attempts == 3
+
+
+def test_overload_backs_off_until_max_retries():
+    attempts = attempts_for(["a"], max_retries=2, backoff_base=0.01)
+    for _ in range(2):
+        attempts.next()
+        assert 0.0 <= attempts.failed("a", OverloadedError("full")) <= 0.04
+    attempts.next()
+    with pytest.raises(OverloadedError):
+        attempts.failed("a", OverloadedError("full"))
+
+
+def test_no_retry_past_the_deadline():
+    clock = Clock()
+    attempts = attempts_for(["a"], timeout=1.0, clock=clock, max_retries=100, backoff_base=10.0, backoff_cap=10.0)
+    attempts.rng = random.Random(1)  # uniform(0, 10) > 1 s left: the pause would outlast the deadline
+    attempts.next()
+    with pytest.raises(OverloadedError):
+        while True:
+            attempts.failed("a", OverloadedError("full"))
+            attempts.next()
+    clock.now += 2.0
+    with pytest.raises(DeadlineExceededError, match="timeout of 1.0s passed"):
+        attempts.next()
+
+
+# ---- error tables -------------------------------------------------------------------------------------
+def body(kind: str, code: int) -> bytes:
+    return json.dumps({"error": {"type": kind, "message": f"{kind} message", "code": code}}).encode()
+
+
+@pytest.mark.parametrize("status,payload,cls", [
+    (400, body("invalid_argument", 400), InvalidInputError),
+    (422, body("invalid_argument", 422), InvalidInputError),
+    (404, body("not_found", 404), NotFoundError),
+    (413, body("payload_too_large", 413), PayloadTooLargeError),
+    (401, body("unauthenticated", 401), AuthenticationError),
+    (429, body("overloaded", 429), OverloadedError),
+    (500, body("backend_error", 500), ServerError),
+    (503, body("unavailable", 503), UnavailableError),
+    (502, b"<html>bad gateway</html>", UnavailableError),
+    (504, body("deadline_exceeded", 504), DeadlineExceededError),
+    (504, b"upstream timed out", UnavailableError),  # a proxy's 504: another replica may answer
+])
+def test_http_error_table(status, payload, cls):
+    exc = http_error(status, payload, "http://x")
+    assert type(exc) is cls and exc.code == status and exc.endpoint == "http://x"
+    if payload.startswith(b"{"):
+        assert exc.type == json.loads(payload)["error"]["type"] and exc.message.endswith("message")
+
+
+@pytest.mark.parametrize("code,details,cls", [
+    ("INVALID_ARGUMENT", "inputs.0", InvalidInputError), ("NOT_FOUND", "model", NotFoundError),
+    ("RESOURCE_EXHAUSTED", "queue is full", OverloadedError),
+    ("RESOURCE_EXHAUSTED", "Received message larger than max (9 vs. 4)", PayloadTooLargeError),
+    ("UNAVAILABLE", "draining", UnavailableError), ("DEADLINE_EXCEEDED", "", DeadlineExceededError),
+    ("INTERNAL", "NaN", ServerError), ("UNAUTHENTICATED", "key", AuthenticationError),
+])
+def test_grpc_error_table(code, details, cls):
+    exc = grpc_error(code, details, "h:1")
+    assert type(exc) is cls and exc.code == code and exc.type == code.lower()
+
+
+def test_health_messages_match_grpc_health():
+    for service in ("", "rewardserve.v1.RewardService"):
+        assert encode_health_request(service) == health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    for status in (0, 1, 2, 3):
+        wire = health_pb2.HealthCheckResponse(status=status).SerializeToString()
+        assert decode_health_status(wire) == status
+
+
+def test_auth_and_tls_options_are_wired():
+    import certifi
+
+    assert auth_metadata("k") == (("authorization", "Bearer k"),) and auth_metadata(None) is None
+    assert credentials(False, None, None, None) is None
+    assert credentials(True, None, None, None) is not None
+    assert credentials(False, certifi.where(), None, None) is not None
+    assert tls_verify(None, None, None, True) is True and tls_verify(None, None, None, False) is False
+    assert tls_verify(certifi.where(), None, None, True).verify_mode.name == "CERT_REQUIRED"
+
+
+# ---- HTTP clients over a mock transport ----------------------------------------------------------------
+class Recorder:
+    """A fake server: answers the scripted statuses first, then echoes each input's number as its reward."""
+
+    def __init__(self, script=()):
+        self.script = list(script)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if self.script:
+            status = self.script.pop(0)
+            return httpx.Response(status, content=body(f"status_{status}", status))
+        inputs = json.loads(request.content)["inputs"]
+        scores = [{"reward": float(i["raw"]), "truncated": False, "tokens": 1} for i in inputs]
+        return httpx.Response(200, json={"model": "m", "scores": scores})
+
+
+def mock_client(recorder: Recorder, cls=RewardClient, **options):
+    transport = httpx.MockTransport(recorder)
+    options = {"backoff_base": 0.001, "backoff_cap": 0.002, **options}
+    return cls(["http://a:1", "http://b:2"], httpx_options={"transport": transport}, **options)
+
+
+def test_sync_chunks_in_order_with_headers():
+    recorder = Recorder()
+    with mock_client(recorder, max_batch_size=64, api_key="secret", timeout=30) as client:
+        rewards = client.score([str(i) for i in range(1000)], request_id="job")
+    assert rewards == [float(i) for i in range(1000)]
+    assert len(recorder.requests) == 16
+    assert {r.url.host for r in recorder.requests} == {"a", "b"}  # round-robin
+    first = recorder.requests[0].headers
+    assert first["authorization"] == "Bearer secret" and first["x-request-id"] == "job-0"
+    assert 0 < float(first["x-request-timeout"]) <= 30
+
+
+async def test_async_chunks_concurrently_in_order():
+    recorder = Recorder()
+    async with mock_client(recorder, AsyncRewardClient, max_batch_size=7, max_concurrency=4) as client:
+        rewards = await client.score([str(i) for i in range(100)])
+    assert rewards == [float(i) for i in range(100)]
+    assert len(recorder.requests) == 15
+
+
+@pytest.mark.parametrize("script,requests", [([503, 503], 3), ([429, 429], 3), ([502, 504], 3)])
+def test_transient_statuses_are_retried(script, requests):
+    recorder = Recorder(script)
+    with mock_client(recorder) as client:
+        assert client.score(["1"]) == [1.0]
+    assert len(recorder.requests) == requests
+
+
+@pytest.mark.parametrize("status,cls", [(400, InvalidInputError), (404, NotFoundError), (413, PayloadTooLargeError),
+                                        (422, InvalidInputError), (500, ServerError)])
+def test_client_errors_are_not_retried(status, cls):
+    recorder = Recorder([status])
+    with mock_client(recorder) as client, pytest.raises(cls) as info:
+        client.score(["1"])
+    assert len(recorder.requests) == 1 and info.value.attempts == 1 and info.value.code == status
+
+
+def test_retries_stop_at_max_retries():
+    recorder = Recorder([429] * 10)
+    with mock_client(recorder, max_retries=2) as client, pytest.raises(OverloadedError) as info:
+        client.score(["1"])
+    assert len(recorder.requests) == 3 == info.value.attempts
+
+
+def test_bad_answer_is_a_server_error():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"model": "m", "scores": []})
+
+    client = RewardClient("http://a:1", httpx_options={"transport": httpx.MockTransport(handler)})
+    with client, pytest.raises(ServerError, match="0 scores for 1 inputs"):
+        client.score(["x"])
+
+
+def test_endpoints_must_be_urls():
+    with pytest.raises(ValueError, match="base URL"):
+        RewardClient("127.0.0.1:8000")
