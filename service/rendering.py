@@ -71,7 +71,8 @@ def _leading_specials(ids: Sequence[int], special: set[int]) -> int:
 
 def encode_text(tokenizer: Any, text: str, max_length: int) -> Encoded:
     """Tokenize with the tokenizer's special tokens, drop a doubled BOS, truncate from the left."""
-    ids: list[int] = list(tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+    # verbose=False: over-long inputs are expected here (truncated below), no warning per input
+    ids: list[int] = list(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
         ids = ids[1:]
