@@ -15,3 +15,9 @@ __all__ = [
     "RewardClientError", "InvalidInputError", "NotFoundError", "PayloadTooLargeError", "AuthenticationError",
     "OverloadedError", "UnavailableError", "DeadlineExceededError", "ServerError",
 ]
+
+# Adapters for RL trainers (docs/integrations.md); verl and OpenRLHF load clients/verl_reward.py and
+# clients/openrlhf_reward.py by path.
+from clients.trl_adapter import make_async_trl_reward_func, make_trl_reward_func  # noqa: E402
+
+__all__ += ["make_trl_reward_func", "make_async_trl_reward_func"]

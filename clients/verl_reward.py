@@ -1,0 +1,136 @@
+"""A rewardserve server as a verl custom reward function. See docs/integrations.md.
+
+verl loads `custom_reward_function.path` (a file path, or `pkg://clients.verl_reward`) and takes the function
+`custom_reward_function.name` from it (`verl.trainer.ppo.reward.get_custom_reward_fn`; the section is
+`reward.custom_reward_function` in recent verl). Its reward managers call it with keywords:
+
+- per sample (`naive`, `dapo`, `prime` managers): `compute_score(data_source=, solution_str=, ground_truth=,
+  extra_info=)` -> float (or a dict with "score");
+- per batch (`reward_model.reward_manager=batch`): `compute_score_batch(data_sources=, solution_strs=,
+  ground_truths=, extra_infos=)` -> one float per sample;
+
+plus `custom_reward_function.reward_kwargs` (they take precedence) and, in verl's newer reward loop,
+`reward_router_address` / `reward_model_tokenizer`, which are ignored here.
+
+What is scored: `solution_str` is the decoded response alone; verl does not pass the prompt. If the sample's
+`extra_info` carries one under `prompt` (put it there when you build the parquet file; the key can be changed
+with `prompt_key`), the server scores `{"prompt": prompt, "response": solution_str}` for a text prompt, or
+`{"messages": prompt + [assistant turn]}` for a chat prompt (a list of `{"role", "content"}`), so the reward
+model sees the question with its own template. Otherwise it scores `{"raw": solution_str}`. `data_source` and
+`ground_truth` are not used: the reward is the reward model's raw score.
+
+Configuration, read at call time, each overridable by a `reward_kwargs` entry of the same lower-case name:
+REWARDSERVE_URL (required: an `http(s)://` base URL, or a gRPC `host:port` / `grpc://host:port` target;
+comma-separated for several servers), REWARDSERVE_API_KEY, REWARDSERVE_TIMEOUT (seconds per call, default 60),
+REWARDSERVE_TRANSPORT (`http` or `grpc`; default: from the URL). Ray workers need these variables too: set them
+in the job's `runtime_env` `env_vars`. One client is opened per process and configuration and reused.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Mapping, Sequence
+
+from clients.trl_adapter import clean_messages, open_client
+
+ENV_URL = "REWARDSERVE_URL"
+ENV_API_KEY = "REWARDSERVE_API_KEY"
+ENV_TIMEOUT = "REWARDSERVE_TIMEOUT"
+ENV_TRANSPORT = "REWARDSERVE_TRANSPORT"
+DEFAULT_TIMEOUT = 60.0
+GRPC_SCHEME = "grpc://"
+
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+def transport_of(urls: Sequence[str]) -> str:
+    """`http` when every URL is http(s)://, `grpc` when none is; a mix is an error."""
+    http = [u.startswith(("http://", "https://")) for u in urls]
+    if all(http):
+        return "http"
+    if not any(http):
+        return "grpc"
+    raise ValueError(f"{ENV_URL} mixes HTTP URLs and gRPC targets: {urls}")
+
+
+def settings(url: str | None = None, api_key: str | None = None, timeout: float | str | None = None,
+             transport: str | None = None) -> tuple[tuple[str, ...], str, str | None, float | None]:
+    """(urls, transport, api_key, timeout) from the arguments, else the REWARDSERVE_* environment."""
+    raw = url if url is not None else os.environ.get(ENV_URL, "")
+    urls = tuple(u.strip() for u in (raw.split(",") if isinstance(raw, str) else raw) if u.strip())
+    if not urls:
+        raise ValueError(f"set {ENV_URL} (e.g. http://rm-host:8000) or pass url= in reward_kwargs")
+    transport = transport or os.environ.get(ENV_TRANSPORT) or transport_of(urls)
+    if transport == "grpc":
+        urls = tuple(u[len(GRPC_SCHEME):] if u.startswith(GRPC_SCHEME) else u for u in urls)
+    api_key = api_key if api_key is not None else (os.environ.get(ENV_API_KEY) or None)
+    timeout = timeout if timeout is not None else os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT)
+    timeout_s = None if str(timeout).lower() in ("", "none", "0") else float(timeout)
+    return urls, transport, api_key, timeout_s
+
+
+def client_from_env(url: str | None = None, api_key: str | None = None, timeout: float | str | None = None,
+                    transport: str | None = None) -> Any:
+    """A blocking client for the configured server, opened once per process and configuration."""
+    urls, transport, api_key, timeout_s = settings(url, api_key, timeout, transport)
+    key = (os.getpid(), urls, transport, api_key, timeout_s)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = open_client(list(urls), transport=transport, api_key=api_key, timeout=timeout_s)
+            _clients[key] = client
+        return client
+
+
+# ---- inputs -------------------------------------------------------------------------------------------
+def verl_input(solution_str: str, extra_info: Mapping[str, Any] | None, prompt_key: str = "prompt") -> dict:
+    """The server input for one verl sample (see the module docstring)."""
+    prompt = extra_info.get(prompt_key) if isinstance(extra_info, Mapping) else None
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "response": solution_str}
+    if prompt is not None and not isinstance(prompt, (bytes, Mapping)):
+        try:  # a list (or numpy array, from parquet) of chat messages
+            messages = clean_messages(list(prompt))
+        except (TypeError, KeyError, AttributeError):
+            messages = []  # not a message list: score the response alone
+        if messages:
+            return {"messages": [*messages, {"role": "assistant", "content": solution_str}]}
+    return {"raw": solution_str}
+
+
+def _client_and_options(kwargs: Mapping[str, Any]) -> tuple[Any, str, bool]:
+    client = client_from_env(kwargs.get("url"), kwargs.get("api_key"), kwargs.get("timeout"),
+                             kwargs.get("transport"))
+    return client, kwargs.get("prompt_key", "prompt"), bool(kwargs.get("normalize", False))
+
+
+def _values(results: list, normalize: bool) -> list[float]:
+    if normalize:
+        return [r.normalized if r.normalized is not None else r.reward for r in results]
+    return [r.reward for r in results]
+
+
+# ---- verl entry points --------------------------------------------------------------------------------
+def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Mapping[str, Any] | None = None,
+                  **kwargs: Any) -> float:
+    """verl's per-sample reward function: the reward model's score of `solution_str` (with the prompt from
+    `extra_info[prompt_key]` when there is one). `reward_kwargs`: url, api_key, timeout, transport,
+    prompt_key, normalize."""
+    client, prompt_key, normalize = _client_and_options(kwargs)
+    results = client.score_full([verl_input(solution_str, extra_info, prompt_key)], normalize=normalize)
+    return _values(results, normalize)[0]
+
+
+def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str], ground_truths: Sequence[Any],
+                        extra_infos: Sequence[Mapping[str, Any] | None] | None = None, **kwargs: Any) -> list[float]:
+    """verl's batch reward function (`reward_manager=batch`): one score per sample, sent as one call (split
+    into requests of the client's `max_batch_size`)."""
+    if not solution_strs:
+        return []
+    client, prompt_key, normalize = _client_and_options(kwargs)
+    infos = list(extra_infos) if extra_infos is not None else [None] * len(solution_strs)
+    inputs = [verl_input(s, info, prompt_key) for s, info in zip(solution_strs, infos, strict=True)]
+    return _values(client.score_full(inputs, normalize=normalize), normalize)
