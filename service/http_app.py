@@ -182,6 +182,10 @@ def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None) -> Fa
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    from service.compat_routes import compat_router  # here, not at the top: it imports this module's helpers
+
+    app.include_router(compat_router(engine))  # /get_reward (OpenRLHF), /classify and /pooling (vLLM)
+
     known = {route.path for route in app.routes}  # type: ignore[attr-defined]
     limit = max_body_bytes if max_body_bytes is not None else engine.config.max_body_bytes
     app.add_middleware(EdgeMiddleware, max_body_bytes=limit, known_routes=known)
