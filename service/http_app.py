@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError

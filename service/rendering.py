@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from service.schemas import ChatMessage, MessagesInput, PromptResponseInput, RawInput
+from service.schemas import MessagesInput, PromptResponseInput, RawInput
 
 # Plain format for tokenizers without a chat template. Each turn is "\n\n<Speaker>: <content>".
 PLAIN_SPEAKERS = {"system": "System", "user": "Human", "assistant": "Assistant"}

@@ -137,3 +137,25 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def run_with_imports_blocked(blocked: set[str], body: str, *args: str, cwd: Path, timeout: float = 120) -> Any:
+    """Run `body` in a fresh Python where importing any of `blocked` (top-level names) raises ImportError.
+
+    `BLOCKED` is defined for the body, e.g. to check that none of them leaked into sys.modules."""
+    import subprocess
+    import sys
+
+    prelude = (
+        "import importlib.abc, sys\n"
+        f"BLOCKED = {sorted(blocked)!r}\n"
+        "class Blocker(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError(f'{name} is blocked in this test')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Blocker())\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + body, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,6 +1,5 @@
 """`rewardserve serve` as a real process: flags/env/config file, scoring, SIGTERM -> drain -> exit 0."""
 
-import json
 import os
 import signal
 import socket

@@ -9,8 +9,6 @@ import asyncio
 import importlib.util
 import math
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from clients import RewardClient, make_async_trl_reward_func, make_trl_reward_func
 from clients.trl_adapter import trl_inputs
 from clients.verl_reward import ENV_URL, compute_score, compute_score_batch
+from tests.helpers import run_with_imports_blocked
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT_PROMPTS = ["How do I boil an egg?", "What is 2 + 2?", "Name a colour.", "Say hello."]
@@ -240,18 +239,9 @@ def test_openrlhf_reward_func(bert_server, monkeypatch):
 
 
 # ---- light: no torch, no transformers -----------------------------------------------------------------
+ADAPTER_BLOCKED = {"torch", "transformers", "numpy", "trl", "verl", "openrlhf", "accelerate", "datasets", "fastapi",
+                   "pydantic", "service", "uvicorn", "tokenizers"}
 LIGHT_ADAPTERS = """
-import importlib.abc, sys
-BLOCKED = {"torch", "transformers", "numpy", "trl", "verl", "openrlhf", "accelerate", "datasets", "fastapi",
-           "pydantic", "service", "uvicorn", "tokenizers"}
-
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Blocker())
 import os
 import clients.trl_adapter, clients.verl_reward, clients.openrlhf_reward
 from clients import make_trl_reward_func
@@ -272,8 +262,7 @@ print(repr([trl[0], verl, rewards[0]]))
 
 
 def test_adapters_import_without_torch_or_transformers(bert_server):
-    out = subprocess.run([sys.executable, "-c", LIGHT_ADAPTERS, bert_server.http_url], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = run_with_imports_blocked(ADAPTER_BLOCKED, LIGHT_ADAPTERS, bert_server.http_url, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     trl, verl, openrlhf = eval(out.stdout.strip())  # noqa: S307 - floats we printed
     pair = direct_scores(bert_server, [{"prompt": "What is 2 + 2?", "response": "4"}])[0]

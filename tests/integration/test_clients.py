@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent import futures
@@ -25,7 +23,7 @@ from clients import (
     NotFoundError, OverloadedError, RewardClient, UnavailableError,
 )
 from protos import reward_pb2_grpc
-from tests.helpers import LiveServer, inject_latency, metric_value, test_config
+from tests.helpers import LiveServer, inject_latency, metric_value, run_with_imports_blocked, test_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = [
@@ -340,18 +338,10 @@ def test_failover_when_a_server_stops_mid_loop(bert_server, tiny_bert_dir):
 
 
 # ---- light: no torch, no transformers, no service -----------------------------------------------------
+CLIENT_BLOCKED = {"torch", "transformers", "numpy", "fastapi", "pydantic", "pydantic_core", "service", "starlette",
+                  "uvicorn", "tokenizers", "grpc_health", "prometheus_client"}
 BLOCKED_IMPORTS = """
-import importlib.abc, sys
-BLOCKED = {"torch", "transformers", "numpy", "fastapi", "pydantic", "pydantic_core", "service", "starlette",
-           "uvicorn", "tokenizers", "grpc_health", "prometheus_client"}
-
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Blocker())
+import sys
 from clients import GrpcRewardClient, RewardClient
 with RewardClient(sys.argv[1]) as client:
     rewards = client.score([("How do I boil an egg?", "Simmer it."), "raw text"])
@@ -366,9 +356,8 @@ print(repr(rewards))
 
 
 def test_clients_import_without_torch_transformers_or_service(bert_server):
-    out = subprocess.run(
-        [sys.executable, "-c", BLOCKED_IMPORTS, bert_server.http_url, bert_server.grpc_target],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    out = run_with_imports_blocked(
+        CLIENT_BLOCKED, BLOCKED_IMPORTS, bert_server.http_url, bert_server.grpc_target, cwd=ROOT
     )
     assert out.returncode == 0, out.stderr
     expected = [s["reward"] for s in direct(bert_server, [{"prompt": "How do I boil an egg?", "response": "Simmer it."},
