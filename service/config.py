@@ -25,7 +25,7 @@ class ServeConfig(BaseModel):
     model_name: str | None = None
     """Name the model is served under (defaults to the directory's name)."""
     backend: str = "hf"
-    """Scoring backend: `hf` (transformers) or `vllm` (vLLM pooling runner)."""
+    """Scoring backend: `hf` (transformers; the only one so far)."""
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -84,3 +84,10 @@ def test_serve_help_documents_every_field():
     for name in ServeConfig.model_fields:
         assert "--" + name.replace("_", "-") in out.stdout
         assert "REWARDSERVE_" + name.upper() in out.stdout.replace("\n", "").replace(" ", "")
+
+
+def test_unknown_backend_is_a_clear_error(serve_proc, tiny_bert_dir):
+    proc = serve_proc("--model", str(tiny_bert_dir), "--backend", "nope", "--port", str(free_port()),
+                      "--grpc-port", "-1")
+    assert proc.wait(timeout=120) == 2
+    assert "unknown backend 'nope'" in proc.stderr.read()
