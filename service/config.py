@@ -64,6 +64,13 @@ class ServeConfig(BaseModel):
     """Deadline applied to requests that bring none (0: none)."""
     warmup: bool = True
     """Run a few forward passes before reporting ready."""
+    api_keys: list[str] = []
+    """API keys (comma-separated in the env/flag). When any is set, every scoring route needs
+    `Authorization: Bearer <key>` (gRPC: metadata `authorization`), except `open_routes` and gRPC health."""
+    api_key_file: str | None = None
+    """File with API keys, one per line (`#` comments); added to `api_keys`."""
+    open_routes: list[str] = ["/health", "/ready", "/metrics"]
+    """HTTP routes that need no API key."""
     log_level: str = "info"
     """Log level of the rewardserve loggers."""
 
@@ -71,6 +78,8 @@ class ServeConfig(BaseModel):
 def _coerce(value: str, annotation: Any) -> Any:
     if annotation in (bool, "bool"):
         return value.strip().lower() in ("1", "true", "yes", "on")
+    if annotation == list[str]:
+        return [part.strip() for part in value.split(",") if part.strip()]
     return value
 
 
@@ -119,5 +128,5 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
         for name in ServeConfig.model_fields:
             value = getattr(args, name, None)
             if value is not None:
-                data[name] = value
+                data[name] = _coerce(value, ServeConfig.model_fields[name].annotation) if isinstance(value, str) else value
     return ServeConfig.model_validate(data)

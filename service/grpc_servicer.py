@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import reward_pb2, reward_pb2_grpc
 from service import metrics
+from service.auth import AuthInterceptor, key_checker
 from service.config import ServeConfig
 from service.engine import RewardEngine, ScoreOutcome
 from service.error_map import GRPC_STATUS
@@ -299,6 +300,7 @@ async def start_grpc_server(engine: RewardEngine, config: ServeConfig) -> tuple[
     """Start RewardService + health + reflection on config.host:config.grpc_port (0: a free port)."""
     limit = config.max_body_bytes
     server = grpc.aio.server(
+        interceptors=[AuthInterceptor(key_checker(config))],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
     add_reward_service(RewardServicer(engine), server)

@@ -16,6 +16,7 @@ from service import metrics
 from service.engine import RewardEngine, ScoreOutcome
 from service.error_map import HTTP_STATUS
 from service.errors import ErrorKind, RewardServeError, invalid
+from service.auth import AuthMiddleware, key_checker
 from service.http_edge import EdgeMiddleware
 from service.schemas import ScoreInput, ScoreResult, describe_validation_error
 
@@ -188,5 +189,7 @@ def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None) -> Fa
 
     known = {route.path for route in app.routes}  # type: ignore[attr-defined]
     limit = max_body_bytes if max_body_bytes is not None else engine.config.max_body_bytes
+    # added last = outermost: requests are counted and size-limited before the key check
+    app.add_middleware(AuthMiddleware, checker=key_checker(engine.config), open_routes=engine.config.open_routes)
     app.add_middleware(EdgeMiddleware, max_body_bytes=limit, known_routes=known)
     return app
