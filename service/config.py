@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 ENV_PREFIX = "REWARDSERVE_"
 
@@ -71,8 +71,22 @@ class ServeConfig(BaseModel):
     """File with API keys, one per line (`#` comments); added to `api_keys`."""
     open_routes: list[str] = ["/health", "/ready", "/metrics"]
     """HTTP routes that need no API key."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) for HTTPS and gRPC TLS; needs tls_key."""
+    tls_key: str | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: str | None = None
+    """PEM CA bundle: when set, gRPC requires client certificates signed by it (mutual TLS)."""
     log_level: str = "info"
     """Log level of the rewardserve loggers."""
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> "ServeConfig":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
 
 
 def _coerce(value: str, annotation: Any) -> Any:

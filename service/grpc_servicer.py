@@ -273,6 +273,19 @@ class HealthReporter:
         await self.servicer.enter_graceful_shutdown()
 
 
+def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from config (mutual TLS when tls_client_ca is set), or None for plaintext."""
+    if not config.tls_cert:
+        return None
+    with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as cert:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if config.tls_client_ca:
+        with open(config.tls_client_ca, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 class _CaptureHandlers:
     """Stands in for a server to catch the method-handler table the generated code builds."""
 
@@ -311,7 +324,9 @@ async def start_grpc_server(engine: RewardEngine, config: ServeConfig) -> tuple[
         server,
     )
     address = f"{config.host}:{config.grpc_port}"
-    port = server.add_insecure_port(f"[{config.host}]:{config.grpc_port}" if ":" in config.host else address)
+    bind = f"[{config.host}]:{config.grpc_port}" if ":" in config.host else address
+    credentials = server_credentials(config)
+    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     if port == 0:
         raise RuntimeError(f"gRPC could not bind {address}")
     await server.start()

@@ -65,7 +65,7 @@ class Runtime:
         app = create_app(self.engine)
         uv_config = uvicorn.Config(
             app, log_level=self.config.log_level.lower(), access_log=False, lifespan="off",
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=30, ssl_certfile=self.config.tls_cert, ssl_keyfile=self.config.tls_key,
         )
         self._http = _UvicornServer(uv_config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
@@ -74,8 +74,8 @@ class Runtime:
                 self._http_task.result()  # surface the startup error
             await asyncio.sleep(0.01)
         log.info(
-            "rewardserve serving %s: HTTP http://%s:%d  gRPC %s",
-            self.engine.name, self.config.host, self.http_port,
+            "rewardserve serving %s: HTTP %s://%s:%d  gRPC %s",
+            self.engine.name, "https" if self.config.tls_cert else "http", self.config.host, self.http_port,
             f"{self.config.host}:{self.grpc_port}" if self.grpc_port else "off",
         )
 
