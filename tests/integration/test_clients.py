@@ -283,8 +283,10 @@ def hammer(kind: str, endpoints: list[str], expected: list[float], stop: threadi
 
     def check(rewards):
         calls[kind] += 1
-        if rewards != expected:
-            failures.append((kind, "wrong rewards"))
+        # four clients hammer at once, so their inputs share batches: equal within the 1e-5 batch-invariance
+        # contract, not bit for bit
+        if len(rewards) != len(expected) or any(abs(a - b) > 1e-5 for a, b in zip(rewards, expected)):
+            failures.append((kind, f"wrong rewards {rewards} != {expected}"))
 
     if kind.startswith("async"):
         async def run():
