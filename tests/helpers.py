@@ -159,3 +159,31 @@ def run_with_imports_blocked(blocked: set[str], body: str, *args: str, cwd: Path
     return subprocess.run(
         [sys.executable, "-c", prelude + body, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (nothing listens on it once this returns)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, proc: Any, timeout: float = 120) -> None:
+    """Poll GET /ready of a server subprocess until 200; fail early if the process exits."""
+    import time
+
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early with {proc.returncode}: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server never became ready")

@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from service.modeling import has_decoder_head
+
 ATTN_NAME = "rewardserve_packed"
 _registered = False
 
@@ -69,7 +71,7 @@ def register() -> str:
 
 def head_kind(model: Any) -> str | None:
     """'decoder', 'bert' or None (not packable)."""
-    if hasattr(model, "score") and not hasattr(model, "classifier"):
+    if has_decoder_head(model):
         return "decoder"
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if hasattr(model, "classifier") and getattr(base, "pooler", None) is not None and model.config.model_type == "bert":

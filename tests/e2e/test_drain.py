@@ -9,7 +9,7 @@ import sys
 
 import httpx
 
-from tests.e2e.test_cli_serve import free_port, wait_ready
+from tests.helpers import free_port, wait_ready
 
 
 async def test_sigterm_mid_burst_answers_everything_accepted(tiny_bert_dir):

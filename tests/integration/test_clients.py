@@ -23,7 +23,9 @@ from clients import (
     NotFoundError, OverloadedError, RewardClient, UnavailableError,
 )
 from protos import reward_pb2_grpc
-from tests.helpers import LiveServer, inject_latency, metric_value, run_with_imports_blocked, test_config
+from tests.helpers import (
+    LiveServer, free_port, inject_latency, metric_value, run_with_imports_blocked, test_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = [
@@ -74,12 +76,6 @@ def requests_seen(server: LiveServer, kind: str, **labels: str) -> float:
     return metric_value(text, "rewardserve_requests_total", **route, **labels)
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---- the same rewards everywhere ----------------------------------------------------------------------
 def test_all_four_clients_give_identical_rewards(bert_server):
     expected = direct(bert_server, AS_JSON)
@@ -101,7 +97,7 @@ def test_models_health_ready(bert_server, kind):
     models, healthy, ready = use(kind, address(kind, bert_server), action)
     assert [(m.id, m.max_model_len, m.normalization) for m in models] == [("tiny-bert", 512, None)]
     assert healthy and ready
-    down = "127.0.0.1:%d" % closed_port()
+    down = "127.0.0.1:%d" % free_port()  # nothing listens there: a closed port
     assert use(kind, down if kind.endswith("grpc") else f"http://{down}", lambda c: c.health()) is False
 
 
@@ -266,7 +262,7 @@ def test_grpc_unavailable_and_exhausted_are_retried(bert_server, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_closed_port_is_retried_then_skipped(bert_server, kind):
-    port = closed_port()
+    port = free_port()  # nothing listens there: a closed port
     down = f"127.0.0.1:{port}" if kind.endswith("grpc") else f"http://127.0.0.1:{port}"
     with pytest.raises(UnavailableError) as info:
         use(kind, down, lambda c: c.score(["x"]), max_retries=2, **FAST)

@@ -11,7 +11,6 @@ import base64
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import LiveServer, metric_value, test_config
+from tests.helpers import LiveServer, free_port, metric_value, test_config
 
 NAME = "tiny-rm"
 ATOL = 1e-4
@@ -135,12 +134,6 @@ def make_bert_rm(out: Path) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _require_vllm() -> None:
     """Skip only when vllm cannot be imported; anything that goes wrong after that fails the test."""
     probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True, timeout=300)
@@ -153,7 +146,7 @@ class VllmServer:
 
     def __init__(self, model_dir: Path):
         self.cache = Path(tempfile.mkdtemp(prefix="vllm-compat-"))
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.cache / "vllm.log"
         env = {
