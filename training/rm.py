@@ -253,7 +253,27 @@ def config_from_args(args: Any) -> RMConfig:
     return RMConfig(**given(_RM_FLAGS), train=TrainConfig(**train))
 
 
+HEAD_ONLY_DEFAULTS = {"epochs": 1000, "lr": 1e-3, "weight_decay": 0.0, "patience": 200}
+
+
+def _main_head_only(args: Any, config: RMConfig) -> int:
+    import shlex
+    import sys
+
+    from training.rm_head import train_head_only
+
+    pick = lambda name: getattr(args, name, None) if getattr(args, name, None) is not None else HEAD_ONLY_DEFAULTS[name]  # noqa: E731
+    command = "rewardserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    summary = train_head_only(config, epochs=pick("epochs"), lr=pick("lr"), weight_decay=pick("weight_decay"),
+                              patience=pick("patience"), command=command)
+    acc = (summary.get("final_eval") or {}).get("accuracy")
+    print(f"reward head saved to {args.output}" + (f" (eval accuracy {acc:.4f})" if acc is not None else ""))
+    return 0
+
+
 def main(args: Any) -> int:
+    if getattr(args, "head_only", False):
+        return _main_head_only(args, config_from_args(args))
     result = train_rm(config_from_args(args))
     if not result.is_main:
         return 0
