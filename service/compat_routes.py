@@ -282,6 +282,24 @@ def encode_pooling_request(engine: RewardEngine, info: ModelInfo, body: PoolingR
     return [ids for ids, _ in encoded], sum(t for _, t in encoded)
 
 
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` references inlined: inside the OpenAPI document a
+    `#/$defs/...` reference would point at the document's root, where nothing is (no recursive models here)."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)
+
+
 # ---- the router -----------------------------------------------------------------------------------------
 def _request_id(request: Request, body: PoolingRequest) -> str:
     return request.headers.get("x-request-id") or body.request_id or f"{uuid.uuid4().int & (2**64 - 1):016x}"
@@ -290,7 +308,7 @@ def _request_id(request: Request, body: PoolingRequest) -> str:
 async def _parse(request: Request) -> PoolingRequest:
     try:
         data = json.loads(await request.body())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 / JSON, or nesting deeper than the parser goes
         raise invalid("could not parse the request body: it must be UTF-8 encoded JSON") from None
     try:
         return PoolingRequest.model_validate(data)
@@ -322,7 +340,7 @@ def compat_router(engine: RewardEngine) -> APIRouter:
     info = ModelInfo(engine)
     errors = {code: v for code, v in ERROR_RESPONSES.items() if code != 422}  # request errors are 400, as in vLLM
     openapi_body = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": PoolingRequest.model_json_schema()}}}}
+        "schema": _inline_defs(PoolingRequest.model_json_schema())}}}}
 
     async def score_ids(request: Request, prompts: list[list[int]], deadline: float | None) -> tuple[list, dict]:
         """Like engine.score for token ids: admission checks, deadline, disconnect, finite rewards."""
