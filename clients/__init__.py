@@ -8,10 +8,11 @@ from clients.errors import (
 from clients.grpc_client import AsyncGrpcRewardClient, GrpcRewardClient
 from clients.http_client import AsyncRewardClient, RewardClient
 from clients.types import ModelInfo, ScoreResult
+from clients.ranking import RankedCandidate, RankedResult
 
 __all__ = [
     "RewardClient", "AsyncRewardClient", "GrpcRewardClient", "AsyncGrpcRewardClient",
-    "ScoreResult", "ModelInfo",
+    "ScoreResult", "ModelInfo", "RankedResult", "RankedCandidate",
     "RewardClientError", "InvalidInputError", "NotFoundError", "PayloadTooLargeError", "AuthenticationError",
     "OverloadedError", "UnavailableError", "DeadlineExceededError", "ServerError",
 ]

@@ -16,6 +16,8 @@ import grpc
 from clients.base import PROBE_TIMEOUT_S, AsyncClient, SyncClient
 from clients.errors import InvalidInputError, RewardClientError, grpc_error
 from clients.types import ModelInfo, ScoreResult, check_count
+from clients.grpc_ranking import ranked_request, reply_as_json
+from clients.ranking import AsyncRanking, RankedResult, SyncRanking, parse_ranked
 from protos import reward_pb2, reward_pb2_grpc
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -158,7 +160,7 @@ class _GrpcSettings:
         return [to_proto(i, item) for i, item in enumerate(items)]
 
 
-class GrpcRewardClient(_GrpcSettings, SyncClient):
+class GrpcRewardClient(_GrpcSettings, SyncRanking, SyncClient):
     """Blocking gRPC client. `targets`: one "host:port" (or "dns:///name:port") or several (round-robin with
     failover). Options as for RewardClient, and: tls (True: TLS with the system CAs), ca_cert, client_cert,
     client_key (PEM paths; any of them turns TLS on), channel_options (extra grpc channel options)."""
@@ -188,6 +190,15 @@ class GrpcRewardClient(_GrpcSettings, SyncClient):
             raise rpc_error(exc, endpoint) from exc
         return parse_models(reply)
 
+    def _ranked_once(self, endpoint: str, remaining: float | None, *, kind: str, body: dict,
+                     request_id: str) -> RankedResult:
+        call = self._stubs[endpoint].Rerank if kind == "rerank" else self._stubs[endpoint].BestOfN
+        try:
+            reply = call(ranked_request(kind, body, request_id), timeout=remaining, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, endpoint) from exc
+        return parse_ranked(reply_as_json(reply), endpoint)
+
     def _probe(self, endpoint: str, ready: bool) -> bool:
         try:
             status = health_check(self._channels[endpoint])(SERVICE_NAME if ready else "",
@@ -201,7 +212,7 @@ class GrpcRewardClient(_GrpcSettings, SyncClient):
             channel.close()
 
 
-class AsyncGrpcRewardClient(_GrpcSettings, AsyncClient):
+class AsyncGrpcRewardClient(_GrpcSettings, AsyncRanking, AsyncClient):
     """asyncio gRPC client (grpc.aio); options as for GrpcRewardClient, plus max_concurrency. Its channels
     are opened on first use, on the running event loop: use one client per loop."""
 
@@ -240,6 +251,16 @@ class AsyncGrpcRewardClient(_GrpcSettings, AsyncClient):
         except grpc.RpcError as exc:
             raise rpc_error(exc, endpoint) from exc
         return parse_models(reply)
+
+    async def _ranked_once(self, endpoint: str, remaining: float | None, *, kind: str, body: dict,
+                           request_id: str) -> RankedResult:
+        stub = self._stub(endpoint)
+        call = stub.Rerank if kind == "rerank" else stub.BestOfN
+        try:
+            reply = await call(ranked_request(kind, body, request_id), timeout=remaining, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, endpoint) from exc
+        return parse_ranked(reply_as_json(reply), endpoint)
 
     async def _probe(self, endpoint: str, ready: bool) -> bool:
         try:

@@ -14,6 +14,7 @@ import httpx
 from clients.base import PROBE_TIMEOUT_S, AsyncClient, SyncClient
 from clients.errors import DeadlineExceededError, RewardClientError, ServerError, UnavailableError, http_error
 from clients.types import ModelInfo, ScoreResult, check_count
+from clients.ranking import AsyncRanking, RankedResult, SyncRanking, parse_ranked
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -122,7 +123,7 @@ def parse_models(response: httpx.Response, endpoint: str) -> list[ModelInfo]:
 
 
 # ---- clients ------------------------------------------------------------------------------------------
-class RewardClient(SyncClient):
+class RewardClient(SyncRanking, SyncClient):
     """Blocking HTTP client. `endpoints`: one base URL or several (round-robin with failover).
 
     Options: model, api_key, timeout (seconds per call, retries included; None: none), max_retries,
@@ -156,6 +157,12 @@ class RewardClient(SyncClient):
     def _models_once(self, endpoint: str, remaining: float | None) -> list[ModelInfo]:
         return parse_models(self._send("GET", endpoint, "/v1/models", remaining), endpoint)
 
+    def _ranked_once(self, endpoint: str, remaining: float | None, *, kind: str, body: dict,
+                     request_id: str) -> RankedResult:
+        response = self._send("POST", endpoint, f"/v1/{kind}", remaining, json=body,
+                              headers=request_headers(request_id, remaining))
+        return parse_ranked(answer_json(response, endpoint), endpoint)
+
     def _probe(self, endpoint: str, ready: bool) -> bool:
         try:
             response = self._http.get(endpoint + ("/ready" if ready else "/health"), timeout=PROBE_TIMEOUT_S)
@@ -167,7 +174,7 @@ class RewardClient(SyncClient):
         self._http.close()
 
 
-class AsyncRewardClient(AsyncClient):
+class AsyncRewardClient(AsyncRanking, AsyncClient):
     """asyncio HTTP client; options as for RewardClient, plus max_concurrency (chunks in flight per call)."""
 
     def __init__(self, endpoints: str | Sequence[str], *, ca_cert: str | None = None,
@@ -196,6 +203,12 @@ class AsyncRewardClient(AsyncClient):
 
     async def _models_once(self, endpoint: str, remaining: float | None) -> list[ModelInfo]:
         return parse_models(await self._send("GET", endpoint, "/v1/models", remaining), endpoint)
+
+    async def _ranked_once(self, endpoint: str, remaining: float | None, *, kind: str, body: dict,
+                           request_id: str) -> RankedResult:
+        response = await self._send("POST", endpoint, f"/v1/{kind}", remaining, json=body,
+                                    headers=request_headers(request_id, remaining))
+        return parse_ranked(answer_json(response, endpoint), endpoint)
 
     async def _probe(self, endpoint: str, ready: bool) -> bool:
         try:

@@ -111,3 +111,81 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class BestOfNRequest(_message.Message):
+    __slots__ = ("model", "prompt", "conversation", "n", "temperature", "top_p", "max_tokens", "seed", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt: str
+    conversation: Conversation
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RankedCandidate(_message.Message):
+    __slots__ = ("text", "reward", "rank", "index", "truncated", "tokens", "finish_reason")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    reward: float
+    rank: int
+    index: int
+    truncated: bool
+    tokens: int
+    finish_reason: str
+    def __init__(self, text: _Optional[str] = ..., reward: _Optional[float] = ..., rank: _Optional[int] = ..., index: _Optional[int] = ..., truncated: _Optional[bool] = ..., tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class BestOfNResponse(_message.Message):
+    __slots__ = ("model", "generator", "best", "candidates", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    BEST_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    generator: str
+    best: RankedCandidate
+    candidates: _containers.RepeatedCompositeFieldContainer[RankedCandidate]
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., generator: _Optional[str] = ..., best: _Optional[_Union[RankedCandidate, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[RankedCandidate, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("model", "prompt", "conversation", "candidates", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt: str
+    conversation: Conversation
+    candidates: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., candidates: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("model", "candidates", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    candidates: _containers.RepeatedCompositeFieldContainer[RankedCandidate]
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[RankedCandidate, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...

@@ -57,6 +57,16 @@ class RewardServiceStub:
                 request_serializer=protos_dot_reward__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=protos_dot_reward__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.BestOfN = channel.unary_unary(
+                '/rewardserve.v1.RewardService/BestOfN',
+                request_serializer=protos_dot_reward__pb2.BestOfNRequest.SerializeToString,
+                response_deserializer=protos_dot_reward__pb2.BestOfNResponse.FromString,
+                _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/rewardserve.v1.RewardService/Rerank',
+                request_serializer=protos_dot_reward__pb2.RerankRequest.SerializeToString,
+                response_deserializer=protos_dot_reward__pb2.RerankResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -102,6 +112,23 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BestOfN(self, request, context):
+        """Best-of-N, like HTTP POST /v1/best-of-n: generate `n` candidates with the server's generator (policy),
+        score each (context, candidate) with the reward model, return them best first. UNIMPLEMENTED when the
+        server has no generator; UNAVAILABLE when the generator fails; DEADLINE_EXCEEDED when the call's
+        deadline (or the server's generation_timeout_s) passes while generating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rerank(self, request, context):
+        """Rerank, like HTTP POST /v1/rerank: score the given candidates of one context, return them best first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +146,16 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=protos_dot_reward__pb2.ListModelsRequest.FromString,
                     response_serializer=protos_dot_reward__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'BestOfN': grpc.unary_unary_rpc_method_handler(
+                    servicer.BestOfN,
+                    request_deserializer=protos_dot_reward__pb2.BestOfNRequest.FromString,
+                    response_serializer=protos_dot_reward__pb2.BestOfNResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=protos_dot_reward__pb2.RerankRequest.FromString,
+                    response_serializer=protos_dot_reward__pb2.RerankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -210,6 +247,60 @@ class RewardService:
             '/rewardserve.v1.RewardService/ListModels',
             protos_dot_reward__pb2.ListModelsRequest.SerializeToString,
             protos_dot_reward__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BestOfN(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rewardserve.v1.RewardService/BestOfN',
+            protos_dot_reward__pb2.BestOfNRequest.SerializeToString,
+            protos_dot_reward__pb2.BestOfNResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rewardserve.v1.RewardService/Rerank',
+            protos_dot_reward__pb2.RerankRequest.SerializeToString,
+            protos_dot_reward__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,

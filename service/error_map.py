@@ -16,6 +16,8 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.BACKEND: 500,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.DEADLINE: 504,
+    ErrorKind.GENERATOR: 502,
+    ErrorKind.NOT_IMPLEMENTED: 400,  # a request this server is not configured for (type not_implemented)
 }
 
 GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
@@ -28,6 +30,8 @@ GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.BACKEND: grpc.StatusCode.INTERNAL,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.GENERATOR: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.NOT_IMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 assert set(HTTP_STATUS) == set(ErrorKind) == set(GRPC_STATUS), "every error kind needs both mappings"

@@ -15,6 +15,8 @@ class ErrorKind(str, enum.Enum):
     CANCELLED = "cancelled"
     UNAVAILABLE = "unavailable"
     BACKEND = "backend_error"
+    GENERATOR = "generator_error"  # the Best-of-N generator (policy) failed
+    NOT_IMPLEMENTED = "not_implemented"  # a feature this server was not configured for (e.g. no generator)
 
 
 class RewardServeError(Exception):

@@ -147,8 +147,11 @@ class _Observed:
 
 # ---- the service --------------------------------------------------------------------------------------
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, engine: RewardEngine):
+    def __init__(self, engine: RewardEngine, bon: Any = None):
+        from service.bon import BestOfN
+
         self.engine = engine
+        self.bon = bon if bon is not None else BestOfN(engine)  # Best-of-N / rerank (generator optional)
 
     async def _score(self, request: reward_pb2.ScoreRequest, deadline: float | None) -> ScoreOutcome:
         inputs = decode_inputs(request)
@@ -169,6 +172,35 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
             context.set_trailing_metadata(timing_metadata(outcome))
             return encode_outcome(outcome, request.request_id)
+
+    async def _ranked(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """BestOfN and Rerank: decode, run through service.bon, encode; errors as Score's."""
+        from service import bon_grpc
+
+        with _Observed(method, context) as obs:
+            try:
+                check_parsed(request)
+                deadline = engine_deadline(self.engine, context)
+                if method == "BestOfN":
+                    outcome = await self.bon.best_of_n(bon_grpc.decode_best_of_n(request), deadline)
+                else:
+                    outcome = await self.bon.rerank(bon_grpc.decode_rerank(request), deadline)
+            except RewardServeError as exc:
+                obs.fail(GRPC_STATUS[exc.kind])
+                await context.abort(GRPC_STATUS[exc.kind], exc.message)
+            except Exception as exc:  # not BaseException: CancelledError must reach grpc.aio
+                log.exception("%s failed", method)
+                obs.fail(grpc.StatusCode.INTERNAL)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            context.set_trailing_metadata(bon_grpc.timing_metadata(outcome))
+            encode = bon_grpc.encode_best_of_n if method == "BestOfN" else bon_grpc.encode_rerank
+            return encode(outcome, request.request_id)
+
+    async def BestOfN(self, request: reward_pb2.BestOfNRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._ranked("BestOfN", request, context)
+
+    async def Rerank(self, request: reward_pb2.RerankRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._ranked("Rerank", request, context)
 
     async def ScoreStream(self, request_iterator: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
         await _ScoreStream(self, context).run(request_iterator)
@@ -309,14 +341,17 @@ def add_reward_service(servicer: RewardServicer, server: grpc.aio.Server) -> Non
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-async def start_grpc_server(engine: RewardEngine, config: ServeConfig) -> tuple[grpc.aio.Server, int, HealthReporter]:
-    """Start RewardService + health + reflection on config.host:config.grpc_port (0: a free port)."""
+async def start_grpc_server(
+    engine: RewardEngine, config: ServeConfig, bon: Any = None
+) -> tuple[grpc.aio.Server, int, HealthReporter]:
+    """Start RewardService + health + reflection on config.host:config.grpc_port (0: a free port).
+    `bon`: the service.bon.BestOfN for BestOfN / Rerank (by default one without a generator)."""
     limit = config.max_body_bytes
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(key_checker(config))],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
-    add_reward_service(RewardServicer(engine), server)
+    add_reward_service(RewardServicer(engine, bon), server)
     health = HealthReporter()
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(

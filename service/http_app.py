@@ -106,7 +106,8 @@ def timing_headers(outcome: ScoreOutcome) -> dict[str, str]:
     }
 
 
-def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None) -> FastAPI:
+def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None, bon: Any = None) -> FastAPI:
+    """`bon`: a service.bon.BestOfN (with the generator, if any); by default one without a generator."""
     app = FastAPI(
         title="rewardserve",
         version="0.1.0",
@@ -186,6 +187,12 @@ def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None) -> Fa
     from service.compat_routes import compat_router  # here, not at the top: it imports this module's helpers
 
     app.include_router(compat_router(engine))  # /get_reward (OpenRLHF), /classify and /pooling (vLLM)
+
+    from service.bon import BestOfN
+    from service.bon_routes import bon_router
+
+    app.state.bon = bon if bon is not None else BestOfN(engine)
+    app.include_router(bon_router(app.state.bon))  # /v1/best-of-n, /v1/rerank
 
     known = {route.path for route in app.routes}  # type: ignore[attr-defined]
     limit = max_body_bytes if max_body_bytes is not None else engine.config.max_body_bytes

@@ -40,6 +40,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def start_best_of_n(engine: RewardEngine, config: ServeConfig) -> Any:
+    """Best-of-N over the engine, with the configured generator started (after the reward model, so that
+    an in-process vLLM's thread settings do not reach the model worker's thread)."""
+    from service.bon import BestOfN
+
+    generator = None
+    if config.generator:
+        from service.generation.registry import create_generator
+
+        generator = create_generator(config.generator, config)
+        await generator.start()
+        log.info("best-of-n generator: %s", generator.name)
+    return BestOfN(engine, generator)
+
+
 class Runtime:
     def __init__(self, config: ServeConfig, engine: RewardEngine | None = None):
         self.config = config
@@ -51,18 +66,24 @@ class Runtime:
         self._grpc: Any = None
         self._health: Any = None
         self._stopped = asyncio.Event()
+        self.bon: Any = None  # service.bon.BestOfN, set by start()
 
     async def start(self) -> None:
         if self.engine is None:
             self.engine = await asyncio.to_thread(RewardEngine.from_config, self.config)
         await self.engine.start()
+        try:
+            self.bon = await start_best_of_n(self.engine, self.config)
+        except BaseException:
+            await self.engine.stop()
+            raise
         if self.config.grpc_port >= 0:
             from service.grpc_servicer import start_grpc_server
 
-            self._grpc, self.grpc_port, self._health = await start_grpc_server(self.engine, self.config)
+            self._grpc, self.grpc_port, self._health = await start_grpc_server(self.engine, self.config, bon=self.bon)
         sock = bind_socket(self.config.host, self.config.port)
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.engine)
+        app = create_app(self.engine, bon=self.bon)
         uv_config = uvicorn.Config(
             app, log_level=self.config.log_level.lower(), access_log=False, lifespan="off",
             timeout_graceful_shutdown=30, ssl_certfile=self.config.tls_cert, ssl_keyfile=self.config.tls_key,
@@ -96,6 +117,8 @@ class Runtime:
             if self._http_task is not None:
                 await self._http_task
         await self.engine.stop()
+        if self.bon is not None and self.bon.generator is not None:
+            await asyncio.to_thread(self.bon.generator.close)
         self._stopped.set()
 
     async def serve_forever(self) -> None:

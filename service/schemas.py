@@ -121,3 +121,94 @@ class ScoreResult(BaseModel):
 
 def input_kind(inp: PromptResponseInput | MessagesInput | RawInput) -> str:
     return {PromptResponseInput: "pair", MessagesInput: "messages", RawInput: "raw"}[type(inp)]
+
+
+# ---- Best-of-N and rerank ------------------------------------------------------------------------------
+SEED_MAX = 2**32 - 1
+
+
+class _PromptOrMessages(_Strict):
+    """The context the candidates answer: a `prompt` (one user turn) or `messages` (not ending with the
+    assistant: the candidates are the assistant's reply)."""
+
+    model: str | None = Field(default=None, description="Reward model name; must match the served model if given.")
+    prompt: str | None = Field(default=None, description="The user's prompt (or give `messages`).")
+    messages: list[ChatMessage] | None = Field(
+        default=None, min_length=1,
+        description="The conversation so far (or give `prompt`); not ending with the assistant.",
+    )
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds before the request fails with 504 (also the X-Request-Timeout header)."
+    )
+
+    @model_validator(mode="after")
+    def _one_context(self) -> "_PromptOrMessages":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.messages is not None and self.messages[-1].role == "assistant":
+            raise ValueError("messages: the last message must not be the assistant's (the candidates are its reply)")
+        return self
+
+    def conversation(self) -> list[dict[str, str]]:
+        """The context as chat messages (a prompt is one user turn)."""
+        if self.messages is not None:
+            return [{"role": m.role, "content": m.content} for m in self.messages]
+        return [{"role": "user", "content": self.prompt or ""}]
+
+    def scored_input(self, candidate: str) -> PromptResponseInput | MessagesInput:
+        """What the reward model scores for one candidate: exactly what /v1/score gets for the same pair."""
+        if self.messages is not None:
+            return MessagesInput(messages=[*self.messages, ChatMessage(role="assistant", content=candidate)])
+        return PromptResponseInput(prompt=self.prompt or "", response=candidate)
+
+
+class BestOfNRequest(_PromptOrMessages):
+    n: int = Field(default=4, ge=1, description="Candidates to generate (at most the server's max_n).")
+    temperature: float = Field(default=1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(default=128, ge=1, description="Most new tokens per candidate (at most max_new_tokens).")
+    seed: int | None = Field(
+        default=None, ge=0, le=SEED_MAX,
+        description="Seed: the same request with the same seed gets the same candidates.",
+    )
+
+
+class RerankRequest(_PromptOrMessages):
+    candidates: list[str] = Field(min_length=1, description="Responses to the context, to score and rank.")
+
+
+class RankedCandidate(BaseModel):
+    text: str = Field(description="The candidate response.")
+    reward: float = Field(description="Raw logit of the reward model for (context, text).")
+    rank: int = Field(description="1 for the highest reward; ties keep request/sample order.")
+    index: int = Field(description="Position in the request's candidates (rerank) or in sample order (best-of-n).")
+    truncated: bool = Field(description="True when (context, text) was cut from the left to fit the token limit.")
+    tokens: int = Field(description="Tokens the reward model scored.")
+    finish_reason: str | None = Field(
+        default=None, description="best-of-n: `stop` (the policy ended its turn) or `length` (max_tokens reached)."
+    )
+
+
+class BestCandidate(BaseModel):
+    text: str
+    reward: float
+
+
+class BestOfNResponse(BaseModel):
+    model: str = Field(description="The reward model.")
+    generator: str = Field(description="The policy that generated the candidates.")
+    best: BestCandidate
+    candidates: list[RankedCandidate] = Field(description="Every candidate, best first.")
+
+
+class RerankResponse(BaseModel):
+    model: str = Field(description="The reward model.")
+    candidates: list[RankedCandidate] = Field(description="Every candidate, best first.")
+
+
+def parse_request(model: type[BaseModel], data: dict, prefix: str = "") -> Any:
+    """Validate a plain dict (e.g. from gRPC) into `model`; problems -> INVALID_ARGUMENT naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(describe_validation_error(exc, prefix)) from None

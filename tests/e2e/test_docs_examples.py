@@ -30,8 +30,10 @@ def _blocks():
 
 
 @pytest.fixture(scope="module")
-def docs_server(tiny_bert_dir):
-    with LiveServer(test_config(tiny_bert_dir, model_name="docs-model")) as server:
+def docs_server(tiny_bert_dir, tiny_policy_dir):
+    # with a (tiny) policy, so that the Best-of-N examples run too
+    config = test_config(tiny_bert_dir, model_name="docs-model", generator=f"hf:{tiny_policy_dir}")
+    with LiveServer(config) as server:
         yield server
 
 

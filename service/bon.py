@@ -1,0 +1,128 @@
+"""Best-of-N and rerank, transport-free: generate N candidates with the policy, score all N as ONE engine
+request (the engine sees N inputs sharing one prompt and scores them as a prefix group), rank best first.
+
+The generator renders the context with the POLICY's chat template; the reward model scores (context,
+candidate) through the engine's normal input path, with the RM's own template: a candidate's reward is
+exactly what /v1/score answers for the same pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
+
+from service.engine import RewardEngine
+from service.errors import ErrorKind, RewardServeError, invalid
+from service.generation.base import Generation, Sampling, generator_error
+from service.schemas import BestOfNRequest, RankedCandidate, RerankRequest, ScoreResult
+
+log = logging.getLogger("rewardserve.bon")
+
+
+@dataclass
+class RankedOutcome:
+    model: str
+    candidates: list[RankedCandidate]  # best first
+    generation_s: float
+    queue_s: float
+    compute_s: float
+    generator: str | None = None
+
+    @property
+    def best(self) -> RankedCandidate:
+        return self.candidates[0]
+
+
+def rank(texts: Sequence[str], results: Sequence[ScoreResult], reasons: Sequence[str | None]) -> list[RankedCandidate]:
+    """Candidates sorted by reward, highest first; equal rewards keep their original order."""
+    order = sorted(range(len(texts)), key=lambda i: (-results[i].reward, i))
+    return [
+        RankedCandidate(
+            text=texts[i], reward=results[i].reward, rank=r + 1, index=i, truncated=results[i].truncated,
+            tokens=results[i].tokens, finish_reason=reasons[i],
+        )
+        for r, i in enumerate(order)
+    ]
+
+
+class BestOfN:
+    """Holds the engine and the (optional) generator; both transports call it."""
+
+    def __init__(self, engine: RewardEngine, generator: Any = None):
+        self.engine = engine
+        self.generator = generator
+        self.config = engine.config
+
+    def _admit(self, model: str | None) -> None:
+        if not self.engine.accepting:
+            raise RewardServeError(ErrorKind.UNAVAILABLE, "the server is draining: send to another replica")
+        self.engine.check_model(model)
+
+    def check_limits(self, request: BestOfNRequest) -> None:
+        cfg = self.config
+        if request.n > cfg.max_n:
+            raise invalid(f"n: {request.n} is more than this server's max_n={cfg.max_n}")
+        if request.n > cfg.max_inputs_per_request:
+            raise invalid(f"n: {request.n} is more than max_inputs_per_request={cfg.max_inputs_per_request}")
+        if request.max_tokens > cfg.max_new_tokens:
+            limit = cfg.max_new_tokens
+            raise invalid(f"max_tokens: {request.max_tokens} is more than this server's max_new_tokens={limit}")
+
+    def generation_deadline(self, deadline: float | None) -> float:
+        own = time.monotonic() + self.config.generation_timeout_s
+        return own if deadline is None else min(own, deadline)
+
+    async def best_of_n(self, request: BestOfNRequest, deadline: float | None = None) -> RankedOutcome:
+        if self.generator is None:
+            raise RewardServeError(
+                ErrorKind.NOT_IMPLEMENTED,
+                "best-of-n needs a generator: start the server with --generator vllm:PATH | openai:URL | hf:PATH",
+            )
+        self._admit(request.model)
+        self.check_limits(request)
+        sampling = Sampling(
+            n=request.n, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
+            seed=request.seed,
+        )
+        start = time.perf_counter()
+        generations = await self._generate(request, sampling, deadline)
+        generation_s = time.perf_counter() - start
+        if len(generations) != request.n:  # a generator bug, not the caller's
+            raise RewardServeError(
+                ErrorKind.GENERATOR, f"the generator returned {len(generations)} candidates for n={request.n}"
+            )
+        texts = [g.text for g in generations]
+        outcome = await self._score(request, texts, [g.finish_reason for g in generations], deadline)
+        outcome.generation_s = generation_s
+        outcome.generator = self.generator.name
+        return outcome
+
+    async def _generate(self, request: BestOfNRequest, sampling: Sampling, deadline: float | None) -> list[Generation]:
+        try:
+            return await self.generator.generate(request.conversation(), sampling, self.generation_deadline(deadline))
+        except RewardServeError as exc:
+            if exc.kind == ErrorKind.DEADLINE and (deadline is None or deadline > time.monotonic()):
+                timeout = self.config.generation_timeout_s
+                message = f"generation took longer than generation_timeout_s={timeout}"
+                raise RewardServeError(ErrorKind.DEADLINE, message) from None
+            raise
+        except Exception as exc:  # whatever a generator raises, the caller gets a typed error
+            log.exception("generator %s failed", self.generator.name)
+            raise generator_error(self.generator.name, exc) from exc
+
+    async def rerank(self, request: RerankRequest, deadline: float | None = None) -> RankedOutcome:
+        self._admit(request.model)
+        limit = self.config.max_inputs_per_request
+        if len(request.candidates) > limit:
+            raise invalid(f"candidates: {len(request.candidates)} entries, more than max_inputs_per_request={limit}")
+        return await self._score(request, request.candidates, [None] * len(request.candidates), deadline)
+
+    async def _score(self, request: BestOfNRequest | RerankRequest, texts: Sequence[str],
+                     reasons: Sequence[str | None], deadline: float | None) -> RankedOutcome:
+        inputs = [request.scored_input(t) for t in texts]  # one request: the engine groups the shared prompt
+        # admitted: _admit() accepted this request before any drain began, so it is finished, not refused
+        scored = await self.engine.score(inputs, model=request.model, deadline=deadline, admitted=True)
+        return RankedOutcome(scored.model, rank(texts, scored.results, reasons), 0.0, scored.queue_s, scored.compute_s)
