@@ -60,6 +60,7 @@ class ModelSource:
     untrained_head: bool = False
     overlay: Path | None = None  # an overlay folder whose tensors replace the base's (see module doc)
     max_length: int | None = None  # an overlay's training-time token cap: served inputs are truncated there too
+    num_layers: int | None = None  # an overlay over the first N layers of its base (decoder bases; then the final norm)
 
     @property
     def home(self) -> Path:
@@ -125,7 +126,9 @@ def resolve_overlay(folder: Path) -> ModelSource:
                 f"{base.weights_file()} has {got[:16]}...: refusing to put a trained head on other weights"
             )
     cap = int(meta["max_length"]) if meta.get("max_length") else None
-    return replace(base, name=folder.resolve().name, overlay=folder, untrained_head=False, max_length=cap)
+    layers = int(meta["num_hidden_layers"]) if meta.get("num_hidden_layers") else None
+    return replace(base, name=folder.resolve().name, overlay=folder, untrained_head=False, max_length=cap,
+                   num_layers=layers)
 
 
 def load_overlay(model: Any, folder: Path) -> None:
@@ -167,6 +170,8 @@ def load_reward_model(source: ModelSource, dtype: Any, device: str) -> Any:
     kwargs: dict[str, Any] = {"num_labels": 1, "dtype": dtype, "attn_implementation": "sdpa"}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    if source.num_layers:
+        kwargs["num_hidden_layers"] = source.num_layers  # the layers past it are not loaded
     if source.untrained_head or source.overlay is not None:
         # The score head is freshly initialised (an overlay then replaces it): seed it so every process
         # serves the same rewards.

@@ -237,7 +237,7 @@ def train_rm(config: RMConfig) -> RMResult:
 _TRAIN_FLAGS = (
     "lr", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm", "warmup_steps",
     "warmup_ratio", "eval_every", "save_every", "keep_checkpoints", "log_every", "eval_batch_size", "seed", "bf16",
-    "resume", "threads",
+    "resume", "threads", "group_by_length",
 )
 _RM_FLAGS = ("base", "data", "eval", "max_length", "center_rewards_coefficient", "disable_dropout")
 
@@ -265,7 +265,9 @@ def _main_head_only(args: Any, config: RMConfig) -> int:
     pick = lambda name: getattr(args, name, None) if getattr(args, name, None) is not None else HEAD_ONLY_DEFAULTS[name]  # noqa: E731
     command = "rewardserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     summary = train_head_only(config, epochs=pick("epochs"), lr=pick("lr"), weight_decay=pick("weight_decay"),
-                              patience=pick("patience"), command=command)
+                              patience=pick("patience"), command=command,
+                              feature_cache=getattr(args, "feature_cache", None),
+                              num_layers=getattr(args, "num_layers", None), l2=getattr(args, "l2", None))
     acc = (summary.get("final_eval") or {}).get("accuracy")
     print(f"reward head saved to {args.output}" + (f" (eval accuracy {acc:.4f})" if acc is not None else ""))
     return 0

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -150,6 +151,39 @@ def fit_head(head: Head, train: torch.Tensor, dev: torch.Tensor | None, *, epoch
     return {"best_epoch": best["epoch"], "best_metrics": best.get("metrics", {}), "epochs_run": len(history)}
 
 
+def fit_head_l2(head: Head, train: torch.Tensor, dev: torch.Tensor | None, *, l2: float,
+                max_iter: int = 500) -> dict[str, Any]:
+    """L2-regularised Bradley-Terry on a LINEAR head without bias (decoder `score`), solved to convergence (L-BFGS).
+
+    r(x) = w.x, so P(chosen > rejected) = sigmoid(w.(x_c - x_r)): a logistic regression on pair differences.
+    Features are scaled by their per-dimension std on the training rows before the penalty l2 * |w|^2 (so the
+    penalty treats every dimension alike), and the scale is folded back into w. The mean needs no handling: it
+    cancels in x_c - x_r. No early stopping, so no epoch is picked on the eval set (only l2 is chosen there).
+    """
+    if head.kind != "decoder":
+        raise ValueError("--l2 fits a linear head without bias: it needs a decoder base (smollm2)")
+    scale = train.flatten(0, 1).std(0) + 1e-6  # (H,)
+    diffs = (train[:, 0] - train[:, 1]) / scale  # (P, H)
+    w = torch.zeros(diffs.shape[1], dtype=torch.float64, requires_grad=True)
+    d64 = diffs.double()
+    opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = -torch.nn.functional.logsigmoid(d64 @ w).mean() + l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    weight = (w.detach() / scale.double()).float()  # (H,)
+    with torch.no_grad():
+        head.model.score.weight.copy_(weight[None, :].to(head.model.score.weight.dtype))
+    metrics = {"train/" + k: v for k, v in _evaluate(head, train).items()}
+    if dev is not None:
+        metrics |= {"eval/" + k: v for k, v in _evaluate(head, dev).items()}
+    return {"best_epoch": None, "best_metrics": metrics, "epochs_run": None, "solver": "lbfgs", "l2": l2}
+
+
 def _overlay_base_spec(spec: str) -> str:
     if spec in ("minilm", "smollm2"):
         return spec
@@ -186,14 +220,41 @@ def check_overlay(out: Path, head: Head, feats: torch.Tensor, collate: Preferenc
     return diff
 
 
+def _digest(pairs: Sequence[PreferencePair]) -> str:
+    import hashlib
+
+    text = json.dumps([[p.prompt_messages, p.chosen, p.rejected, p.margin] for p in pairs], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_cache(path: str | None, key: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Features cached by an earlier run on the same base weights, data and max_length (else None)."""
+    if not path or not Path(path).exists():
+        return None
+    blob = torch.load(path, weights_only=True)
+    if blob.get("key") != key:
+        log.warning("head-only: %s was made from other data, weights or max_length: recomputing", path)
+        return None
+    return blob["train"], blob["eval"]
+
+
 def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float, patience: int,
-                    command: str | None = None) -> dict[str, Any]:
-    """config: training.rm.RMConfig. Returns the summary also written to training_config.json."""
+                    command: str | None = None, feature_cache: str | None = None,
+                    num_layers: int | None = None, l2: float | None = None) -> dict[str, Any]:
+    """config: training.rm.RMConfig. Returns the summary also written to training_config.json.
+
+    num_layers: use only the first N layers of a decoder base (then its final norm and the head): an intermediate
+    layer of a small LM is often a better feature than its last, and the served model gets cheaper too.
+    """
     t0 = time.time()
     base_spec = _overlay_base_spec(config.base)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     source = resolve_model(base_spec)
+    if num_layers:
+        if base_spec != "smollm2":
+            raise ValueError("--num-layers applies to decoder bases (smollm2)")
+        source = replace(source, num_layers=num_layers)
     tokenizer = load_tokenizer(source)
     model = load_reward_model(source, torch.float32, "cpu")
     for p in model.parameters():
@@ -205,23 +266,40 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
     eval_pairs = load_preferences(config.eval) if config.eval else None
     log.info("head-only: caching %s features of %d train + %d eval pairs (max_length %d)", head.kind, len(pairs),
              len(eval_pairs or []), max_length)
-    with _bar(2 * (len(pairs) + len(eval_pairs or [])), config.train.progress) as tick:
-        train_feats = cache_features(head, collate, pairs, tick)
-        eval_feats = cache_features(head, collate, eval_pairs, tick) if eval_pairs else None
+    key = {"base_sha256": sha256_file(source.weights_file()), "max_length": max_length, "data": _digest(pairs),
+           "num_layers": num_layers,
+           "eval": _digest(eval_pairs) if eval_pairs else None, "kind": head.kind}
+    cached = _load_cache(feature_cache, key)
+    if cached is not None:
+        train_feats, eval_feats = cached
+        log.info("head-only: features read from %s", feature_cache)
+    else:
+        with _bar(2 * (len(pairs) + len(eval_pairs or [])), config.train.progress) as tick:
+            train_feats = cache_features(head, collate, pairs, tick)
+            eval_feats = cache_features(head, collate, eval_pairs, tick) if eval_pairs else None
+        if feature_cache:
+            torch.save({"key": key, "train": train_feats, "eval": eval_feats}, feature_cache)
     t_feats = time.time() - t0
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fit = fit_head(head, train_feats, eval_feats, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                   patience=patience, seed=config.train.seed, log_file=out / "metrics.jsonl")
+    if l2 is not None:
+        fit = fit_head_l2(head, train_feats, eval_feats, l2=l2)
+        atomic_write_text(out / "metrics.jsonl", json.dumps(fit["best_metrics"]) + "\n")
+    else:
+        fit = fit_head(head, train_feats, eval_feats, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                       patience=patience, seed=config.train.seed, log_file=out / "metrics.jsonl")
     final_eval = _evaluate(head, eval_feats) if eval_feats is not None else None
     final_train = _evaluate(head, train_feats)
+    settings = {"l2": l2} if l2 is not None else {
+        "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "patience": patience}
     summary = {
-        "mode": "head-only", "base": base_spec, "head": sorted(head.state_dict()), "max_length": max_length,
-        "data": config.data, "eval": config.eval, "epochs": epochs, "lr": lr, "weight_decay": weight_decay,
-        "patience": patience, "seed": config.train.seed, **fit, "final_train": final_train, "final_eval": final_eval,
+        "mode": "head-only", "base": base_spec, "num_hidden_layers": num_layers, "head": sorted(head.state_dict()),
+        "max_length": max_length, "data": config.data, "eval": config.eval, **settings, "seed": config.train.seed,
+        **fit, "final_train": final_train, "final_eval": final_eval,
         "feature_seconds": round(t_feats, 1), "total_seconds": round(time.time() - t0, 1), "command": command,
     }
     export_overlay(out, head, source, base_spec, {"trained_with": command, "max_length": max_length,
+                                                  "num_hidden_layers": num_layers,
                                                   "eval_accuracy": final_eval and final_eval["accuracy"]})
     stats_feats = eval_feats if eval_feats is not None else train_feats
     stats = _evaluate(head, stats_feats)
