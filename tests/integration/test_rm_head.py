@@ -111,3 +111,26 @@ def test_head_only_refuses_a_checkpoint_folder_base(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="packaged base"):
         _overlay_base_spec(str(tmp_path))
+
+
+def test_l2_solve_fits_a_linear_signal_and_shrinks_with_the_penalty(tiny_llama_dir: Path) -> None:
+    from training.rm_head import Head, fit_head_l2
+
+    model = load_reward_model(resolve_model(str(tiny_llama_dir)), torch.float32, "cpu")
+    head = Head(model)
+    hidden = model.score.weight.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    true_w = torch.randn(hidden, generator=gen)
+    feats = torch.randn(300, 2, hidden, generator=gen) * torch.linspace(0.1, 3.0, hidden)  # uneven scales
+    better = (feats[:, 0] @ true_w) > (feats[:, 1] @ true_w)
+    feats[~better] = feats[~better].flip(1)  # chosen first: the true head ranks every pair right
+    train, dev = feats[:200], feats[200:]
+    weak = fit_head_l2(head, train, dev, l2=1e-4)
+    assert weak["best_metrics"]["eval/accuracy"] > 0.85
+    norm_weak = float(model.score.weight.norm())
+    strong = fit_head_l2(head, train, dev, l2=10.0)
+    assert float(model.score.weight.norm()) < norm_weak / 5
+    assert strong["solver"] == "lbfgs" and strong["l2"] == 10.0
+    with torch.no_grad():  # the head's rewards are exactly w.x: what the served model computes at the last token
+        x = dev[:3, 0]
+        assert torch.allclose(head.rewards(x), x @ model.score.weight[0], atol=1e-5)
