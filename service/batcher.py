@@ -6,6 +6,9 @@ Schedule -> execute -> update:
 - the worker thread takes a window of queued inputs (after waiting at most `max_wait_s` for the oldest one
   to get company), drops those whose caller went away or whose deadline passed, sorts the rest by length and
   cuts them into batches by count, token budget (padded cost = longest x count) and padding ratio;
+- with `group_min_prefix` > 0 (packed decoder backends), inputs of the window that share at least that many
+  leading tokens, from one request or several (a prompt's N candidates, GRPO groups), are planned as prefix
+  groups (service/grouping.py): the backend gets a `PlannedBatch` and computes each shared prefix once;
 - each batch is computed by the backend and every future is resolved on its own loop; a failed batch fails
   every one of its futures with a typed error, so no caller ever hangs.
 """
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from service.errors import ErrorKind, RewardServeError
+from service.grouping import Group, PlannedBatch, plan_grouped_batches, restrict
 
 log = logging.getLogger("rewardserve.batcher")
 
@@ -46,6 +50,7 @@ class BatchObserver(Protocol):
     def on_queue_wait(self, seconds: float) -> None: ...
     def on_dropped(self, reason: str) -> None: ...
     def on_depth(self, depth: int) -> None: ...
+    def on_groups(self, inputs: int, saved_tokens: int) -> None: ...
 
 
 class _NullObserver:
@@ -59,6 +64,9 @@ class _NullObserver:
         pass
 
     def on_depth(self, depth):  # noqa: D102
+        pass
+
+    def on_groups(self, inputs, saved_tokens):  # noqa: D102
         pass
 
 
@@ -121,6 +129,7 @@ class DynamicBatcher:
         max_padding_ratio: float = 0.25,
         max_queue: int = 2048,
         packed: bool = False,
+        group_min_prefix: int = 0,
         observer: BatchObserver | None = None,
         name: str = "rewardserve-batcher",
     ):
@@ -132,6 +141,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.max_window = max_batch_size * 4
         self.packed = packed
+        self.group_min_prefix = group_min_prefix if packed else 0
         self._observer = observer or _NullObserver()
         self._queue: deque[WorkItem] = deque()
         self._cond = threading.Condition()
@@ -241,22 +251,29 @@ class DynamicBatcher:
         self._finish(expired, error=RewardServeError(ErrorKind.DEADLINE, "deadline passed while queued"))
         return live
 
-    def _process(self, window: list[WorkItem]) -> None:
-        batches = plan_batches(
-            self._live(window), self.max_batch_size, self.max_batch_tokens, self.max_padding_ratio, self.packed
-        )
-        for batch in batches:
-            batch = self._live(batch)
-            if batch:
-                self._run_batch(batch)
+    def _plan(self, items: list[WorkItem]) -> list[tuple[list[WorkItem], tuple[Group, ...]]]:
+        if self.group_min_prefix > 0:
+            return plan_grouped_batches(items, self.max_batch_size, self.max_batch_tokens, self.group_min_prefix)
+        batches = plan_batches(items, self.max_batch_size, self.max_batch_tokens, self.max_padding_ratio, self.packed)
+        return [(batch, ()) for batch in batches]
 
-    def _run_batch(self, batch: list[WorkItem]) -> None:
+    def _process(self, window: list[WorkItem]) -> None:
+        for planned, groups in self._plan(self._live(window)):
+            batch = self._live(planned)
+            if len(batch) < len(planned) and groups:
+                kept = set(map(id, batch))
+                groups = restrict(groups, [i for i, item in enumerate(planned) if id(item) in kept])
+            if batch:
+                self._run_batch(batch, groups)
+
+    def _run_batch(self, batch: list[WorkItem], groups: tuple[Group, ...] = ()) -> None:
         start = time.monotonic()
         for item in batch:
             item.queue_s = start - item.enqueued
             self._observer.on_queue_wait(item.queue_s)
         try:
-            rewards = self._compute([item.ids for item in batch])
+            planned = PlannedBatch((item.ids for item in batch), groups)
+            rewards = self._compute(planned)
             if len(rewards) != len(batch):
                 raise RuntimeError(f"backend returned {len(rewards)} rewards for {len(batch)} inputs")
         except Exception as exc:
@@ -267,6 +284,9 @@ class DynamicBatcher:
         seconds = time.monotonic() - start
         real = sum(item.length for item in batch)
         cost = real if self.packed else max(item.length for item in batch) * len(batch)
+        if groups:
+            cost = real = real - planned.saved_tokens  # the tokens computed: padding-free, prefixes once
+            self._observer.on_groups(sum(len(g.members) for g in groups), planned.saved_tokens)
         self._observer.on_batch(len(batch), cost, real, seconds)
         for item in batch:
             item.compute_s = seconds

@@ -25,7 +25,8 @@ class ServeConfig(BaseModel):
     model_name: str | None = None
     """Name the model is served under (defaults to the directory's name)."""
     backend: str = "hf"
-    """Scoring backend: `hf` (transformers; the only one so far)."""
+    """Scoring backend: `hf` (transformers) or `vllm` (vLLM's pooling runner, raw logits; needs a checkpoint
+    directory)."""
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -53,6 +54,10 @@ class ServeConfig(BaseModel):
     """A batch is cut before an input whose addition would make padding exceed this share of its tokens."""
     max_queue: int = 2048
     """Most inputs waiting or in flight; past it requests are refused at once (HTTP 429, RESOURCE_EXHAUSTED)."""
+    group_min_prefix: int = 32
+    """Inputs queued together that share at least this many leading tokens (a prompt's candidates, GRPO groups,
+    chosen + rejected) are scored as one group, the shared prefix computed once. Decoder RMs only: `hf` with
+    packing (CPU), `vllm` with prefix caching; encoder RMs are never grouped. 0: off."""
 
     max_tokens: int = 0
     """Longest input in tokens; longer ones are truncated from the left (0: the model's own limit)."""
@@ -79,6 +84,19 @@ class ServeConfig(BaseModel):
     """PEM CA bundle: when set, gRPC requires client certificates signed by it (mutual TLS)."""
     log_level: str = "info"
     """Log level of the rewardserve loggers."""
+    generator: str | None = None
+    """Policy for Best-of-N (`POST /v1/best-of-n`, gRPC BestOfN): `vllm:PATH` (in-process vLLM), `openai:URL`
+    (a remote OpenAI-compatible server, e.g. vLLM's) or `hf:PATH` (transformers generate); PATH may be
+    `smollm2`. Unset: Best-of-N answers 501 / UNIMPLEMENTED (rerank works without one)."""
+    max_n: int = 16
+    """Most candidates one Best-of-N request may ask for (`n`)."""
+    max_new_tokens: int = 512
+    """Most new tokens per candidate a Best-of-N request may ask for (`max_tokens`)."""
+    generation_timeout_s: float = 120.0
+    """Longest time generation may take for one Best-of-N request (504 / DEADLINE_EXCEEDED past it;
+    a shorter request deadline wins)."""
+    generator_max_model_len: int = 2048
+    """Longest prompt + response the in-process vLLM / hf generator handles, in tokens."""
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> "ServeConfig":

@@ -44,7 +44,7 @@ class RewardEngine:
         self.tokenizer = backend.tokenizer
         self.max_length = backend.max_length
         source = getattr(backend, "source", None)
-        self.stats: RewardStats | None = load_stats(source.path) if source is not None else None
+        self.stats: RewardStats | None = load_stats(getattr(source, "home", source.path)) if source is not None else None
         self.ready = False
         self.accepting = True
         self.observer = metrics.ModelObserver(self.name)
@@ -56,6 +56,7 @@ class RewardEngine:
             max_padding_ratio=config.max_padding_ratio,
             max_queue=config.max_queue,
             packed=bool(getattr(backend, "packed", False)),
+            group_min_prefix=config.group_min_prefix if getattr(backend, "prefix_groups", False) else 0,
             observer=self.observer,
         )
         self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rewardserve-tokenize")
@@ -120,9 +121,14 @@ class RewardEngine:
         model: str | None = None,
         deadline: float | None = None,
         normalize: bool = False,
+        admitted: bool = False,
     ) -> ScoreOutcome:
-        """Score validated inputs (`service.schemas` models or plain dicts), in order."""
-        if not self.accepting:
+        """Score validated inputs (`service.schemas` models or plain dicts), in order.
+
+        admitted: the caller's request was accepted before a drain began (e.g. a Best-of-N request whose candidates
+        were being generated): it is answered, not refused, so that every accepted request gets its rewards.
+        """
+        if not self.accepting and not admitted:
             raise RewardServeError(ErrorKind.UNAVAILABLE, "the server is draining: send to another replica")
         self.check_model(model)
         if not inputs:

@@ -46,6 +46,13 @@ DROPPED = Counter(
     ["model", "reason"],
 )
 REWARDS = Histogram("rewardserve_reward", "Raw rewards served.", ["model"], buckets=REWARD_BUCKETS)
+GROUPED_INPUTS = Counter(
+    "rewardserve_grouped_inputs", "Inputs scored in a shared-prefix group (their common prefix computed once).",
+    ["model"],
+)
+PREFIX_TOKENS_SAVED = Counter(
+    "rewardserve_prefix_tokens_saved", "Prefix tokens not computed thanks to shared-prefix groups.", ["model"],
+)
 READY = Gauge("rewardserve_ready", "1 when the model is loaded and warmed, 0 otherwise.", ["model"])
 
 
@@ -70,6 +77,10 @@ class ModelObserver:
 
     def on_depth(self, depth: int) -> None:
         self._depth.set(depth)
+
+    def on_groups(self, inputs: int, saved_tokens: int) -> None:
+        GROUPED_INPUTS.labels(self.model).inc(inputs)
+        PREFIX_TOKENS_SAVED.labels(self.model).inc(saved_tokens)
 
 
 def observe_results(model: str, rewards: list[float], truncated: int) -> None:

@@ -46,6 +46,25 @@ def make_tiny_llama_rm(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     return out
 
 
+def make_tiny_llama_lm(out: Path, tokenizer_dir: Path, seed: int = 0, hidden_size: int = 32, heads: int = 4) -> Path:
+    """A 2-layer Llama causal LM (tied embeddings) with the SmolLM2 tokenizer: a policy for DPO / PPO tests.
+    vLLM's CPU attention needs head_dim 32: use hidden_size=64, heads=2 for a model vLLM runs."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=max(heads // 2, 1), intermediate_size=2 * hidden_size, max_position_embeddings=1024,
+        tie_word_embeddings=True, initializer_range=0.2,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def save_smollm2_tokenizer(out: Path) -> Path:
     from service.modeling import load_tokenizer, resolve_model
 

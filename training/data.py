@@ -215,7 +215,7 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int, multiple_of: int | Non
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (N, T)
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)  # a list or an int32 tensor
         mask[i, : len(row)] = 1
     return ids, mask
 
@@ -233,6 +233,8 @@ class PreferenceCollator:
     """Tokenizes pairs with `service.rendering.encode_input` (left truncation) and right-pads them into one batch.
 
     Use as `DataLoader(pairs, batch_size=B, collate_fn=PreferenceCollator(tokenizer, max_length))`.
+    `lengths(pairs)` (what the training loop's length-grouped order asks for) encodes the pairs once and keeps
+    their ids, so later batches of those very pair objects skip tokenization; other pairs are encoded as they come.
     """
 
     def __init__(
@@ -248,6 +250,9 @@ class PreferenceCollator:
         if pad_token_id is None:
             pad_token_id = getattr(tokenizer, "eos_token_id", None)
         self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)  # never read: masked out
+        # id(pair) -> (pair, chosen ids, chosen truncated, rejected ids, rejected truncated); the pair object is
+        # kept so its id cannot be reused by another object while the entry exists. ids: int32 (compact).
+        self._kept: dict[int, tuple[PreferencePair, torch.Tensor, bool, torch.Tensor, bool]] = {}
 
     def encode(self, pair: PreferencePair) -> tuple[Encoded, Encoded]:
         """(chosen, rejected) exactly as the server would encode each input."""
@@ -256,11 +261,29 @@ class PreferenceCollator:
             encode_input(self.tokenizer, pair.rejected_input(), self.max_length),
         )
 
+    def _ids(self, pair: PreferencePair, keep: bool = False) -> tuple[Any, bool, Any, bool]:
+        """(chosen ids, chosen truncated, rejected ids, rejected truncated), from what `lengths` kept if it can."""
+        hit = self._kept.get(id(pair))
+        if hit is not None and hit[0] is pair:
+            return hit[1:]
+        chosen, rejected = self.encode(pair)
+        if not keep:
+            return chosen.input_ids, chosen.truncated, rejected.input_ids, rejected.truncated
+        c_ids, r_ids = (torch.tensor(e.input_ids, dtype=torch.int32) for e in (chosen, rejected))
+        value = (c_ids, chosen.truncated, r_ids, rejected.truncated)
+        self._kept[id(pair)] = (pair, *value)
+        return value
+
+    def lengths(self, pairs: Sequence[PreferencePair]) -> list[int]:
+        """Per pair, the token count of its longer side (a batch is padded to its longest row); keeps the ids."""
+        return [max(len(c), len(r)) for c, _, r, _ in (self._ids(p, keep=True) for p in pairs)]
+
     def __call__(self, pairs: Sequence[PreferencePair]) -> PreferenceBatch:
         if not pairs:
             raise ValueError("cannot collate an empty list of pairs")
-        encoded = [self.encode(p) for p in pairs]
-        rows = [c for c, _ in encoded] + [r for _, r in encoded]  # (2B,): chosen first, then rejected
-        input_ids, attention_mask = pad_right([e.input_ids for e in rows], self.pad_token_id, self.pad_to_multiple_of)
-        truncated = torch.tensor([e.truncated for e in rows], dtype=torch.bool)  # (2B,)
+        encoded = [self._ids(p) for p in pairs]
+        rows = [c for c, _, _, _ in encoded] + [r for _, _, r, _ in encoded]  # (2B,): chosen first, then rejected
+        input_ids, attention_mask = pad_right(rows, self.pad_token_id, self.pad_to_multiple_of)
+        flags = [t for _, t, _, _ in encoded] + [t for _, _, _, t in encoded]
+        truncated = torch.tensor(flags, dtype=torch.bool)  # (2B,)
         return PreferenceBatch(input_ids, attention_mask, truncated, _margins(pairs))

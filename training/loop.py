@@ -7,8 +7,9 @@ autocast, periodic eval, atomic checkpoints, exact resume, progress bar, TensorB
 `accelerate` places the model, wraps it for DDP when launched with several processes, and autocasts; a plain
 `python` process works the same (one process, no DDP).
 
-Data order is ours, not a DataLoader's: epoch e visits the items in `numpy.random.default_rng([seed, e])`
-order, cut into micro-batches of `batch_size` per process and grouped `grad_accum` at a time into optimizer steps.
+Data order is ours, not a DataLoader's (training/sampler.py): epoch e visits the items in
+`numpy.random.default_rng([seed, e])` order (length-grouped when `group_by_length` is on and the collator offers
+`lengths(items)`), cut into micro-batches of `batch_size` per process and grouped `grad_accum` at a time into steps.
 The position in the data is therefore just (epoch, optimizer step within the epoch), which a checkpoint stores, and
 a resumed run replays the very same micro-batches with the very same RNG states as a run that never stopped.
 """
@@ -32,11 +33,15 @@ import torch
 from pydantic import BaseModel, Field
 
 from training import checkpoint as ckpt
+from training.sampler import item_lengths, lengths_digest, micro_batches
 
 log = logging.getLogger("rewardserve.train")
 
 Metrics = dict[str, torch.Tensor]
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Metrics]]
+Update = list[tuple[Any, int]]  # (micro-batch, items) accumulated into one optimizer update
+RolloutFn = Callable[[torch.nn.Module, Update], tuple[list[Update], Metrics]]
+EXTRA_STATE = "extra_state.json"
 
 
 class LoraSettings(BaseModel):
@@ -77,6 +82,10 @@ class TrainConfig(BaseModel):
     resume: bool = Field(False, description="Continue from the newest complete checkpoint in output_dir.")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default.")
     progress: bool = Field(True, description="Show a progress bar (main process).")
+    group_by_length: bool = Field(
+        True, description="Batch items of similar length together (length-sorted megabatches, batch order shuffled: "
+        "less padding, same items per epoch); used when the collator offers lengths(), see training/sampler.py.",
+    )
 
 
 @dataclass
@@ -88,6 +97,7 @@ class TrainState:
     step_in_epoch: int = 0  # optimizer steps done within `epoch` (its micro-batches are step_in_epoch x grad_accum)
     world_size: int = 1
     num_items: int = 0  # training items: a resume must see the same data
+    lengths_digest: str = ""  # fingerprint of the item lengths a length-grouped order uses ('' for random order)
 
 
 @dataclass
@@ -108,19 +118,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def micro_batches(num_items: int, batch_size: int, epoch: int, seed: int, world: int = 1, rank: int = 0) -> list:
-    """This process's micro-batches (lists of item indices) for one epoch, in a seeded order.
-
-    Each global micro-batch is batch_size x world consecutive items of the epoch's permutation; process r takes
-    slice r. One process keeps a short last batch; several drop an incomplete last global batch (DDP needs every
-    process to step together).
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(num_items).tolist()
-    span = batch_size * world
-    count = math.ceil(num_items / span) if world == 1 else num_items // span
-    return [order[i * span + rank * batch_size : i * span + (rank + 1) * batch_size] for i in range(count)]
 
 
 def steps_per_epoch(num_items: int, config: TrainConfig, world: int = 1) -> int:
@@ -160,7 +157,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel for all tensors (TRL's default too)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, fused=fused)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -250,26 +248,50 @@ class Window:
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, float] = {}  # items behind each key's sum (keys may come from different adds)
         self.items, self.steps, self.seconds = 0, 0, 0.0
 
-    def add(self, metrics: Metrics, items: int) -> None:
+    def add(self, metrics: Metrics, items: int, count: bool = True) -> None:
+        """count: the items also count for time/items_per_s (PPO counts rollouts, not their minibatch reuses)."""
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value.detach().float() * items
-        self.items += items
+            self.weights[key] = self.weights.get(key, 0.0) + items
+        self.items += items if count else 0
 
     def flush(self, accelerator: Any) -> dict[str, float]:
         """Means over the window (all processes), then reset."""
         keys = sorted(self.sums)
-        local = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.items), device=accelerator.device)])
-        totals = accelerator.reduce(local.to(accelerator.device), reduction="sum").tolist()  # (K + 1,)
+        device = accelerator.device
+        local = torch.stack([torch.as_tensor(self.sums[k], device=device) for k in keys]
+                            + [torch.tensor(self.weights[k], device=device) for k in keys]
+                            + [torch.tensor(float(self.items), device=device)])
+        totals = accelerator.reduce(local.to(device), reduction="sum").tolist()  # (2K + 1,)
         items, steps = totals[-1], max(self.steps, 1)
-        out = {f"train/{k}": s / items for k, s in zip(keys, totals)}
+        out = {f"train/{k}": s / w for k, s, w in zip(keys, totals, totals[len(keys) : 2 * len(keys)])}
         out |= {"time/step_s": self.seconds / steps, "time/items_per_s": items / max(self.seconds, 1e-9)}
         self.__init__()
         return out
 
 
 # ------------------------------------------------------------------------------------------------- the loop
+
+
+def _update(accelerator, model, params, optimizer, config: TrainConfig, step_fn: StepFn, update: Update,
+            window: Window, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer update over micro-batches; gradients are item-weighted means. (last loss, grad norm)"""
+    total_items = sum(items for _, items in update)
+    for i, (batch, items) in enumerate(update):
+        batch = to_device(batch, accelerator.device)  # rollout experience may come from another device
+        last = i == len(update) - 1
+        with nullcontext() if last else accelerator.no_sync(model):  # DDP all-reduces on the last only
+            with accelerator.autocast():
+                loss, metrics = step_fn(model, batch)  # loss: mean over this micro-batch
+            accelerator.backward(loss * (items / total_items))
+        window.add({"loss": loss, **metrics}, items, count)
+    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
 
 
 def make_accelerator(config: TrainConfig) -> Any:
@@ -283,6 +305,20 @@ def make_accelerator(config: TrainConfig) -> Any:
     # Several processes and no GPU (torchrun / accelerate launch on CPU): accelerate wants cpu=True to use gloo DDP.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision="bf16" if config.bf16 else "no", cpu=cpu_ddp)
+
+
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate distributed types this loop refuses (docs/training.md)
+
+
+def check_distributed(accelerator: Any) -> None:
+    """One process or DDP only: with sharded weights or optimizer state, this loop's checkpoints and export
+    (unwrap_model, per-tensor state, rank-0 optimizer state) would hold shards, not the model."""
+    kind = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    if kind in SHARDED:
+        raise ValueError(
+            f"rewardserve's training loop supports one process or DDP, not {kind}: its checkpoints and export do not "
+            "gather sharded state yet. Use a DDP config (training/configs/ddp_*.yaml); see docs/training.md."
+        )
 
 
 def _checkpoint_root(config: TrainConfig) -> Path:
@@ -300,7 +336,8 @@ def _check_resume(saved: dict, config: TrainConfig) -> None:
             log.warning("resuming with %s=%r (was %r): the LR schedule changes", key, getattr(config, key), before.get(key))
 
 
-def _save(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState, run_config: dict) -> None:
+def _save(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState, run_config: dict,
+          extra_state: Any = None) -> None:
     root, name = _checkpoint_root(config), ckpt.checkpoint_name(state.step)
     if accelerator.is_main_process:
         ckpt.begin(root, name)
@@ -310,6 +347,8 @@ def _save(accelerator, config: TrainConfig, model, optimizer, scheduler, state: 
         ckpt.temp_dir(root, name), accelerator.unwrap_model(model), optimizer, scheduler, asdict(state),
         full_config, accelerator.process_index,
     )
+    if accelerator.is_main_process and extra_state is not None:
+        (ckpt.temp_dir(root, name) / EXTRA_STATE).write_text(json.dumps(extra_state.state_dict(), indent=1) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.commit(root, name, keep=config.keep_checkpoints)
@@ -317,7 +356,8 @@ def _save(accelerator, config: TrainConfig, model, optimizer, scheduler, state: 
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState) -> TrainState:
+def _resume(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState,
+            extra_state: Any = None) -> TrainState:
     root = _checkpoint_root(config)
     if not config.resume:
         if ckpt.has_checkpoints(root):
@@ -333,8 +373,17 @@ def _resume(accelerator, config: TrainConfig, model, optimizer, scheduler, state
             f"cannot resume exactly: the checkpoint saw {saved.num_items} items on {saved.world_size} processes, "
             f"this run has {state.num_items} on {state.world_size}"
         )
+    if saved.lengths_digest != state.lengths_digest:
+        raise ValueError(
+            "cannot resume exactly: the data order differs from the checkpoint's (group_by_length, the data, or "
+            "the item lengths, e.g. max_length, changed)"
+        )
     _check_resume(json.loads((path / "config.json").read_text()), config)
     ckpt.read_state(path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
+    if extra_state is not None:
+        if not (path / EXTRA_STATE).is_file():
+            raise ValueError(f"{path} has no {EXTRA_STATE}: it was not written by this trainer")
+        extra_state.load_state_dict(json.loads((path / EXTRA_STATE).read_text()))
     log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, saved.step, saved.epoch, saved.step_in_epoch)
     return saved
 
@@ -347,13 +396,24 @@ def train(
     step_fn: StepFn,
     eval_data: Sequence | None = None,
     run_config: dict | None = None,
+    rollout: RolloutFn | None = None,
+    extra_state: Any = None,
 ) -> LoopResult:
-    """Train `model` with `step_fn` on `train_data`; returns the trained (unwrapped) model and the last metrics."""
+    """Train `model` with `step_fn` on `train_data`; returns the trained (unwrapped) model and the last metrics.
+
+    rollout: called once per step with the step's collated micro-batches [(batch, items)]; returns the optimizer
+        updates to run (each a list of (micro-batch, items) for step_fn, accumulated into one optimizer step) and
+        metrics to log. PPO turns prompts into rollouts and runs ppo_epochs x minibatches updates this way; the
+        LR schedule still advances once per step.
+    extra_state: an object with state_dict() -> JSON-able dict and load_state_dict(dict) (e.g. a KL controller),
+        saved in every checkpoint (extra_state.json) and restored on resume.
+    """
     from transformers import get_cosine_schedule_with_warmup
 
     if config.threads:
         torch.set_num_threads(config.threads)
     accelerator = make_accelerator(config)
+    check_distributed(accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     if steps_per_epoch(len(train_data), config, world) == 0:
         raise ValueError(f"{len(train_data)} training items make no batch of {config.batch_size} on {world} process(es)")
@@ -364,8 +424,9 @@ def train(
     optimizer = build_optimizer(model, config)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(config, total), total)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by us, once per step
-    state = TrainState(world_size=world, num_items=len(train_data))
-    state = _resume(accelerator, config, model, optimizer, scheduler, state)  # restores the RNGs: nothing random after
+    lengths = item_lengths(collate, train_data) if config.group_by_length else None  # (N,) or None: random order
+    state = TrainState(world_size=world, num_items=len(train_data), lengths_digest=lengths_digest(lengths))
+    state = _resume(accelerator, config, model, optimizer, scheduler, state, extra_state)  # restores the RNGs: nothing random after
     runlog = RunLog(Path(config.output_dir), config, total, state, enabled=accelerator.is_main_process)
     params = [p for p in model.parameters() if p.requires_grad]
     result = LoopResult(accelerator.unwrap_model(model), state, is_main=accelerator.is_main_process, accelerator=accelerator)
@@ -373,25 +434,21 @@ def train(
     window = Window()
 
     while state.step < total:
-        groups = micro_batches(len(train_data), config.batch_size, state.epoch, config.seed, world, rank)
+        groups = micro_batches(len(train_data), config.batch_size, state.epoch, config.seed, world, rank, lengths)
         groups = [groups[i : i + config.grad_accum] for i in range(0, len(groups), config.grad_accum)]
         for group in groups[state.step_in_epoch :]:
             # ---- one optimizer step over grad_accum micro-batches; gradients are item-weighted means
             started = time.perf_counter()
-            group_items = sum(len(idx) for idx in group)
-            for i, idx in enumerate(group):
-                batch = to_device(collate([train_data[j] for j in idx]), accelerator.device)
-                last = i == len(group) - 1
-                with nullcontext() if last else accelerator.no_sync(model):  # DDP all-reduces on the last only
-                    with accelerator.autocast():
-                        loss, metrics = step_fn(model, batch)  # loss: mean over this micro-batch
-                    accelerator.backward(loss * (len(idx) / group_items))
-                window.add({"loss": loss, **metrics}, len(idx))
-            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            optimizer.step()
+            batches = [(to_device(collate([train_data[j] for j in idx]), accelerator.device), len(idx)) for idx in group]
+            updates = [batches]  # one optimizer update over the grad_accum micro-batches
+            if rollout is not None:  # e.g. PPO: the batches become experience for several optimizer updates
+                updates, rollout_metrics = rollout(model, batches)
+                window.add(rollout_metrics, sum(items for _, items in batches))
+            for update in updates:
+                loss, grad_norm = _update(accelerator, model, params, optimizer, config, step_fn, update, window,
+                                          count=rollout is None)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.step_in_epoch += 1
             window.seconds += time.perf_counter() - started
@@ -409,7 +466,7 @@ def train(
                 result.eval_metrics = run_evaluation()
                 runlog.write(state.step, result.eval_metrics)
             if done or (config.save_every and state.step % config.save_every == 0):
-                _save(accelerator, config, model, optimizer, scheduler, state, dict(run_config or {}))
+                _save(accelerator, config, model, optimizer, scheduler, state, dict(run_config or {}), extra_state)
             if done:
                 result.last_loss = float(loss.detach())  # the final step's last micro-batch loss
                 break

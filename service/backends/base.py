@@ -14,9 +14,13 @@ class Backend(Protocol):
     """Longest input in tokens."""
     packed: bool
     """True when a batch costs its real tokens (padding-free), False when it is padded to its longest."""
+    prefix_groups: bool
+    """True when the backend computes shared prefixes once: the batcher then plans prefix groups and
+    passes them as `batch.groups` (a `service.grouping.PlannedBatch`). Optional: absent means False."""
 
     def score_batch(self, batch: Sequence[Sequence[int]]) -> list[float]:
-        """Raw rewards for a batch of token-id lists, in order. Runs on the worker thread only."""
+        """Raw rewards for a batch of token-id lists, in order. Runs on the worker thread only. The batch is a
+        `PlannedBatch` (a list) whose `groups` a backend may use or ignore: the rewards must be the same."""
 
     def warmup(self) -> None:
         """A few forward passes so the first request does not pay for lazy initialisation."""

@@ -57,6 +57,8 @@ class HFBackend:
         self.packed = self._want_packing(config.packing)
         if self.packed:
             self.model.set_attn_implementation(packing.register())
+        # shared prefixes computed once (tree attention in the packed row): causal decoder heads only
+        self.prefix_groups = self.packed and self.head == "decoder"
         log.info(
             "loaded %s (%s) on %s as %s, max_length=%d, threads=%d, packing=%s",
             self.source.path, type(self.model).__name__, self.device, self.dtype, self.max_length,

@@ -7,7 +7,7 @@ from typing import Any
 
 BACKENDS: dict[str, str] = {
     "hf": "service.backends.hf_backend:HFBackend",
-    # "vllm" (vLLM pooling runner) is registered here once service/backends/vllm_backend.py exists
+    "vllm": "service.backends.vllm_backend:VLLMBackend",  # vLLM pooling runner (imports vllm only when chosen)
 }
 
 

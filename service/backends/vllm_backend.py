@@ -1,0 +1,87 @@
+"""vLLM backend: vLLM's pooling runner computes the rewards (`rewardserve serve --backend vllm`).
+
+The engine still renders, truncates and batches; this backend hands vLLM token ids (`TokensPrompt`), so both
+backends score exactly the same tokens, and asks for the `classify` task with `use_activation=False`: the
+raw logit of the one-label head on the last token, which is what the hf backend returns.
+
+vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` unless set otherwise) and is only called from
+the batcher's worker thread. On CPU it runs eager (no compile) in float32 unless `--dtype` says otherwise.
+Prefix groups: vLLM caches computed KV blocks across scheduler steps (automatic prefix caching, on by default
+for last-token pooling decoders), but inputs of one step do not share; so for a batch with prefix groups
+the groups' prefixes are run first, in a step of their own, and the members then read the prefix's cached
+blocks (whole blocks only: groups whose prefix is shorter than one block are not primed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from service.modeling import load_tokenizer, resolve_model
+from service.rendering import model_max_length
+
+log = logging.getLogger("rewardserve.vllm")
+
+
+class VLLMBackend:
+    def __init__(self, config: Any):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.source = resolve_model(config.model)
+        if self.source.gguf_file or self.source.untrained_head:
+            raise ValueError(
+                f"the vllm backend serves reward-model checkpoints (a directory with config.json and a trained "
+                f"one-label head); {config.model!r} is not one: use --backend hf, or pass --model DIR"
+            )
+        try:
+            from vllm import LLM, PoolingParams
+            from vllm.platforms import current_platform
+        except ImportError as exc:
+            raise ValueError(f"the vllm backend needs vLLM (pip install 'rewardserve[vllm]'): {exc}") from exc
+        from transformers import AutoConfig
+
+        path = str(self.source.path)
+        self.tokenizer = load_tokenizer(self.source)
+        self.max_length = model_max_length(self.tokenizer, AutoConfig.from_pretrained(path), config.max_tokens)
+        on_cpu = current_platform.is_cpu()
+        dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
+        self.llm = LLM(
+            model=path, tokenizer=path, runner="pooling", dtype=dtype, enforce_eager=on_cpu,
+            max_model_len=self.max_length, seed=0,
+        )
+        self._params = PoolingParams(use_activation=False)
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        self.block_size = int(cache.block_size)
+        self.name = config.model_name or self.source.name
+        self.packed = True  # vLLM batches without padding: a batch costs its real tokens
+        self.prefix_groups = bool(cache.enable_prefix_caching)
+        log.info(
+            "vLLM pooling runner on %s: %s, dtype=%s, max_length=%d, prefix caching=%s (block %d)",
+            "cpu" if on_cpu else current_platform.device_name, path, dtype, self.max_length,
+            self.prefix_groups, self.block_size,
+        )
+
+    def _encode(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in batch]
+        outputs = self.llm.encode(prompts, pooling_params=self._params, pooling_task="classify", use_tqdm=False)
+        return [float(out.outputs.data.reshape(-1)[0]) for out in outputs]
+
+    def score_batch(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        groups = getattr(batch, "groups", ())
+        prefixes = [batch[g.members[0]][: g.prefix_len] for g in groups if g.prefix_len >= self.block_size]
+        if prefixes and self.prefix_groups:
+            self._encode(prefixes)  # fills the prefix cache; the members below read it
+        return self._encode(batch)
+
+    def warmup(self) -> None:
+        ids = self.tokenizer("warm up the reward model", add_special_tokens=True)["input_ids"]
+        long_ids = (ids * (self.max_length // len(ids) + 1))[: self.max_length]
+        for batch in ([ids], [ids] * 4, [long_ids]):
+            self._encode(batch)
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        self.llm = None

@@ -1,0 +1,155 @@
+"""Shared-prefix groups: inputs that start with the same tokens (one prompt's N candidates, a GRPO group,
+chosen + rejected) are scored together, their common prefix computed once. Pure planning, no torch.
+
+- `find_groups` sorts a window's token-id lists lexicographically: inputs sharing >= m leading tokens are
+  then neighbours, so the best partition into groups (most prefix tokens computed once, each group's
+  prefix >= `min_prefix`) is a partition into contiguous runs, found exactly by dynamic programming.
+- `plan_grouped_batches` cuts those groups (and the inputs left alone) into forward passes by count and
+  token budget, where a group costs its prefix once plus its members' suffixes; a group too big for one
+  pass is split into chunks that each carry the prefix.
+
+A backend receives a `PlannedBatch`: the token-id lists of one pass (a plain list to any backend that
+ignores plans) and its `groups`, member indices into that list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Group:
+    prefix_len: int
+    """Leading tokens every member shares: computed once for the whole group."""
+    members: tuple[int, ...]
+    """Indices of the members in their batch (two or more)."""
+
+
+class PlannedBatch(list):
+    """The token-id lists of one forward pass, plus the prefix groups among them."""
+
+    def __init__(self, seqs: Iterable[Sequence[int]] = (), groups: Sequence[Group] = ()):
+        super().__init__(seqs)
+        self.groups: tuple[Group, ...] = tuple(groups)
+
+    @property
+    def saved_tokens(self) -> int:
+        """Prefix tokens not computed thanks to the groups."""
+        return sum((len(g.members) - 1) * g.prefix_len for g in self.groups)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix (binary search over slice comparisons: C speed)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # invariant: a[:lo] == b[:lo], a[:hi+1] != b[:hi+1]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def find_groups(seqs: Sequence[Sequence[int]], min_prefix: int) -> list[tuple[int, list[int]]]:
+    """Partition range(len(seqs)) into (prefix_len, indices); prefix_len 0 for an input left alone."""
+    n = len(seqs)
+    if min_prefix <= 0 or n < 2:
+        return [(0, [i]) for i in range(n)]
+    order = sorted(range(n), key=lambda i: list(seqs[i]))
+    lcp = [common_prefix_len(seqs[order[k]], seqs[order[k + 1]]) for k in range(n - 1)]  # neighbours
+    # best[j]: most tokens saved over the first j sorted inputs; cut[j]: (start of the last run, its prefix)
+    best = [0] * (n + 1)
+    cut: list[tuple[int, int]] = [(0, 0)] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], cut[j] = best[j - 1], (j - 1, 0)  # input j-1 alone
+        shared = None
+        for i in range(j - 2, -1, -1):  # the run order[i..j-1] shares min(lcp[i..j-2]) tokens
+            shared = lcp[i] if shared is None else min(shared, lcp[i])
+            if shared < min_prefix:
+                break
+            gain = best[i] + (j - 1 - i) * shared
+            if gain > best[j]:
+                best[j], cut[j] = gain, (i, shared)
+    parts: list[tuple[int, list[int]]] = []
+    j = n
+    while j > 0:
+        i, shared = cut[j]
+        parts.append((shared, sorted(order[i:j])))
+        j = i
+    parts.reverse()
+    return parts
+
+
+@dataclass
+class _Unit:
+    items: list[Any]
+    prefix_len: int
+    cost: int
+
+
+def _chunks(items: list[Any], prefix_len: int, max_count: int, max_tokens: int) -> list[_Unit]:
+    """A group's members in chunks that fit one pass (each chunk pays the prefix once)."""
+    units: list[_Unit] = []
+    current: list[Any] = []
+    cost = prefix_len
+    for item in sorted(items, key=lambda it: it.length):
+        extra = item.length - prefix_len
+        if current and (len(current) >= max_count or cost + extra > max_tokens):
+            units.append(_Unit(current, prefix_len, cost))
+            current, cost = [], prefix_len
+        current.append(item)
+        cost += extra
+    units.append(_Unit(current, prefix_len, cost))
+    return [u if len(u.items) > 1 else _Unit(u.items, 0, u.items[0].length) for u in units]
+
+
+def plan_grouped_batches(
+    items: list[Any], max_batch_size: int, max_batch_tokens: int, min_prefix: int
+) -> list[tuple[list[Any], tuple[Group, ...]]]:
+    """Batches (items, groups) for a packed backend; items need `.ids` and `.length`. Cheapest passes first."""
+    units: list[_Unit] = []
+    for prefix_len, indices in find_groups([it.ids for it in items], min_prefix):
+        members = [items[i] for i in indices]
+        if prefix_len:
+            units.extend(_chunks(members, prefix_len, max_batch_size, max_batch_tokens))
+        else:
+            units.append(_Unit(members, 0, members[0].length))
+    batches: list[tuple[list[Any], tuple[Group, ...]]] = []
+    current: list[_Unit] = []
+    count = cost = 0
+    for unit in sorted(units, key=lambda u: u.cost):
+        if current and (count + len(unit.items) > max_batch_size or cost + unit.cost > max_batch_tokens):
+            batches.append(_assemble(current))
+            current, count, cost = [], 0, 0
+        current.append(unit)
+        count += len(unit.items)
+        cost += unit.cost
+    if current:
+        batches.append(_assemble(current))
+    return batches
+
+
+def _assemble(units: list[_Unit]) -> tuple[list[Any], tuple[Group, ...]]:
+    items: list[Any] = []
+    groups: list[Group] = []
+    for unit in units:
+        if unit.prefix_len:
+            groups.append(Group(unit.prefix_len, tuple(range(len(items), len(items) + len(unit.items)))))
+        items.extend(unit.items)
+    return items, tuple(groups)
+
+
+def restrict(groups: Sequence[Group], kept: Sequence[int]) -> tuple[Group, ...]:
+    """The groups of a batch after some of its inputs were dropped; `kept` are the old indices that remain,
+    in their new order. A group left with one member is no group."""
+    new_index = {old: new for new, old in enumerate(kept)}
+    out = []
+    for g in groups:
+        members = tuple(new_index[m] for m in g.members if m in new_index)
+        if len(members) > 1:
+            out.append(Group(g.prefix_len, members))
+    return tuple(out)

@@ -1,0 +1,268 @@
+"""DPO: the step function, `train_dpo`, and the export (a plain causal-LM checkpoint with its tokenizer).
+
+Pairs come from training.data.load_preferences (HH dialogues, TRL explicit-prompt and conversational formats); each
+is tokenized once into (prompt, chosen, rejected) ids by training.policy (chat template; prompt tokens masked out).
+A batch of B pairs is one right-padded (2B, T) batch, chosen rows first, as in TRL. The reference is a frozen copy
+of the policy (or --ref, or with LoRA the policy with its adapters off); --precompute-ref computes its log-probs
+once before training and frees it.
+
+Output folder: config.json + model.safetensors + generation_config.json + tokenizer (with chat template),
+training_config.json (resolved config, final metrics, export check), and the loop's checkpoints/ tensorboard/
+metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from training import loop
+from training.checkpoint import atomic_write_text
+from training.data import PreferencePair, load_preferences, pad_right
+from training.loop import LoraSettings, TrainConfig
+from training.losses import DPO_LOSS_TYPES, dpo_loss
+from training.policy import (
+    check_export,
+    completion_logprobs,
+    export_policy,
+    fit,
+    frozen_copy,
+    load_policy,
+    split_completions,
+)
+
+log = logging.getLogger("rewardserve.train.dpo")
+
+EXPORT_CHECK_PAIRS = 4
+
+
+class DPOConfig(BaseModel):
+    """A DPO run: the policy, the reference, the data, the loss; and the loop's settings."""
+
+    policy: str = Field("smollm2", description="smollm2 | a Hugging Face causal-LM checkpoint folder.")
+    ref: str | None = Field(None, description="Reference model folder; default: a frozen copy of the policy.")
+    data: str = Field(description="Training preference pairs (.jsonl/.json[.gz]/.parquet; see training.data).")
+    eval: str | None = Field(None, description="Eval preference pairs (periodic eval: accuracy, margin).")
+    max_length: int = Field(512, ge=8, description="Token cap for prompt + completion (the prompt is cut first).")
+    beta: float = Field(0.1, gt=0, description="DPO beta (for ipo: the regularization tau).")
+    loss_type: str = Field("sigmoid", description=f"One of {', '.join(DPO_LOSS_TYPES)}.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (sigmoid, robust).")
+    precompute_ref: bool = Field(False, description="Compute the reference log-probs once before training.")
+    train: TrainConfig
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DPOItem:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    ref_chosen: float | None = None  # reference log-probs, when precomputed
+    ref_rejected: float | None = None
+
+
+@dataclass
+class DPOBatch:
+    """B pairs as (2B, T) right-padded rows: [0, B) prompt + chosen, [B, 2B) prompt + rejected."""
+
+    input_ids: torch.Tensor  # (2B, T)
+    attention_mask: torch.Tensor  # (2B, T)
+    completion_mask: torch.Tensor  # (2B, T): 1 on completion tokens
+    ref_logps: torch.Tensor | None = None  # (2B,) precomputed reference log-probs
+
+    def to(self, device: Any) -> DPOBatch:
+        move = lambda x: None if x is None else x.to(device)
+        return DPOBatch(move(self.input_ids), move(self.attention_mask), move(self.completion_mask), move(self.ref_logps))
+
+
+def tokenize_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int) -> list[DPOItem]:
+    items = []
+    for pair in pairs:
+        prompt, (chosen, rejected) = split_completions(tokenizer, pair.prompt_messages, [pair.chosen, pair.rejected])
+        prompt, (chosen, rejected) = fit(prompt, [chosen, rejected], max_length)
+        items.append(DPOItem(prompt, chosen, rejected))
+    return items
+
+
+class DPOCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def lengths(self, items: Sequence[DPOItem]) -> list[int]:
+        """Padded cost of each item (its longer row), for the loop's length-grouped batching."""
+        return [len(i.prompt) + max(len(i.chosen), len(i.rejected)) for i in items]
+
+    def __call__(self, items: Sequence[DPOItem]) -> DPOBatch:
+        rows = [i.prompt + i.chosen for i in items] + [i.prompt + i.rejected for i in items]  # (2B,)
+        masks = [[0] * len(i.prompt) + [1] * len(i.chosen) for i in items]
+        masks += [[0] * len(i.prompt) + [1] * len(i.rejected) for i in items]
+        input_ids, attention_mask = pad_right(rows, self.pad_token_id)  # (2B, T), (2B, T)
+        completion_mask, _ = pad_right(masks, 0)  # (2B, T)
+        ref = None
+        if items[0].ref_chosen is not None:
+            ref = torch.tensor([i.ref_chosen for i in items] + [i.ref_rejected for i in items], dtype=torch.float32)
+        return DPOBatch(input_ids, attention_mask, completion_mask, ref)
+
+
+# --------------------------------------------------------------------------------------------- model, step
+
+
+class DPOModule(torch.nn.Module):
+    """The policy, and the reference it is compared with (a frozen module, or the policy under `ref_context`)."""
+
+    def __init__(self, policy: torch.nn.Module, ref: torch.nn.Module | None = None,
+                 ref_context: Callable[[], Any] | None = None):
+        super().__init__()
+        self.policy = policy
+        self.ref = ref
+        self.ref_context = ref_context  # e.g. peft's disable_adapter: the LoRA policy without its adapters
+
+    def train(self, mode: bool = True) -> DPOModule:
+        super().train(mode)
+        if self.ref is not None:
+            self.ref.eval()
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                with_ref: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(policy log-probs (2B,), reference log-probs (2B,) or None)."""
+        logps = completion_logprobs(self.policy, input_ids, attention_mask, completion_mask)["logps"].sum(-1)
+        ref = self.reference(input_ids, attention_mask, completion_mask) if with_ref else None
+        return logps, ref
+
+    @torch.no_grad()
+    def reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        if self.ref is None and self.ref_context is None:
+            raise RuntimeError("no reference model: the reference log-probs were meant to be precomputed")
+        model = self.ref if self.ref is not None else self.policy
+        with self.ref_context() if self.ref is None else nullcontext():
+            return completion_logprobs(model, input_ids, attention_mask, completion_mask)["logps"].sum(-1)
+
+
+def dpo_step(model: torch.nn.Module, batch: DPOBatch, beta: float, loss_type: str, label_smoothing: float
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    logps, ref = model(batch.input_ids, batch.attention_mask, batch.completion_mask, with_ref=batch.ref_logps is None)
+    ref = batch.ref_logps if ref is None else ref  # (2B,)
+    tokens = batch.completion_mask.sum(-1)  # (2B,)
+    (pc, pr), (rc, rr), (tc, tr) = logps.chunk(2), ref.chunk(2), tokens.chunk(2)
+    lengths = (tc, tr) if loss_type == "ipo" else (None, None)
+    return dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing, *lengths)
+
+
+@torch.no_grad()
+def precompute_reference(module: DPOModule, items: list[DPOItem], collate: DPOCollator, batch_size: int) -> list[DPOItem]:
+    """The items with their reference log-probs filled in (one pass of the reference over the data)."""
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = collate(chunk)
+        ref = module.reference(batch.input_ids, batch.attention_mask, batch.completion_mask)  # (2b,)
+        rc, rr = ref.chunk(2)
+        out += [replace(item, ref_chosen=float(c), ref_rejected=float(r)) for item, c, r in zip(chunk, rc, rr)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+def build_module(config: DPOConfig) -> tuple[DPOModule, Any, Any, Any]:
+    """(module, tokenizer, peft model or None, policy source path)."""
+    policy, tokenizer, source = load_policy(config.policy)
+    peft_model = loop.add_lora(policy, config.train.lora, task_type="CAUSAL_LM") if config.train.lora else None
+    if config.ref is not None:
+        ref, ref_context = frozen_copy(load_policy(config.ref)[0]), None
+    elif peft_model is not None:
+        ref, ref_context = None, peft_model.disable_adapter
+    else:
+        ref, ref_context = frozen_copy(policy), None
+    trained = peft_model.get_base_model() if peft_model is not None else policy
+    return DPOModule(trained, ref, ref_context), tokenizer, peft_model, source.path
+
+
+@dataclass
+class DPOResult:
+    output_dir: Path
+    train_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    is_main: bool = True
+
+
+def train_dpo(config: DPOConfig) -> DPOResult:
+    """Train a policy with DPO, export it to config.train.output_dir."""
+    if config.loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss {config.loss_type!r}; use one of {DPO_LOSS_TYPES}")
+    if config.loss_type in ("ipo", "hinge") and config.label_smoothing:
+        raise ValueError(f"label_smoothing does not apply to the {config.loss_type} loss")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    loop.seed_everything(config.train.seed)
+    module, tokenizer, peft_model, policy_path = build_module(config)
+    collate = DPOCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    items = tokenize_pairs(tokenizer, load_preferences(config.data), config.max_length)
+    eval_items = tokenize_pairs(tokenizer, load_preferences(config.eval), config.max_length) if config.eval else None
+    log.info("DPO (%s, beta %g) on %d pairs (eval: %s) from %s", config.loss_type, config.beta, len(items),
+             len(eval_items) if eval_items else "none", policy_path)
+    if config.precompute_ref:
+        size = config.train.eval_batch_size or 2 * config.train.batch_size
+        items = precompute_reference(module, items, collate, size)
+        eval_items = precompute_reference(module, eval_items, collate, size) if eval_items else None
+        module.ref, module.ref_context = None, None  # not needed any more
+    step = partial(dpo_step, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+    run_config = {"dpo": config.model_dump(mode="json", exclude={"train"}), "policy_path": str(policy_path)}
+
+    result = loop.train(config.train, module, items, collate, step, eval_items, run_config)
+
+    out = Path(config.train.output_dir)
+    if result.is_main:
+        module = result.model.eval()
+        check = collate((eval_items or items)[:EXPORT_CHECK_PAIRS])
+        with torch.no_grad():
+            reference = module(check.input_ids, check.attention_mask, check.completion_mask, with_ref=False)[0]
+        merged = peft_model.merge_and_unload() if peft_model is not None else module.policy
+        summary = {**run_config, "train": config.train.model_dump(mode="json"), "steps": result.state.step,
+                   "final_train_metrics": result.train_metrics, "final_eval_metrics": result.eval_metrics}
+        export_policy(merged, tokenizer, out, {"training_config.json": json.dumps(summary, indent=2) + "\n"})
+        batch = {"input_ids": check.input_ids, "attention_mask": check.attention_mask,
+                 "completion_mask": check.completion_mask}
+        summary["export_check_max_abs_diff"] = check_export(reference, batch, out)
+        atomic_write_text(out / "training_config.json", json.dumps(summary, indent=2) + "\n")
+        log.info("exported the DPO policy to %s", out)
+    result.accelerator.wait_for_everyone()
+    return DPOResult(out, result.train_metrics, result.eval_metrics, result.is_main)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+_DPO_FLAGS = ("policy", "ref", "data", "eval", "max_length", "beta", "loss_type", "label_smoothing", "precompute_ref")
+
+
+def config_from_args(args: Any) -> DPOConfig:
+    from training.rm import _TRAIN_FLAGS
+
+    given = lambda names: {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    train = given(_TRAIN_FLAGS) | {"output_dir": args.output, "progress": not args.no_progress}
+    if args.lora:
+        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                "target_modules": args.lora_targets.split(",") if args.lora_targets else None}
+        train["lora"] = LoraSettings(**{k: v for k, v in lora.items() if v is not None})
+    return DPOConfig(**given(_DPO_FLAGS), train=TrainConfig(**train))
+
+
+def main(args: Any) -> int:
+    result = train_dpo(config_from_args(args))
+    if result.is_main:
+        acc, margin = result.eval_metrics.get("eval/accuracy"), result.eval_metrics.get("eval/margin")
+        shown = f" (eval accuracy {acc:.4f}, margin {margin:.4f})" if acc is not None else ""
+        print(f"DPO policy saved to {result.output_dir}{shown}")
+    return 0

@@ -1,0 +1,176 @@
+"""Causal-LM policies for DPO and PPO: loading, prompt/completion token ids, completion log-probs, export.
+
+Token ids: a conversation is rendered with the tokenizer's chat template (or, without one, the plain
+"\\n\\nHuman: ...\\n\\nAssistant: ..." format of service.rendering) and tokenized without added special tokens. A
+completion's ids are what the full conversation adds after the prompt rendered with its generation prompt: where the
+two renderings first differ (as in TRL's DPOTrainer), so every prompt token is masked out of the log-probs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.modeling import ModelSource, load_tokenizer, resolve_model
+from service.rendering import render_plain
+from training.rl_math import entropy_from_logits, token_logprobs
+
+log = logging.getLogger("rewardserve.train.policy")
+
+Message = dict[str, str]
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def load_policy(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, ModelSource]:
+    """(AutoModelForCausalLM in train mode without dropout, tokenizer, source) for smollm2 | a checkpoint folder."""
+    from transformers import AutoModelForCausalLM
+
+    from training.rm import disable_dropout, drop_dequantized_gguf_marker
+
+    source = resolve_model(spec)
+    tokenizer = load_tokenizer(source)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(str(source.path), **kwargs)
+    drop_dequantized_gguf_marker(model)
+    if getattr(model.config.get_text_config(), "final_logit_softcapping", None):
+        raise ValueError(f"{source.path}: models with final_logit_softcapping are not supported")
+    disable_dropout(model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id  # smollm2's GGUF names another EOS than the chat's
+    return model.train(), tokenizer, source
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy that never trains (the reference policy)."""
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+# ----------------------------------------------------------------------------------------------- token ids
+
+
+def conversation_ids(tokenizer: Any, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+    """Token ids of a conversation (chat template, else the plain format); [] for no messages."""
+    if not messages:
+        return []
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = render_plain(messages) + ("\n\nAssistant:" if add_generation_prompt else "")
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[Message], max_length: int) -> list[int]:
+    """What a policy generates from: the prompt with the generation prompt, cut from the left to max_length."""
+    ids = conversation_ids(tokenizer, messages, add_generation_prompt=True)
+    return ids[-max_length:]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def split_completions(tokenizer: Any, prompt: Sequence[Message], completions: Sequence[Sequence[Message]]
+                      ) -> tuple[list[int], list[list[int]]]:
+    """(shared prompt ids, ids of each completion); the completion starts where the renderings differ."""
+    head = conversation_ids(tokenizer, prompt, add_generation_prompt=True)
+    fulls = [conversation_ids(tokenizer, [*prompt, *c], add_generation_prompt=False) for c in completions]
+    cut = min(common_prefix(head, full) for full in fulls)
+    outs = [full[cut:] for full in fulls]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not getattr(tokenizer, "chat_template", None) and eos is not None:  # plain format: teach the model to stop
+        outs = [ids if ids[-1:] == [eos] else [*ids, eos] for ids in outs]
+    return head[:cut], outs
+
+
+def fit(prompt: list[int], completions: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """Fit prompt + each completion into max_length: the prompt loses its start first (down to half of max_length),
+    then completions lose their ends."""
+    longest = max(len(c) for c in completions)
+    keep = max(max_length - longest, min(len(prompt), max_length // 2))
+    prompt = prompt[len(prompt) - keep :] if keep < len(prompt) else prompt
+    room = max_length - len(prompt)
+    return prompt, [c[:room] for c in completions]
+
+
+# ------------------------------------------------------------------------------------------------ log-probs
+
+
+def backbone(model: Any) -> Any:
+    return getattr(model, model.base_model_prefix)
+
+
+def completion_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+    temperature: float = 1.0, with_entropy: bool = False, value_head: torch.nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-token log-probs of the completion tokens of right-padded rows.
+
+    input_ids, attention_mask, completion_mask: (B, T); completion_mask is 1 on completion tokens.
+    Returns tensors (B, T - 1) aligned with the labels input_ids[:, 1:] (position p predicts token p + 1), zero
+    where completion_mask[:, 1:] is 0: "logps"; "entropy" when asked; "values" (value_head on the hidden state
+    that predicts each token) when a value head is given. Only the completion positions go through the LM head.
+    """
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    hidden = hidden[:, :-1]  # (B, T-1, H)
+    mask = completion_mask[:, 1:].bool()  # (B, T-1)
+    picked = hidden[mask]  # (N, H)
+    logits = model.get_output_embeddings()(picked).float() / temperature  # (N, V)
+    zeros = hidden.new_zeros(mask.shape, dtype=torch.float32)  # (B, T-1)
+    out = {"logps": zeros.masked_scatter(mask, token_logprobs(logits, input_ids[:, 1:][mask]))}
+    if with_entropy:
+        with torch.no_grad():
+            out["entropy"] = zeros.masked_scatter(mask, entropy_from_logits(logits.detach()))
+    if value_head is not None:
+        out["values"] = value_head(hidden).squeeze(-1).float() * mask  # (B, T-1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+
+def export_policy(model: Any, tokenizer: Any, out: Path, extra_files: dict[str, str]) -> None:
+    """A plain Hugging Face causal-LM checkpoint (fp32 safetensors, config, generation config, tokenizer with its
+    chat template) plus extra files; config.json lands last, so a half-written export is no checkpoint."""
+    from training.rm import _move_into
+
+    tmp = out / ".tmp-export"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name, text in extra_files.items():
+        (tmp / name).write_text(text)
+    out.mkdir(parents=True, exist_ok=True)
+    _move_into(tmp, out)
+
+
+@torch.no_grad()
+def check_export(reference: torch.Tensor, batch: dict[str, torch.Tensor], out: Path, tolerance: float = 1e-3) -> float:
+    """Reload the export with plain transformers and compare completion log-probs with the training-time ones."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    got = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])["logps"]
+    diff = float((got.sum(-1) - reference).abs().max())
+    if diff > tolerance:
+        raise RuntimeError(f"export check failed: reloaded log-probs differ from training-time ones by {diff:.3g}")
+    log.info("export check: reloaded completion log-probs match (max |diff| %.2e)", diff)
+    return diff

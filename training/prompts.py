@@ -1,0 +1,96 @@
+"""Prompt datasets for PPO: one conversation to continue per record.
+
+Accepted records (JSONL / JSON / parquet, or any iterable of dicts, read by training.data.read_records):
+- {"prompt": str}                 one user message
+- {"prompt": [messages]}          TRL's conversational prompt
+- {"messages": [messages]}        a conversation; a trailing assistant message (a reference answer) is dropped
+- {"turns": [str, ...]}           MT-Bench questions: the first turn is the prompt
+- {"question": str}               GSM8K-style
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from training.data import Message, _messages, read_records
+from training.policy import prompt_ids
+
+
+def parse_prompt(record: Mapping[str, Any]) -> list[Message]:
+    """One record -> the messages to continue (ValueError says what is wrong)."""
+    if "prompt" in record:
+        value = record["prompt"]
+        messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, "prompt")
+    elif "messages" in record:
+        messages = _messages(record["messages"], "messages")
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    elif "turns" in record:
+        turns = record["turns"]
+        if not isinstance(turns, (list, tuple)) or not turns or not isinstance(turns[0], str):
+            raise ValueError("turns: expected a non-empty list of strings")
+        messages = [{"role": "user", "content": turns[0]}]
+    elif "question" in record:
+        messages = [{"role": "user", "content": str(record["question"])}]
+    else:
+        raise ValueError(f"a prompt record needs 'prompt', 'messages', 'turns' or 'question'; got keys {sorted(record)}")
+    if not messages or messages[-1]["role"] == "assistant" or not any(m["content"].strip() for m in messages):
+        raise ValueError("the prompt must end with a user (or system) message and say something")
+    return messages
+
+
+def load_prompts(source: str | Iterable[Mapping[str, Any]]) -> list[list[Message]]:
+    out = []
+    for i, record in enumerate(read_records(source)):
+        try:
+            out.append(parse_prompt(record))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"prompt record {i}: {exc}") from None
+    if not out:
+        raise ValueError(f"{source}: no prompts")
+    return out
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    messages: list[Message]
+    ids: list[int]  # the prompt with its generation prompt, cut from the left to max_prompt_length
+
+
+@dataclass
+class PromptBatch:
+    items: list[PromptItem]
+
+    def to(self, device: Any) -> PromptBatch:
+        return self  # token ids stay lists until the rollout pads them
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[list[Message]], max_prompt_length: int) -> list[PromptItem]:
+    return [PromptItem(m, prompt_ids(tokenizer, m, max_prompt_length)) for m in prompts]
+
+
+class PromptCollator:
+    def lengths(self, items: Sequence[PromptItem]) -> list[int]:
+        return [len(i.ids) for i in items]
+
+    def __call__(self, items: Sequence[PromptItem]) -> PromptBatch:
+        return PromptBatch(list(items))
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (N, T), padded on the left (what generate() wants)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
