@@ -251,3 +251,16 @@ def test_merged_weights_for_the_generator_equal_a_merged_lora_model(tiny_llama_l
         torch.testing.assert_close(got[name], value.detach(), atol=1e-6, rtol=0)
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(got[q], peft_model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
+
+
+def test_policy_eval_scores_sampled_responses(tiny_llama_lm_dir, tiny_bert_dir, prompts, capsys):
+    from training.policy_eval import main as policy_eval
+
+    args = ["--policy", str(tiny_llama_lm_dir), "--prompts", str(prompts), "--reward-model", str(tiny_bert_dir),
+            "--samples", "2", "--max-new-tokens", "4", "--seed", "3", "--threads", "1"]
+    assert policy_eval(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["rollouts"] == 2 * len(PROMPTS) and first["response_length"] <= 4
+    assert math.isfinite(first["reward_mean"]) and first["reward_sem"] > 0
+    assert policy_eval(args) == 0  # same seed, same responses, same rewards
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reward_mean"] == first["reward_mean"]
