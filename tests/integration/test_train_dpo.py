@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service.cli import main
 from tests.integration.test_train_rm import synthetic_pairs
 from training import checkpoint as ckpt
+from training.curves import plot
 from training.data import load_preferences
 from training.dpo import DPOConfig, tokenize_pairs, train_dpo
 from training.loop import LoraSettings, TrainConfig
@@ -65,8 +66,7 @@ def test_dpo_learns_and_exports_a_plain_causal_lm(trained, tmp_path):
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
 
-    from training.curves import plot  # the curves docs/training.md shows, from metrics.jsonl
-
+    # the curves docs/training.md shows, from metrics.jsonl
     plot(trained / "metrics.jsonl", tmp_path / "curves.png", ["train/loss", "eval/accuracy", "eval/margin"])
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
