@@ -35,8 +35,7 @@ from training.policy import (
     completion_logprobs,
     export_policy,
     fit,
-    frozen_copy,
-    load_policy,
+    policy_and_reference,
     split_completions,
 )
 
@@ -178,16 +177,10 @@ def precompute_reference(module: DPOModule, items: list[DPOItem], collate: DPOCo
 
 def build_module(config: DPOConfig) -> tuple[DPOModule, Any, Any, Any]:
     """(module, tokenizer, peft model or None, policy source path)."""
-    policy, tokenizer, source = load_policy(config.policy)
-    peft_model = loop.add_lora(policy, config.train.lora, task_type="CAUSAL_LM") if config.train.lora else None
-    if config.ref is not None:
-        ref, ref_context = frozen_copy(load_policy(config.ref)[0]), None
-    elif peft_model is not None:
-        ref, ref_context = None, peft_model.disable_adapter
-    else:
-        ref, ref_context = frozen_copy(policy), None
-    trained = peft_model.get_base_model() if peft_model is not None else policy
-    return DPOModule(trained, ref, ref_context), tokenizer, peft_model, source.path
+    trained, ref, ref_context, tokenizer, peft_model, path = policy_and_reference(
+        config.policy, config.ref, config.train.lora
+    )
+    return DPOModule(trained, ref, ref_context), tokenizer, peft_model, path
 
 
 @dataclass

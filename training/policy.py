@@ -58,6 +58,27 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref.eval()
 
 
+def policy_and_reference(policy_spec: str, ref_spec: str | None, lora: Any) -> tuple[Any, Any, Any, Any, Any, Path]:
+    """The trained policy and its frozen reference, shared by DPO and PPO.
+
+    Returns (trained, ref, ref_context, tokenizer, peft model or None, policy path). The reference is the `ref_spec`
+    model if given; else, with LoRA, the policy itself with its adapters off (ref None, ref_context the peft
+    model's `disable_adapter`); else a frozen deep copy of the policy.
+    """
+    from training.loop import add_lora
+
+    policy, tokenizer, source = load_policy(policy_spec)
+    peft_model = add_lora(policy, lora, task_type="CAUSAL_LM") if lora else None
+    if ref_spec is not None:
+        ref, ref_context = frozen_copy(load_policy(ref_spec)[0]), None
+    elif peft_model is not None:
+        ref, ref_context = None, peft_model.disable_adapter
+    else:
+        ref, ref_context = frozen_copy(policy), None
+    trained = peft_model.get_base_model() if peft_model is not None else policy
+    return trained, ref, ref_context, tokenizer, peft_model, source.path
+
+
 # ----------------------------------------------------------------------------------------------- token ids
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from training import loop
 from training.checkpoint import atomic_write_text
 from training.loop import LoraSettings, TrainConfig
-from training.policy import completion_logprobs, export_policy, frozen_copy, load_policy
+from training.policy import completion_logprobs, export_policy, policy_and_reference
 from training.ppo_experience import Experience, ExperienceMaker, ppo_step
 from training.prompts import PromptCollator, load_prompts, tokenize_prompts
 from training.rewards import RewardCallFailed, make_scorer
@@ -109,16 +109,10 @@ class PPOModule(torch.nn.Module):
 
 def build(config: PPOConfig) -> tuple[PPOModule, Any, Any, Path]:
     """(module, tokenizer, peft model or None, policy path)."""
-    policy, tokenizer, source = load_policy(config.policy)
-    peft_model = loop.add_lora(policy, config.train.lora, task_type="CAUSAL_LM") if config.train.lora else None
-    if config.ref is not None:
-        ref, ref_context = frozen_copy(load_policy(config.ref)[0]), None
-    elif peft_model is not None:
-        ref, ref_context = None, peft_model.disable_adapter
-    else:
-        ref, ref_context = frozen_copy(policy), None
-    trained = peft_model.get_base_model() if peft_model is not None else policy
-    return PPOModule(trained, ref, ref_context, config.temperature), tokenizer, peft_model, source.path
+    trained, ref, ref_context, tokenizer, peft_model, path = policy_and_reference(
+        config.policy, config.ref, config.train.lora
+    )
+    return PPOModule(trained, ref, ref_context, config.temperature), tokenizer, peft_model, path
 
 
 def make_generator(config: PPOConfig, module: PPOModule, tokenizer: Any, out: Path) -> Any:
