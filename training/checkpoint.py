@@ -24,13 +24,20 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from training.loop import TrainConfig, TrainState
 
 log = logging.getLogger("rewardserve.checkpoint")
+train_log = logging.getLogger("rewardserve.train")  # the loop's logger: save/resume messages keep their source
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
+EXTRA_STATE = "extra_state.json"  # a trainer's extra state (e.g. PPO's KL controller), see save_run
 _NAME = re.compile(r"^step-(\d{8,})$")
 
 
@@ -189,6 +196,7 @@ def has_checkpoints(root: Path) -> bool:
 #   rng-<rank>.pt         python / numpy / torch (/ cuda) RNG states, one file per process
 #   trainer_state.json    step, epoch, step within the epoch (the data position), world size, dataset size
 #   config.json           the resolved run config (loop + trainer)
+#   extra_state.json      a trainer's extra state, e.g. PPO's KL controller (main process; only if it has one)
 
 
 def rng_state() -> dict:
@@ -261,3 +269,79 @@ def read_state(path: Path, module, optimizer, scheduler, rank: int) -> dict:
         raise ValueError(f"{path} has no RNG state for process {rank}: resume with the same number of processes")
     set_rng_state(torch.load(rng_file, weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+# ------------------------------------------------------------------------------- the training loop's runs
+#
+# save_run / resume_run: what training.loop.train checkpoints and restores (paths under <output_dir>/checkpoints).
+
+
+def _checkpoint_root(config: TrainConfig) -> Path:
+    return Path(config.output_dir) / "checkpoints"
+
+
+def _check_resume(saved: dict, config: TrainConfig) -> None:
+    """A resume must replay the same data order: same seed, batch shape, processes and dataset size."""
+    before = saved.get("train", {})
+    for key in ("seed", "batch_size", "grad_accum"):
+        if before.get(key) != getattr(config, key):
+            raise ValueError(f"cannot resume exactly: {key} was {before.get(key)!r}, now {getattr(config, key)!r}")
+    for key in ("max_steps", "epochs", "lr", "warmup_steps", "warmup_ratio"):
+        if before.get(key) != getattr(config, key):
+            train_log.warning("resuming with %s=%r (was %r): the LR schedule changes", key, getattr(config, key), before.get(key))
+
+
+def save_run(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState, run_config: dict,
+             extra_state: Any = None) -> None:
+    """Checkpoint the run at `state.step` (all processes call it): model, optimizer, scheduler, RNGs, the data
+    position, the resolved config (+ `run_config`) and `extra_state`; atomic, older ones pruned."""
+    root, name = _checkpoint_root(config), checkpoint_name(state.step)
+    if accelerator.is_main_process:
+        begin(root, name)
+    accelerator.wait_for_everyone()
+    full_config = {"train": config.model_dump(mode="json"), **run_config}
+    write_state(
+        temp_dir(root, name), accelerator.unwrap_model(model), optimizer, scheduler, asdict(state),
+        full_config, accelerator.process_index,
+    )
+    if accelerator.is_main_process and extra_state is not None:
+        (temp_dir(root, name) / EXTRA_STATE).write_text(json.dumps(extra_state.state_dict(), indent=1) + "\n")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        commit(root, name, keep=config.keep_checkpoints)
+        train_log.info("saved checkpoint %s", root / name)
+    accelerator.wait_for_everyone()
+
+
+def resume_run(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState,
+               extra_state: Any = None) -> TrainState:
+    """The state to start from: `state` (fresh run), or the newest complete checkpoint's, loaded into model,
+    optimizer, scheduler, RNGs and `extra_state` after checking that it replays the same data order."""
+    root = _checkpoint_root(config)
+    if not config.resume:
+        if has_checkpoints(root):
+            raise ValueError(f"{root} already holds checkpoints: pass --resume to continue, or use a new output dir")
+        return state
+    path = find_latest(root)
+    if path is None:
+        train_log.warning("--resume: no complete checkpoint under %s; starting from scratch", root)
+        return state
+    saved = type(state)(**json.loads((path / "trainer_state.json").read_text()))  # a TrainState
+    if (saved.world_size, saved.num_items) != (state.world_size, state.num_items):
+        raise ValueError(
+            f"cannot resume exactly: the checkpoint saw {saved.num_items} items on {saved.world_size} processes, "
+            f"this run has {state.num_items} on {state.world_size}"
+        )
+    if saved.lengths_digest != state.lengths_digest:
+        raise ValueError(
+            "cannot resume exactly: the data order differs from the checkpoint's (group_by_length, the data, or "
+            "the item lengths, e.g. max_length, changed)"
+        )
+    _check_resume(json.loads((path / "config.json").read_text()), config)
+    read_state(path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
+    if extra_state is not None:
+        if not (path / EXTRA_STATE).is_file():
+            raise ValueError(f"{path} has no {EXTRA_STATE}: it was not written by this trainer")
+        extra_state.load_state_dict(json.loads((path / EXTRA_STATE).read_text()))
+    train_log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, saved.step, saved.epoch, saved.step_in_epoch)
+    return saved

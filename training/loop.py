@@ -3,7 +3,8 @@
     step_fn(model, batch) -> (loss, metrics)      loss: scalar mean over the micro-batch; metrics: 0-dim tensors
 
 The loop owns everything else: seeded data order, gradient accumulation, clipping, warmup + cosine LR, bf16
-autocast, periodic eval, atomic checkpoints, exact resume, progress bar, TensorBoard + metrics.jsonl.
+autocast, periodic eval, atomic checkpoints and exact resume (training/checkpoint.py), progress bar, TensorBoard +
+metrics.jsonl (training/run_log.py).
 `accelerate` places the model, wraps it for DDP when launched with several processes, and autocasts; a plain
 `python` process works the same (one process, no DDP).
 
@@ -16,23 +17,24 @@ a resumed run replays the very same micro-batches with the very same RNG states 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
 from training import checkpoint as ckpt
+from training.run_log import RunLog, Window
 from training.sampler import item_lengths, lengths_digest, micro_batches
 
 log = logging.getLogger("rewardserve.train")
@@ -41,7 +43,6 @@ Metrics = dict[str, torch.Tensor]
 StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Metrics]]
 Update = list[tuple[Any, int]]  # (micro-batch, items) accumulated into one optimizer update
 RolloutFn = Callable[[torch.nn.Module, Update], tuple[list[Update], Metrics]]
-EXTRA_STATE = "extra_state.json"
 
 
 class LoraSettings(BaseModel):
@@ -194,85 +195,6 @@ def evaluate(
     return {f"eval/{k}": v / items for k, v in values.items()}
 
 
-# --------------------------------------------------------------------------------------------------- logging
-
-
-class RunLog:
-    """metrics.jsonl + TensorBoard + the progress bar; only the main process writes."""
-
-    def __init__(self, out: Path, config: TrainConfig, total: int, state: TrainState, enabled: bool):
-        self.enabled = enabled
-        self.path = out / "metrics.jsonl"
-        self.writer = self.bar = None
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
-
-        out.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(state.step)  # a resumed run rewrites what came after its checkpoint
-        # On resume, TensorBoard hides what a killed run logged after the checkpoint (steps > state.step).
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=state.step + 1 if state.step else None)
-        self.bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not config.progress)
-
-    def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def write(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        for key, value in values.items():
-            if key != "epoch":
-                self.writer.add_scalar(key, value, step)
-        shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in values.items() if k in ("train/loss", "train/accuracy", "eval/accuracy")}
-        if shown:
-            self.bar.set_postfix(shown, refresh=False)
-
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.writer.close()
-            self.bar.close()
-
-
-class Window:
-    """Item-weighted sums of the step metrics since the last log, and the seconds spent stepping."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.weights: dict[str, float] = {}  # items behind each key's sum (keys may come from different adds)
-        self.items, self.steps, self.seconds = 0, 0, 0.0
-
-    def add(self, metrics: Metrics, items: int, count: bool = True) -> None:
-        """count: the items also count for time/items_per_s (PPO counts rollouts, not their minibatch reuses)."""
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float() * items
-            self.weights[key] = self.weights.get(key, 0.0) + items
-        self.items += items if count else 0
-
-    def flush(self, accelerator: Any) -> dict[str, float]:
-        """Means over the window (all processes), then reset."""
-        keys = sorted(self.sums)
-        device = accelerator.device
-        local = torch.stack([torch.as_tensor(self.sums[k], device=device) for k in keys]
-                            + [torch.tensor(self.weights[k], device=device) for k in keys]
-                            + [torch.tensor(float(self.items), device=device)])
-        totals = accelerator.reduce(local.to(device), reduction="sum").tolist()  # (2K + 1,)
-        items, steps = totals[-1], max(self.steps, 1)
-        out = {f"train/{k}": s / w for k, s, w in zip(keys, totals, totals[len(keys) : 2 * len(keys)])}
-        out |= {"time/step_s": self.seconds / steps, "time/items_per_s": items / max(self.seconds, 1e-9)}
-        self.__init__()
-        return out
-
-
 # ------------------------------------------------------------------------------------------------- the loop
 
 
@@ -321,73 +243,6 @@ def check_distributed(accelerator: Any) -> None:
         )
 
 
-def _checkpoint_root(config: TrainConfig) -> Path:
-    return Path(config.output_dir) / "checkpoints"
-
-
-def _check_resume(saved: dict, config: TrainConfig) -> None:
-    """A resume must replay the same data order: same seed, batch shape, processes and dataset size."""
-    before = saved.get("train", {})
-    for key in ("seed", "batch_size", "grad_accum"):
-        if before.get(key) != getattr(config, key):
-            raise ValueError(f"cannot resume exactly: {key} was {before.get(key)!r}, now {getattr(config, key)!r}")
-    for key in ("max_steps", "epochs", "lr", "warmup_steps", "warmup_ratio"):
-        if before.get(key) != getattr(config, key):
-            log.warning("resuming with %s=%r (was %r): the LR schedule changes", key, getattr(config, key), before.get(key))
-
-
-def _save(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState, run_config: dict,
-          extra_state: Any = None) -> None:
-    root, name = _checkpoint_root(config), ckpt.checkpoint_name(state.step)
-    if accelerator.is_main_process:
-        ckpt.begin(root, name)
-    accelerator.wait_for_everyone()
-    full_config = {"train": config.model_dump(mode="json"), **run_config}
-    ckpt.write_state(
-        ckpt.temp_dir(root, name), accelerator.unwrap_model(model), optimizer, scheduler, asdict(state),
-        full_config, accelerator.process_index,
-    )
-    if accelerator.is_main_process and extra_state is not None:
-        (ckpt.temp_dir(root, name) / EXTRA_STATE).write_text(json.dumps(extra_state.state_dict(), indent=1) + "\n")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt.commit(root, name, keep=config.keep_checkpoints)
-        log.info("saved checkpoint %s", root / name)
-    accelerator.wait_for_everyone()
-
-
-def _resume(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState,
-            extra_state: Any = None) -> TrainState:
-    root = _checkpoint_root(config)
-    if not config.resume:
-        if ckpt.has_checkpoints(root):
-            raise ValueError(f"{root} already holds checkpoints: pass --resume to continue, or use a new output dir")
-        return state
-    path = ckpt.find_latest(root)
-    if path is None:
-        log.warning("--resume: no complete checkpoint under %s; starting from scratch", root)
-        return state
-    saved = TrainState(**json.loads((path / "trainer_state.json").read_text()))
-    if (saved.world_size, saved.num_items) != (state.world_size, state.num_items):
-        raise ValueError(
-            f"cannot resume exactly: the checkpoint saw {saved.num_items} items on {saved.world_size} processes, "
-            f"this run has {state.num_items} on {state.world_size}"
-        )
-    if saved.lengths_digest != state.lengths_digest:
-        raise ValueError(
-            "cannot resume exactly: the data order differs from the checkpoint's (group_by_length, the data, or "
-            "the item lengths, e.g. max_length, changed)"
-        )
-    _check_resume(json.loads((path / "config.json").read_text()), config)
-    ckpt.read_state(path, accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
-    if extra_state is not None:
-        if not (path / EXTRA_STATE).is_file():
-            raise ValueError(f"{path} has no {EXTRA_STATE}: it was not written by this trainer")
-        extra_state.load_state_dict(json.loads((path / EXTRA_STATE).read_text()))
-    log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, saved.step, saved.epoch, saved.step_in_epoch)
-    return saved
-
-
 def train(
     config: TrainConfig,
     model: torch.nn.Module,
@@ -426,7 +281,7 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by us, once per step
     lengths = item_lengths(collate, train_data) if config.group_by_length else None  # (N,) or None: random order
     state = TrainState(world_size=world, num_items=len(train_data), lengths_digest=lengths_digest(lengths))
-    state = _resume(accelerator, config, model, optimizer, scheduler, state, extra_state)  # restores the RNGs: nothing random after
+    state = ckpt.resume_run(accelerator, config, model, optimizer, scheduler, state, extra_state)  # restores the RNGs: nothing random after
     runlog = RunLog(Path(config.output_dir), config, total, state, enabled=accelerator.is_main_process)
     params = [p for p in model.parameters() if p.requires_grad]
     result = LoopResult(accelerator.unwrap_model(model), state, is_main=accelerator.is_main_process, accelerator=accelerator)
@@ -466,7 +321,7 @@ def train(
                 result.eval_metrics = run_evaluation()
                 runlog.write(state.step, result.eval_metrics)
             if done or (config.save_every and state.step % config.save_every == 0):
-                _save(accelerator, config, model, optimizer, scheduler, state, dict(run_config or {}), extra_state)
+                ckpt.save_run(accelerator, config, model, optimizer, scheduler, state, dict(run_config or {}), extra_state)
             if done:
                 result.last_loss = float(loss.detach())  # the final step's last micro-batch loss
                 break
