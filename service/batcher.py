@@ -272,7 +272,7 @@ class DynamicBatcher:
             item.queue_s = start - item.enqueued
             self._observer.on_queue_wait(item.queue_s)
         try:
-            planned = PlannedBatch((item.ids for item in batch), groups)
+            planned = PlannedBatch((item.ids for item in batch), groups, self.group_min_prefix)
             rewards = self._compute(planned)
             if len(rewards) != len(batch):
                 raise RuntimeError(f"backend returned {len(rewards)} rewards for {len(batch)} inputs")
@@ -284,9 +284,10 @@ class DynamicBatcher:
         seconds = time.monotonic() - start
         real = sum(item.length for item in batch)
         cost = real if self.packed else max(item.length for item in batch) * len(batch)
-        if groups:
-            cost = real = real - planned.saved_tokens  # the tokens computed: padding-free, prefixes once
-            self._observer.on_groups(sum(len(g.members) for g in groups), planned.saved_tokens)
+        saved = planned.saved_tokens
+        if saved:
+            cost = real = real - saved  # the tokens computed: padding-free, shared prefixes once
+            self._observer.on_groups(planned.layout.shared_inputs, saved)
         self._observer.on_batch(len(batch), cost, real, seconds)
         for item in batch:
             item.compute_s = seconds

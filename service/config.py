@@ -54,10 +54,11 @@ class ServeConfig(BaseModel):
     """A batch is cut before an input whose addition would make padding exceed this share of its tokens."""
     max_queue: int = 2048
     """Most inputs waiting or in flight; past it requests are refused at once (HTTP 429, RESOURCE_EXHAUSTED)."""
-    group_min_prefix: int = 32
+    group_min_prefix: int = 16
     """Inputs queued together that share at least this many leading tokens (a prompt's candidates, GRPO groups,
-    chosen + rejected) are scored as one group, the shared prefix computed once. Decoder RMs only: `hf` with
-    packing (CPU), `vllm` with prefix caching; encoder RMs are never grouped. 0: off."""
+    chosen + rejected) are scored as one group, the shared prefix computed once; within a pass every shared run
+    of this many tokens or more is computed once, nested (a system header, then each prompt). Decoder RMs only:
+    `hf` with packing (CPU), `vllm` with prefix caching; encoder RMs are never grouped. 0: off."""
 
     max_tokens: int = 0
     """Longest input in tokens; longer ones are truncated from the left (0: the model's own limit)."""

@@ -9,7 +9,13 @@ chosen + rejected) are scored together, their common prefix computed once. Pure 
   pass is split into chunks that each carry the prefix.
 
 A backend receives a `PlannedBatch`: the token-id lists of one pass (a plain list to any backend that
-ignores plans) and its `groups`, member indices into that list.
+ignores plans), its `groups` (member indices into that list) and its `layout`.
+
+- `prefix_tree_layout` is how a packed backend lays one pass out: a radix tree (compressed trie) of the pass's
+  inputs, every edge of at least `min_shared` tokens that two or more inputs share computed ONCE, at every
+  depth. So sharing nests: a chat template's system header common to a whole pass, then each prompt common to
+  its candidates (or to chosen + rejected), then the candidates' own tokens. The groups decide which inputs go
+  to the same pass; the tree decides what each pass computes.
 """
 
 from __future__ import annotations
@@ -27,17 +33,116 @@ class Group:
     """Indices of the members in their batch (two or more)."""
 
 
-class PlannedBatch(list):
-    """The token-id lists of one forward pass, plus the prefix groups among them."""
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    end: int
+    """Row positions [start, end) of this segment's tokens in the packed row."""
+    context: tuple[tuple[int, int], ...]
+    """Row ranges of its ancestors' segments, root first: the tokens it attends before its own (causally)."""
 
-    def __init__(self, seqs: Iterable[Sequence[int]] = (), groups: Sequence[Group] = ()):
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """One packed row for a pass: token ids, position ids, attention segments in row order, and for each input
+    the row index of its last token (where its reward is read)."""
+
+    ids: list[int]
+    positions: list[int]
+    segments: list[Segment]
+    read: list[int]
+    saved: int
+    """Input tokens not computed (the inputs' total length minus the row's length)."""
+    shared_inputs: int
+    """Inputs that read at least one shared segment."""
+
+
+def prefix_tree_layout(seqs: Sequence[Sequence[int]], min_shared: int) -> TreeLayout:
+    """Lay `seqs` out as a radix tree: an edge (run of tokens) shared by two or more inputs becomes one segment
+    when it is at least `min_shared` tokens long (shorter ones are copied into each child, where they cost less
+    than a segment of their own would). Identical inputs are always computed once. `min_shared` <= 0: no
+    sharing, one segment per input."""
+    ids: list[int] = []
+    positions: list[int] = []
+    segments: list[Segment] = []
+    read = [-1] * len(seqs)
+    shared_inputs = 0
+
+    def emit(tokens: Sequence[int], depth: int, context: tuple[tuple[int, int], ...]) -> int:
+        start = len(ids)
+        ids.extend(tokens)
+        positions.extend(range(depth, depth + len(tokens)))
+        segments.append(Segment(start, len(ids), context))
+        return len(ids) - 1
+
+    if any(len(seq) == 0 for seq in seqs):
+        raise ValueError("cannot lay out an empty input")
+    if min_shared <= 0 or len(seqs) < 2:
+        for i, seq in enumerate(seqs):
+            read[i] = emit(seq, 0, ())
+        return TreeLayout(ids, positions, segments, read, 0, 0)
+    order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
+    lcp = [common_prefix_len(seqs[order[k]], seqs[order[k + 1]]) for k in range(len(order) - 1)]
+
+    # Iterative depth-first walk over runs order[lo:hi] that share their first `depth` tokens (already laid
+    # out in `context`, whose last token is row index `last`, or -1 at the root).
+    stack: list[tuple[int, int, int, tuple[tuple[int, int], ...], int]] = [(0, len(order), 0, (), -1)]
+    while stack:
+        lo, hi, depth, context, last = stack.pop()
+        if hi - lo == 1:
+            i = order[lo]
+            if len(seqs[i]) == depth:
+                read[i] = last  # the input IS the shared prefix laid out above it
+            else:
+                read[i] = emit(seqs[i][depth:], depth, context)
+            if context:
+                shared_inputs += 1
+            continue
+        common = min(lcp[lo:hi - 1])  # tokens the whole run shares
+        first = seqs[order[lo]]
+        identical = common == len(first) == len(seqs[order[hi - 1]])
+        if common > depth and (common - depth >= min_shared or identical):
+            end = emit(first[depth:common], depth, context)
+            context, last, depth = context + ((segments[-1].start, segments[-1].end),), end, common
+        children: list[tuple[int, int]] = []  # two or more: some neighbours share exactly `common`
+        start = lo
+        for k in range(lo, hi - 1):  # split where neighbours share no more than `common`
+            if lcp[k] <= common:
+                children.append((start, k + 1))
+                start = k + 1
+        children.append((start, hi))
+        for child_lo, child_hi in reversed(children):  # reversed: popped in sorted order
+            stack.append((child_lo, child_hi, depth, context, last))
+    saved = sum(len(s) for s in seqs) - len(ids)
+    return TreeLayout(ids, positions, segments, read, saved, shared_inputs)
+
+
+class PlannedBatch(list):
+    """The token-id lists of one forward pass, plus the prefix groups among them and its radix-tree layout.
+
+    `min_shared`: the shortest shared edge worth its own segment (the batcher passes its `group_min_prefix`);
+    None derives it from `groups` (their shortest prefix; no sharing without groups)."""
+
+    def __init__(self, seqs: Iterable[Sequence[int]] = (), groups: Sequence[Group] = (),
+                 min_shared: int | None = None):
         super().__init__(seqs)
         self.groups: tuple[Group, ...] = tuple(groups)
+        if min_shared is None:
+            min_shared = min((g.prefix_len for g in self.groups), default=0)
+        self.min_shared = min_shared
+        self._layout: TreeLayout | None = None
+
+    @property
+    def layout(self) -> TreeLayout:
+        """The pass as a radix tree (computed once)."""
+        if self._layout is None:
+            self._layout = prefix_tree_layout(self, self.min_shared)
+        return self._layout
 
     @property
     def saved_tokens(self) -> int:
-        """Prefix tokens not computed thanks to the groups."""
-        return sum((len(g.members) - 1) * g.prefix_len for g in self.groups)
+        """Input tokens not computed thanks to shared prefixes (at every level of the tree)."""
+        return self.layout.saved if self.min_shared > 0 else 0
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -96,7 +201,7 @@ def _chunks(items: list[Any], prefix_len: int, max_count: int, max_tokens: int) 
     units: list[_Unit] = []
     current: list[Any] = []
     cost = prefix_len
-    for item in sorted(items, key=lambda it: it.length):
+    for item in sorted(items, key=lambda it: list(it.ids)):  # trie order: nested sharers stay in one chunk
         extra = item.length - prefix_len
         if current and (len(current) >= max_count or cost + extra > max_tokens):
             units.append(_Unit(current, prefix_len, cost))

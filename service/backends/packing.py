@@ -8,14 +8,15 @@ through transformers' `cu_seq_lens_q` keyword, which every model forwards to its
 Supported heads: decoder heads (`model.score` on the last token) and BERT-style heads
 (`base.pooler` on the first token + `model.classifier`). Other architectures fall back to padded batches.
 
-Prefix groups (decoder heads only; see service/grouping.py): a group's shared prefix is packed ONCE, then each
-member's suffix, with positions continuing after the prefix: [prefix, s1, s2, ...]. The attention is
-tree-shaped: the prefix attends itself causally, each suffix attends the whole prefix plus itself causally
-(one SDPA call per segment with the prefix's keys/values prepended and a boolean mask). Why packing rather
-than expanding the prefix's KV cache over the members: the members have different lengths, so a KV-cache
-batch is padded again (what packing exists to avoid on CPU), and the tree fits in the same packed row as the
-batch's other inputs (ungrouped ones, other groups), so one forward pass serves them all. A member equal to
-the prefix reads the prefix's last token; identical suffixes in a group are computed once.
+Shared prefixes (decoder heads only; see service/grouping.py): a pass is laid out as a radix tree of its inputs,
+each shared run of tokens packed ONCE, then what follows it, with positions continuing: e.g. [system header,
+prompt 1, answer 1a, answer 1b, prompt 2, answer 2a, ...]. The attention is tree-shaped: each segment attends
+its ancestors' segments fully plus itself causally (one SDPA call per segment with the ancestors' keys/values
+prepended and a boolean mask). Why packing rather than expanding a prefix's KV cache over the members: the
+members have different lengths, so a KV-cache batch is padded again (what packing exists to avoid on CPU), and
+the tree fits in the same packed row as the pass's other inputs, so one forward pass serves them all, at every
+level of sharing. An input equal to a shared prefix reads that prefix's last token; identical inputs are
+computed once.
 Encoder heads attend both ways (a prefix token's state depends on what follows), so they are never grouped.
 """
 
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from service.grouping import Group
+from service.grouping import TreeLayout
 from service.modeling import has_decoder_head
 
 ATTN_NAME = "rewardserve_packed"
@@ -43,7 +44,7 @@ def _packed_attention(
     scaling: float | None = None,
     is_causal: bool | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
-    prefix_tree: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None,
+    prefix_tree: list[tuple[int, int, tuple[tuple[int, int], ...], torch.Tensor | None]] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     if prefix_tree is not None:
@@ -68,10 +69,11 @@ def _packed_attention(
 
 def _tree_attention(
     module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
-    scaling: float | None, is_causal: bool | None, tree: list[tuple[int, int, int, int, torch.Tensor | None]],
+    scaling: float | None, is_causal: bool | None,
+    tree: list[tuple[int, int, tuple[tuple[int, int], ...], torch.Tensor | None]],
 ) -> tuple[torch.Tensor, None]:
-    """Segments (start, end, ctx_start, ctx_end, mask) in row order; a segment with a context (its group's
-    prefix) attends the context fully and itself causally, through `mask` (n, ctx + n)."""
+    """Segments (start, end, context ranges, mask) in row order; a segment with a context (its ancestors in the
+    prefix tree) attends the context fully and itself causally, through `mask` (n, ctx + n)."""
     if is_causal is False or not getattr(module, "is_causal", True):
         raise RuntimeError("prefix groups need causal attention")
     groups = query.shape[1] // key.shape[1]
@@ -79,14 +81,14 @@ def _tree_attention(
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     outs = []
-    for s, e, cs, ce, mask in tree:
+    for s, e, context, mask in tree:
         q = query[:, :, s:e]
         if mask is None:
             outs.append(F.scaled_dot_product_attention(
                 q, key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True))
             continue
-        k = torch.cat([key[:, :, cs:ce], key[:, :, s:e]], dim=2)  # (1, H, P + n, D)
-        v = torch.cat([value[:, :, cs:ce], value[:, :, s:e]], dim=2)
+        k = torch.cat([key[:, :, cs:ce] for cs, ce in context] + [key[:, :, s:e]], dim=2)  # (1, H, P + n, D)
+        v = torch.cat([value[:, :, cs:ce] for cs, ce in context] + [value[:, :, s:e]], dim=2)
         outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
     out = torch.cat(outs, dim=2)  # (1, H, T, D)
     return out.transpose(1, 2).contiguous(), None  # (1, T, H, D)
@@ -129,43 +131,6 @@ def pack(batch: Sequence[Sequence[int]], device: Any) -> tuple[torch.Tensor, tor
     return input_ids.to(device), positions.to(device), cu.to(device)
 
 
-def tree_layout(
-    batch: Sequence[Sequence[int]], groups: Sequence[Group]
-) -> tuple[list[int], list[int], list[tuple[int, int, int, int]], list[int]]:
-    """One packed row holding each group's prefix once: token ids, positions, attention segments
-    (start, end, ctx_start, ctx_end; ctx empty for plain causal segments), and for each input of `batch` the
-    row index of the token its reward is read from (its last token)."""
-    ids: list[int] = []
-    positions: list[int] = []
-    spans: list[tuple[int, int, int, int]] = []
-    read = [-1] * len(batch)
-
-    def segment(tokens: Sequence[int], first_position: int, ctx: tuple[int, int]) -> int:
-        start = len(ids)
-        ids.extend(tokens)
-        positions.extend(range(first_position, first_position + len(tokens)))
-        spans.append((start, len(ids), *ctx))
-        return len(ids) - 1
-
-    for group in groups:
-        p = group.prefix_len
-        prefix_start = len(ids)
-        prefix_last = segment(batch[group.members[0]][:p], 0, (0, 0))
-        done: dict[tuple[int, ...], int] = {}
-        for m in group.members:
-            suffix = tuple(batch[m][p:])
-            if not suffix:
-                read[m] = prefix_last
-            elif suffix in done:
-                read[m] = done[suffix]
-            else:
-                read[m] = done[suffix] = segment(suffix, p, (prefix_start, prefix_start + p))
-    for i, seq in enumerate(batch):
-        if read[i] < 0:
-            read[i] = segment(seq, 0, (0, 0))
-    return ids, positions, spans, read
-
-
 def _context_mask(n: int, ctx: int, device: Any) -> torch.Tensor:
     """(n, ctx + n) boolean: every query sees the whole context, and itself causally."""
     mask = torch.ones(n, ctx + n, dtype=torch.bool, device=device)
@@ -173,26 +138,30 @@ def _context_mask(n: int, ctx: int, device: Any) -> torch.Tensor:
     return mask
 
 
-def grouped_reward_forward(model: Any, batch: Sequence[Sequence[int]], groups: Sequence[Group]) -> torch.Tensor:
-    """Rewards (N,) float32 of a decoder RM, each group's prefix computed once (tree attention)."""
+def tree_reward_forward(model: Any, layout: TreeLayout) -> torch.Tensor:
+    """Rewards (N,) float32 of a decoder RM over a radix-tree layout (service.grouping.prefix_tree_layout):
+    every shared segment computed once, each segment attending its ancestors' segments and itself causally."""
     device = next(model.parameters()).device
-    ids, positions, spans, read = tree_layout(batch, groups)
-    tree = [(s, e, cs, ce, _context_mask(e - s, ce - cs, device) if ce > cs else None) for s, e, cs, ce in spans]
+    tree = []
+    for seg in layout.segments:
+        ctx = sum(e - s for s, e in seg.context)
+        mask = _context_mask(seg.end - seg.start, ctx, device) if ctx else None
+        tree.append((seg.start, seg.end, seg.context, mask))
     base = getattr(model, model.base_model_prefix)
     hidden = base(
-        input_ids=torch.tensor([ids], dtype=torch.long, device=device),  # (1, T)
-        position_ids=torch.tensor([positions], dtype=torch.long, device=device),  # (1, T)
+        input_ids=torch.tensor([layout.ids], dtype=torch.long, device=device),  # (1, T)
+        position_ids=torch.tensor([layout.positions], dtype=torch.long, device=device),  # (1, T)
         prefix_tree=tree, use_cache=False,
     ).last_hidden_state[0]  # (T, H)
-    return model.score(hidden[torch.tensor(read, device=device)])[:, 0].float()
+    return model.score(hidden[torch.tensor(layout.read, device=device)])[:, 0].float()
 
 
 def packed_reward_forward(model: Any, kind: str, batch: Sequence[Sequence[int]]) -> torch.Tensor:
     """Rewards (N,) float32 for N unpadded sequences in one packed forward pass. A `PlannedBatch` with prefix
-    groups goes through `grouped_reward_forward` (decoder heads)."""
-    groups = getattr(batch, "groups", ())
-    if groups and kind == "decoder":
-        return grouped_reward_forward(model, batch, groups)
+    prefixes worth sharing goes through `tree_reward_forward` (decoder heads)."""
+    layout = batch.layout if kind == "decoder" and getattr(batch, "min_shared", 0) > 0 else None
+    if layout is not None and layout.saved > 0:
+        return tree_reward_forward(model, layout)
     device = next(model.parameters()).device
     input_ids, positions, cu = pack(batch, device)
     longest = int((cu[1:] - cu[:-1]).max())

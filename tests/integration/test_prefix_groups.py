@@ -55,7 +55,7 @@ def grouped(model, seqs, min_prefix=16, max_batch_size=64, max_batch_tokens=100_
     out, saved = {}, 0
     with torch.inference_mode():
         for batch, groups in plan_grouped_batches(items, max_batch_size, max_batch_tokens, min_prefix):
-            planned = PlannedBatch([it.ids for it in batch], groups)
+            planned = PlannedBatch([it.ids for it in batch], groups, min_prefix)  # as the batcher does
             saved += planned.saved_tokens
             for item, r in zip(batch, packing.packed_reward_forward(model, "decoder", planned)):
                 out[id(item)] = r
@@ -86,11 +86,17 @@ def _case(name, rng, vocab):
         seqs += [_rand(rng, vocab, rng.randint(1, 300)) for _ in range(5)] + [header[:7], header[:7] + [9]]
         rng.shuffle(seqs)
         return seqs
+    if name == "two-level":  # a 24-token system header shared by all, 4 prompts, 3 answers each
+        header = _rand(rng, vocab, 24)
+        prompts = [header + _rand(rng, vocab, rng.randint(20, 120)) for _ in range(4)]
+        seqs = [p + _rand(rng, vocab, rng.randint(1, 40)) for p in prompts for _ in range(3)]
+        rng.shuffle(seqs)
+        return seqs
     raise ValueError(name)
 
 
 CASES = ["group2-prefix16", "group5-prefix100", "group16-prefix400", "group8-prefix700", "nested", "identical",
-         "mixed"]
+         "mixed", "two-level"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -101,6 +107,21 @@ def test_grouped_equals_independent(models, case):
     got, saved = grouped(packed, seqs)
     assert saved > 0  # groups were really formed
     assert torch.allclose(got, expected, atol=ATOL), (got - expected).abs().max()
+
+
+def test_sharing_nests_header_then_prompt(models):
+    """One pass computes the common header once and each prompt once: the tokens saved are both levels'."""
+    reference, packed = models
+    rng = random.Random(5)
+    vocab = reference.config.vocab_size
+    header = _rand(rng, vocab, 24)
+    prompts = [header + _rand(rng, vocab, 60) for _ in range(4)]
+    seqs = [p + _rand(rng, vocab, 10 + i) for p in prompts for i in range(2)]
+    got, saved = grouped(packed, seqs, min_prefix=16)
+    assert saved == (len(seqs) - 1) * 24 + 4 * 60  # header: 7 copies saved; each prompt: 1 copy saved
+    assert torch.allclose(got, independent(reference, seqs), atol=ATOL)
+    _, saved_one_level = grouped(packed, seqs, min_prefix=32)  # the header alone is too short to share
+    assert saved_one_level == 4 * (24 + 60)
 
 
 def test_group_chunks_and_batch_neighbours_do_not_change_a_reward(models):

@@ -11,6 +11,7 @@ from service.grouping import (
     common_prefix_len,
     find_groups,
     plan_grouped_batches,
+    prefix_tree_layout,
     restrict,
 )
 
@@ -140,3 +141,46 @@ def test_restrict_after_drops_and_planned_batch():
     assert batch == [[1] * 12, [1] * 11, [1] * 10, [2] * 5, [2] * 6] and len(batch) == 5
     assert batch.saved_tokens == 2 * 10 + 5
     assert PlannedBatch([[1]]).groups == ()
+
+
+def _rebuild(layout, i):
+    """Input i as the layout computes it: its segment's context ranges, then its segment up to its read index."""
+    seg = next(s for s in layout.segments if s.start <= layout.read[i] < s.end)
+    rows = [r for a, b in seg.context for r in range(a, b)] + list(range(seg.start, layout.read[i] + 1))
+    return [layout.ids[r] for r in rows], [layout.positions[r] for r in rows]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_prefix_tree_layout_computes_every_input_exactly(seed):
+    """Random nested families (header -> prompts -> answers, duplicates, inputs that are prefixes of others):
+    every input is rebuilt from its ancestors' segments with positions 0..n-1, and the saving is exact."""
+    rng = random.Random(seed)
+    header = [rng.randrange(3) for _ in range(rng.randint(0, 30))]
+    seqs = []
+    for _ in range(rng.randint(1, 5)):
+        prompt = header + [rng.randrange(4) for _ in range(rng.randint(0, 25))]
+        for _ in range(rng.randint(1, 4)):
+            seq = prompt + [rng.randrange(4) for _ in range(rng.randint(0, 8))]
+            seqs.extend([seq] * rng.choice((1, 1, 2)) if seq else [])
+    rng.shuffle(seqs)
+    for min_shared in (0, 1, 4, 16):
+        layout = prefix_tree_layout(seqs, min_shared)
+        for i, seq in enumerate(seqs):
+            assert _rebuild(layout, i) == (seq, list(range(len(seq))))
+        assert layout.saved == sum(map(len, seqs)) - len(layout.ids) >= 0
+        assert [s.start for s in layout.segments] == sorted(s.start for s in layout.segments)
+        if min_shared == 0:
+            assert layout.saved == 0 and len(layout.segments) == len(seqs)
+
+
+def test_prefix_tree_layout_levels_and_threshold():
+    header, p1, p2 = [7] * 24, [1] * 50, [2] * 40
+    seqs = [header + p1 + [3], header + p1 + [4, 4], header + p2 + [5], header + p2 + [6, 6, 6]]
+    nested = prefix_tree_layout(seqs, min_shared=16)
+    assert nested.saved == 3 * 24 + 50 + 40 and nested.shared_inputs == 4
+    assert len(nested.segments) == 1 + 2 + 4  # header, two prompts, four answers
+    assert prefix_tree_layout(seqs, min_shared=32).saved == 50 + 24 + 40 + 24  # the header is copied per prompt
+    assert prefix_tree_layout([[1, 2, 3], [1, 2, 3]], min_shared=16).saved == 3  # duplicates: always once
+    assert prefix_tree_layout([[1, 2, 3], [1, 2, 4]], min_shared=16).saved == 0
+    with pytest.raises(ValueError):
+        prefix_tree_layout([[1], []], 4)
