@@ -106,6 +106,7 @@ def _add_train_and_eval(sub: argparse._SubParsersAction) -> None:
         ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
         ("--max-length", int, "token cap per side (default 512)"), ("--max-grad-norm", float, "clip norm; 0: off (default 1)"),
         ("--warmup-steps", int, "linear warmup steps"), ("--warmup-ratio", float, "warmup fraction, then cosine (default 0)"),
+        ("--lr-schedule", str, "after warmup: cosine (default) | constant"),
         ("--eval-every", int, "evaluate every N steps (and at the end)"), ("--save-every", int, "checkpoint every N steps (and at the end)"),
         ("--keep-checkpoints", int, "checkpoints kept (default 2; 0: all)"), ("--log-every", int, "log every N steps (default 10)"),
         ("--eval-batch-size", int, "pairs per eval batch; unset: twice --batch-size"), ("--seed", int, "seed (default 42)"),

@@ -15,6 +15,7 @@ LOOP_FLAGS = (
     ("--grad-accum", int, "micro-batches per step (default 1)"),
     ("--max-grad-norm", float, "clip norm; 0: off (default 1)"), ("--warmup-steps", int, "linear warmup steps"),
     ("--warmup-ratio", float, "warmup fraction, then cosine (default 0)"),
+    ("--lr-schedule", str, "after warmup: cosine (default) | constant"),
     ("--save-every", int, "checkpoint every N steps (and at the end)"),
     ("--keep-checkpoints", int, "checkpoints kept (default 2; 0: all)"), ("--log-every", int, "log every N steps (default 10; train ppo: 1)"),
     ("--seed", int, "seed (default 42)"), ("--threads", int, "torch CPU threads"),

@@ -27,7 +27,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -72,6 +72,8 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0: no clipping.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps; 0: use warmup_ratio.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warmup as a fraction of all steps (then cosine).")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="After warmup: cosine decay to 0 over the run, or constant (common for PPO).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (and always at the end); 0: end only.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps (and always at the end).")
     keep_checkpoints: int = Field(2, ge=0, description="Complete checkpoints to keep, newest first; 0: all.")
@@ -263,7 +265,7 @@ def train(
     extra_state: an object with state_dict() -> JSON-able dict and load_state_dict(dict) (e.g. a KL controller),
         saved in every checkpoint (extra_state.json) and restored on resume.
     """
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -277,7 +279,10 @@ def train(
 
     model.train()
     optimizer = build_optimizer(model, config)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(config, total), total)
+    if config.lr_schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup_steps(config, total))
+    else:
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(config, total), total)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by us, once per step
     lengths = item_lengths(collate, train_data) if config.group_by_length else None  # (N,) or None: random order
     state = TrainState(world_size=world, num_items=len(train_data), lengths_digest=lengths_digest(lengths))

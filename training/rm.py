@@ -236,7 +236,8 @@ def train_rm(config: RMConfig) -> RMResult:
 
 _TRAIN_FLAGS = (
     "lr", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm", "warmup_steps",
-    "warmup_ratio", "eval_every", "save_every", "keep_checkpoints", "log_every", "eval_batch_size", "seed", "bf16",
+    "warmup_ratio", "lr_schedule", "eval_every", "save_every", "keep_checkpoints", "log_every", "eval_batch_size",
+    "seed", "bf16",
     "resume", "threads", "group_by_length",
 )
 _RM_FLAGS = ("base", "data", "eval", "max_length", "center_rewards_coefficient", "disable_dropout")

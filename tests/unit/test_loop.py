@@ -247,6 +247,14 @@ def test_warmup_then_cosine_and_the_logs(tmp_path):
     assert saved["train"]["lr"] == 1.0 and saved["train"]["warmup_steps"] == 2  # the resolved config is saved
 
 
+def test_warmup_then_constant(tmp_path):
+    data = toy_data()
+    cfg = config(tmp_path, "const", max_steps=5, warmup_steps=2, lr=0.5, save_every=0, lr_schedule="constant")
+    train(cfg, Toy(0), data, collate, plain_step)
+    rows = [json.loads(line) for line in (tmp_path / "const" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([0.0, 0.25, 0.5, 0.5, 0.5], abs=1e-9)
+
+
 def test_evaluate_is_an_item_weighted_mean(tmp_path):
     data = toy_data()
     model = Toy(0, 0.0)
