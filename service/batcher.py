@@ -287,7 +287,7 @@ class DynamicBatcher:
         saved = planned.saved_tokens
         if saved:
             cost = real = real - saved  # the tokens computed: padding-free, shared prefixes once
-            self._observer.on_groups(planned.layout.shared_inputs, saved)
+            self._observer.on_groups(planned.shared_inputs, saved)
         self._observer.on_batch(len(batch), cost, real, seconds)
         for item in batch:
             item.compute_s = seconds

@@ -70,10 +70,14 @@ class VLLMBackend:
         return [float(out.outputs.data.reshape(-1)[0]) for out in outputs]
 
     def score_batch(self, batch: Sequence[Sequence[int]]) -> list[float]:
-        groups = getattr(batch, "groups", ())
-        prefixes = [batch[g.members[0]][: g.prefix_len] for g in groups if g.prefix_len >= self.block_size]
-        if prefixes and self.prefix_groups:
-            self._encode(prefixes)  # fills the prefix cache; the members below read it
+        groups = [g for g in getattr(batch, "groups", ()) if g.prefix_len >= self.block_size]
+        if groups and self.prefix_groups:
+            self._encode([batch[g.members[0]][: g.prefix_len] for g in groups])  # fills the prefix cache
+            # the members read the prefix's whole cached blocks; the priming pass computed the prefix once
+            cached = lambda g: g.prefix_len // self.block_size * self.block_size
+            batch.backend_saved = sum(max(0, len(g.members) * cached(g) - g.prefix_len) for g in groups)
+        elif hasattr(batch, "backend_saved"):
+            batch.backend_saved = 0  # nothing shared (the hf tree layout does not apply here)
         return self._encode(batch)
 
     def warmup(self) -> None:

@@ -184,3 +184,12 @@ def test_prefix_tree_layout_levels_and_threshold():
     assert prefix_tree_layout([[1, 2, 3], [1, 2, 4]], min_shared=16).saved == 0
     with pytest.raises(ValueError):
         prefix_tree_layout([[1], []], 4)
+
+
+def test_a_backend_that_shares_its_own_way_reports_its_saving():
+    batch = PlannedBatch([[1] * 40 + [2], [1] * 40 + [3], [4] * 5], (Group(40, (0, 1)),), 16)
+    assert batch.saved_tokens == 40 and batch.shared_inputs == 2  # the radix tree's saving
+    batch.backend_saved = 2 * 32 - 40  # e.g. vLLM: two members read 32 cached tokens, the priming pass paid 40
+    assert batch.saved_tokens == 24 and batch.shared_inputs == 2
+    batch.backend_saved = 0
+    assert batch.saved_tokens == 0 and batch.shared_inputs == 0
