@@ -176,7 +176,17 @@ def load_reward_model(source: ModelSource, dtype: Any, device: str) -> Any:
         # The score head is freshly initialised (an overlay then replaces it): seed it so every process
         # serves the same rewards.
         torch.manual_seed(DEFAULT_SEED)
-    model = AutoModelForSequenceClassification.from_pretrained(str(source.path), **kwargs)
+    if source.overlay is not None:  # the base has no score head yet: transformers' "MISSING" report is expected
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(str(source.path), **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(source.path), **kwargs)
     if model.config.num_labels != 1:
         raise ValueError(f"{source.path} has num_labels={model.config.num_labels}; a reward model has 1")
     if model.config.pad_token_id is None:
