@@ -52,14 +52,12 @@ def _packed_attention(
     if cu_seq_lens_q is None:
         raise RuntimeError("packed attention needs cu_seq_lens_q (segment boundaries)")
     causal = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: repeat the key/value heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: SDPA shares the key/value heads itself
     bounds = cu_seq_lens_q.tolist()
     outs = [
         F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=causal
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=causal,
+            enable_gqa=gqa,
         )
         for s, e in zip(bounds[:-1], bounds[1:])
     ]
@@ -76,20 +74,18 @@ def _tree_attention(
     prefix tree) attends the context fully and itself causally, through `mask` (n, ctx + n)."""
     if is_causal is False or not getattr(module, "is_causal", True):
         raise RuntimeError("prefix groups need causal attention")
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    gqa = query.shape[1] != key.shape[1]  # the context's keys/values are copied at their own (fewer) heads
     outs = []
     for s, e, context, mask in tree:
         q = query[:, :, s:e]
         if mask is None:
             outs.append(F.scaled_dot_product_attention(
-                q, key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True))
+                q, key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa))
             continue
         k = torch.cat([key[:, :, cs:ce] for cs, ce in context] + [key[:, :, s:e]], dim=2)  # (1, H, P + n, D)
         v = torch.cat([value[:, :, cs:ce] for cs, ce in context] + [value[:, :, s:e]], dim=2)
-        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                                   enable_gqa=gqa))
     out = torch.cat(outs, dim=2)  # (1, H, T, D)
     return out.transpose(1, 2).contiguous(), None  # (1, T, H, D)
 
