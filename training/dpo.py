@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from training import loop
 from training.checkpoint import atomic_write_text
 from training.data import PreferencePair, load_preferences, pad_right
-from training.loop import LoraSettings, TrainConfig
+from training.loop import TrainConfig, given_flags, train_config_from_args
 from training.losses import DPO_LOSS_TYPES, dpo_loss
 from training.policy import (
     check_export,
@@ -241,15 +241,7 @@ _DPO_FLAGS = ("policy", "ref", "data", "eval", "max_length", "beta", "loss_type"
 
 
 def config_from_args(args: Any) -> DPOConfig:
-    from training.rm import _TRAIN_FLAGS
-
-    given = lambda names: {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    train = given(_TRAIN_FLAGS) | {"output_dir": args.output, "progress": not args.no_progress}
-    if args.lora:
-        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                "target_modules": args.lora_targets.split(",") if args.lora_targets else None}
-        train["lora"] = LoraSettings(**{k: v for k, v in lora.items() if v is not None})
-    return DPOConfig(**given(_DPO_FLAGS), train=TrainConfig(**train))
+    return DPOConfig(**given_flags(args, _DPO_FLAGS), train=train_config_from_args(args))
 
 
 def main(args: Any) -> int:

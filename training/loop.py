@@ -117,6 +117,31 @@ class LoopResult:
 # --------------------------------------------------------------------------------------------- small pieces
 
 
+TRAIN_FLAGS = (
+    "lr", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm", "warmup_steps",
+    "warmup_ratio", "lr_schedule", "eval_every", "save_every", "keep_checkpoints", "log_every", "eval_batch_size",
+    "seed", "bf16", "resume", "threads", "group_by_length",
+)
+"""TrainConfig fields that `train rm|dpo|ppo` take from flags of the same name."""
+
+
+def given_flags(args: Any, names: Sequence[str]) -> dict[str, Any]:
+    """The flags among `names` that were given (argparse leaves the others None, so defaults stay the config's)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def train_config_from_args(args: Any, defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """The loop's flags (plus --output, --no-progress and the --lora group) -> TrainConfig; `defaults` are a
+    trainer's own defaults, which given flags override."""
+    train = dict(defaults or {}) | given_flags(args, TRAIN_FLAGS)
+    train |= {"output_dir": args.output, "progress": not args.no_progress}
+    if args.lora:
+        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                "target_modules": args.lora_targets.split(",") if args.lora_targets else None}
+        train["lora"] = LoraSettings(**{k: v for k, v in lora.items() if v is not None})
+    return TrainConfig(**train)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

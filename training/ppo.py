@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from training import loop
 from training.checkpoint import atomic_write_text
-from training.loop import LoraSettings, TrainConfig
+from training.loop import TrainConfig, given_flags, train_config_from_args
 from training.policy import completion_logprobs, export_policy, policy_and_reference
 from training.ppo_experience import Experience, ExperienceMaker, ppo_step
 from training.prompts import PromptCollator, load_prompts, tokenize_prompts
@@ -183,15 +183,7 @@ _PPO_FLAGS = (
 
 
 def config_from_args(args: Any) -> PPOConfig:
-    from training.rm import _TRAIN_FLAGS
-
-    given = lambda names: {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    train = {"log_every": 1} | given(_TRAIN_FLAGS) | {"output_dir": args.output, "progress": not args.no_progress}
-    if args.lora:
-        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                "target_modules": args.lora_targets.split(",") if args.lora_targets else None}
-        train["lora"] = LoraSettings(**{k: v for k, v in lora.items() if v is not None})
-    return PPOConfig(**given(_PPO_FLAGS), train=TrainConfig(**train))
+    return PPOConfig(**given_flags(args, _PPO_FLAGS), train=train_config_from_args(args, {"log_every": 1}))
 
 
 def main(args: Any) -> int:

@@ -33,7 +33,7 @@ from training import loop
 from training.checkpoint import atomic_write_text
 from training.data import PreferenceBatch, PreferenceCollator, load_preferences
 from training.losses import bradley_terry_loss
-from training.loop import LoraSettings, TrainConfig
+from training.loop import TrainConfig, given_flags, train_config_from_args
 
 log = logging.getLogger("rewardserve.train.rm")
 
@@ -234,24 +234,12 @@ def train_rm(config: RMConfig) -> RMResult:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-_TRAIN_FLAGS = (
-    "lr", "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm", "warmup_steps",
-    "warmup_ratio", "lr_schedule", "eval_every", "save_every", "keep_checkpoints", "log_every", "eval_batch_size",
-    "seed", "bf16",
-    "resume", "threads", "group_by_length",
-)
 _RM_FLAGS = ("base", "data", "eval", "max_length", "center_rewards_coefficient", "disable_dropout")
 
 
 def config_from_args(args: Any) -> RMConfig:
     """`rewardserve train rm` flags -> RMConfig; flags left out keep the config's defaults."""
-    given = lambda names: {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}  # noqa: E731
-    train = given(_TRAIN_FLAGS) | {"output_dir": args.output, "progress": not args.no_progress}
-    if args.lora:
-        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                "target_modules": args.lora_targets.split(",") if args.lora_targets else None}
-        train["lora"] = LoraSettings(**{k: v for k, v in lora.items() if v is not None})
-    return RMConfig(**given(_RM_FLAGS), train=TrainConfig(**train))
+    return RMConfig(**given_flags(args, _RM_FLAGS), train=train_config_from_args(args))
 
 
 HEAD_ONLY_DEFAULTS = {"epochs": 1000, "lr": 1e-3, "weight_decay": 0.0, "patience": 200}
