@@ -180,6 +180,22 @@ def run_with_imports_blocked(blocked: set[str], body: str, *args: str, cwd: Path
     )
 
 
+def dies_at_call(real_step: Any, n: int, *, training_only: bool = True) -> Any:
+    """`real_step(model, batch, **kw)` wrapped to raise KeyboardInterrupt (a simulated kill) at its n-th call,
+    counting only calls made with the model in training mode unless `training_only` is False."""
+    calls = 0
+
+    def step(model: Any, batch: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        if model.training or not training_only:
+            calls += 1
+            if calls == n:
+                raise KeyboardInterrupt("simulated kill")
+        return real_step(model, batch, **kwargs)
+
+    return step
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago (nothing listens on it once this returns)."""
     import socket

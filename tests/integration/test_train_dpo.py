@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.cli import main
+from tests.helpers import dies_at_call
 from tests.integration.test_train_rm import synthetic_pairs
 from training import checkpoint as ckpt
 from training.curves import plot
@@ -92,16 +93,8 @@ def test_prompt_tokens_are_masked_out_for_every_format(tiny_llama_lm_dir):
 def test_a_killed_dpo_run_resumes_to_the_same_model(trained, tiny_llama_lm_dir, data, tmp_path, monkeypatch):
     import training.dpo
 
-    real_step, calls = training.dpo.dpo_step, {"n": 0}
-
-    def dies_in_step_9(model, batch, **kwargs):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 9:
-                raise KeyboardInterrupt("simulated kill")
-        return real_step(model, batch, **kwargs)
-
-    monkeypatch.setattr(training.dpo, "dpo_step", dies_in_step_9)
+    real_step = training.dpo.dpo_step
+    monkeypatch.setattr(training.dpo, "dpo_step", dies_at_call(real_step, 9))
     with pytest.raises(KeyboardInterrupt):
         main(dpo_args(tiny_llama_lm_dir, data, tmp_path))
     monkeypatch.setattr(training.dpo, "dpo_step", real_step)

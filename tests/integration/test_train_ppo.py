@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from service.cli import main
-from tests.helpers import free_port, metric_value
+from tests.helpers import dies_at_call, free_port, metric_value
 from training import checkpoint as ckpt
 from training.loop import TrainConfig
 from training.ppo import PPOConfig, PPOModule, RewardCallFailed, ppo_step, train_ppo
@@ -139,13 +139,9 @@ def test_a_killed_ppo_run_resumes_exactly(tiny_llama_lm_dir, tiny_bert_dir, prom
     import training.ppo_experience as experience
 
     straight = train_ppo(local_config(tiny_llama_lm_dir, prompts, tiny_bert_dir, tmp_path / "straight"))
-    real_step, calls = experience.ppo_step, {"n": 0}
-
-    def dies_in_step_3(model, batch, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:  # 4 updates per step: the first update of step 3, after the step-2 checkpoint
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(model, batch, **kwargs)
+    real_step = experience.ppo_step
+    # 4 updates per step: the 9th is the first update of step 3, after the step-2 checkpoint
+    dies_in_step_3 = dies_at_call(real_step, 9, training_only=False)
 
     import training.ppo
 

@@ -20,7 +20,7 @@ from service.engine import RewardEngine
 from service.modeling import load_reward_model, load_tokenizer, resolve_model
 from service.normalization import load_stats
 from service.rendering import encode_input
-from tests.helpers import test_config
+from tests.helpers import dies_at_call, test_config
 from training import checkpoint as ckpt
 from training.data import PreferenceCollator, load_preferences
 from training.loop import LoraSettings, TrainConfig, add_lora
@@ -162,16 +162,8 @@ async def test_lora_is_merged_into_the_export(tiny_bert_dir, data, tmp_path):
 def test_a_killed_cli_run_resumes_to_the_same_model(trained, tiny_bert_dir, data, tmp_path, monkeypatch):
     import training.rm
 
-    real_step, calls = training.rm.rm_step, {"n": 0}
-
-    def dies_in_step_12(model, batch, **kwargs):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 12:
-                raise KeyboardInterrupt("simulated kill")
-        return real_step(model, batch, **kwargs)
-
-    monkeypatch.setattr(training.rm, "rm_step", dies_in_step_12)
+    real_step = training.rm.rm_step
+    monkeypatch.setattr(training.rm, "rm_step", dies_at_call(real_step, 12))
     with pytest.raises(KeyboardInterrupt):
         main(train_args(tiny_bert_dir, data, tmp_path))
     monkeypatch.setattr(training.rm, "rm_step", real_step)
