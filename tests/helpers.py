@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,26 @@ def dies_at_call(real_step: Any, n: int, *, training_only: bool = True) -> Any:
         return real_step(model, batch, **kwargs)
 
     return step
+
+
+@contextmanager
+def gated_worker(server: Any) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Hold a live server's batcher worker inside its next forward pass (`entered` set) until `gate` opens, so
+    that what is sent meanwhile queues up."""
+    batcher = server.engine.batcher
+    entered, gate, original = threading.Event(), threading.Event(), batcher._compute
+
+    def compute(batch: Any) -> Any:
+        entered.set()
+        gate.wait(30)
+        return original(batch)
+
+    batcher._compute = compute
+    try:
+        yield entered, gate
+    finally:
+        gate.set()
+        batcher._compute = original
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from contextlib import contextmanager
 
@@ -17,7 +16,7 @@ from prometheus_client import REGISTRY
 from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc
 from service.normalization import RewardStats, save_stats
-from tests.helpers import LiveServer, test_config
+from tests.helpers import LiveServer, gated_worker, test_config
 
 CHAT = [
     {"role": "system", "content": "You are helpful."},
@@ -210,25 +209,6 @@ def test_tiny_deadline_on_big_request(bert_server):
             stub.Score(big, timeout=0.001)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert len(stub.Score(pb.ScoreRequest(inputs=[pair("a", "b")]), timeout=30).scores) == 1
-
-
-@contextmanager
-def gated_worker(server: LiveServer):
-    """Hold the batcher's worker inside its next forward pass (`entered` set) until `gate` opens."""
-    batcher = server.engine.batcher
-    entered, gate, original = threading.Event(), threading.Event(), batcher._compute
-
-    def compute(batch):
-        entered.set()
-        gate.wait(30)
-        return original(batch)
-
-    batcher._compute = compute
-    try:
-        yield entered, gate
-    finally:
-        gate.set()
-        batcher._compute = original
 
 
 CANCEL_CASES = {  # route -> (start a call holding 3 inputs, requests counted on that route)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from contextlib import contextmanager
 
 import grpc
 import httpx
@@ -18,7 +17,7 @@ from protos import reward_pb2_grpc
 from service.backends import packing
 from service.grouping import PlannedBatch, plan_grouped_batches
 from service.modeling import load_reward_model, resolve_model, reward_forward
-from tests.helpers import metric_value
+from tests.helpers import gated_worker, metric_value
 
 ATOL = 1e-5
 
@@ -186,25 +185,6 @@ def test_one_request_of_candidates_is_one_group(llama_server):
     assert after[1] - before[1] >= (len(ANSWERS) - 1) * prompt_tokens
 
 
-@contextmanager
-def held_worker(server):
-    """Hold the worker inside a forward pass until released, so that what is sent meanwhile queues up."""
-    batcher = server.engine.batcher
-    entered, gate, original = threading.Event(), threading.Event(), batcher._compute
-
-    def compute(batch):
-        entered.set()
-        gate.wait(30)
-        return original(batch)
-
-    batcher._compute = compute
-    try:
-        yield entered, gate
-    finally:
-        gate.set()
-        batcher._compute = original
-
-
 def _wait_depth(server, depth):
     for _ in range(500):
         if server.engine.batcher.depth >= depth:
@@ -224,7 +204,7 @@ def test_concurrent_grpo_requests_are_grouped_across_requests(llama_server):
     inputs = _grpo_inputs()
     alone = [_score(url, [inp])[0] for inp in inputs]
     before = _metrics(url)
-    with held_worker(llama_server) as (entered, gate):
+    with gated_worker(llama_server) as (entered, gate):
         blocker = threading.Thread(target=_score, args=(url, [{"raw": "hold the worker"}]))
         blocker.start()
         assert entered.wait(30)
@@ -254,7 +234,7 @@ def test_score_stream_messages_are_grouped(llama_server):
     before = _metrics(llama_server.http_url)
     requests = [pb.ScoreRequest(request_id=str(i), inputs=[pb.ScoreInput(pair=pb.PromptResponse(**inp))])
                 for i, inp in enumerate(inputs)]
-    with held_worker(llama_server) as (entered, gate):
+    with gated_worker(llama_server) as (entered, gate):
         blocker = threading.Thread(target=_score, args=(llama_server.http_url, [{"raw": "hold"}]))
         blocker.start()
         assert entered.wait(30)
