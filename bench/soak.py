@@ -87,7 +87,7 @@ def request_bodies(spec: str, args: argparse.Namespace) -> tuple[list[bytes], li
     import transformers
 
     from bench.workload import build_pairs, served_max_length
-    from service.modeling import load_tokenizer, resolve_model
+    from rewardmodel.modeling import load_tokenizer, resolve_model
 
     transformers.logging.set_verbosity_error()
     source = resolve_model(spec)
@@ -232,7 +232,7 @@ async def probe(scorer: Poster) -> list[float]:
 
 async def soak(args: argparse.Namespace, spec: str, bodies: list[bytes], tokens: list[int], log_dir: Path) -> dict:
     port, grpc_port = procs.free_port(), procs.free_port()
-    argv = [sys.executable, "-m", "service.cli", "serve", "--model", spec, "--host", "127.0.0.1", "--port", str(port),
+    argv = [sys.executable, "-m", "rewardserve.cli", "serve", "--model", spec, "--host", "127.0.0.1", "--port", str(port),
             "--grpc-port", str(grpc_port), "--threads", str(args.threads), "--max-queue", str(args.max_queue),
             "--log-level", "warning", *shlex.split(args.server_args)]
     server = procs.ServerProcess("soak-server", argv, log_dir)

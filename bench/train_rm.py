@@ -7,7 +7,7 @@ epoch each: every trainer sees every pair exactly once, in the order its own dat
 
 - ours: what `training.loop.train` runs per optimizer step with grad_accum 1, in the loop's data order
   (`training.sampler.micro_batches`; length-grouped, the loop's default, since PreferenceCollator offers
-  lengths): collate the kept token ids (PreferenceCollator, which encodes with service.rendering.encode_input,
+  lengths): collate the kept token ids (PreferenceCollator, which encodes with rewardmodel.rendering.encode_input,
   left-truncating to max_length) -> rm_step (RewardModule -> reward_forward, Bradley-Terry: chosen and rejected
   in one forward of 2B rows, padded to the batch's longest) -> backward -> clip -> AdamW (fused) -> zero_grad.
 - trl: RewardTrainer with its defaults: its own train DataLoader (random order, DataCollatorForPreference, one
@@ -51,7 +51,7 @@ SYSTEMS = ("ours", "trl", "ours-random", "trl-grouped")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="a reward-model / HF checkpoint folder (default: MiniLM, service.modeling.minilm_path)")
+    p.add_argument("--model", help="a reward-model / HF checkpoint folder (default: MiniLM, rewardmodel.modeling.minilm_path)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="preference pairs (default: hh_harmless train)")
     p.add_argument("--steps", type=int, default=30, help="measured steps per trainer per epoch (default 30)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
@@ -203,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import trl
 
-    from service.modeling import (
+    from rewardmodel.modeling import (
         load_reward_model,
         load_tokenizer,
         minilm_path,
         resolve_model,
     )
-    from service.rendering import model_max_length
+    from rewardmodel.rendering import model_max_length
     from training.data import PreferenceCollator, load_preferences
     from training.loop import seed_everything
     from training.rm import disable_dropout

@@ -5,7 +5,7 @@ Texts come from the HH-RLHF harmless dev split (`../shared/data/hh_harmless/dev.
 cut to the target token count; without that file, from synthetic words. The HH texts hold red-team content:
 nothing here (or in the callers) ever prints a text, only lengths.
 
-A pair's length is what the server scores: `service.rendering.encode_input` (the model's own rendering and
+A pair's length is what the server scores: `rewardmodel.rendering.encode_input` (the model's own rendering and
 special tokens), so every system sees exactly these token counts.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from service.modeling import ModelSource
-from service.rendering import encode_input, model_max_length
+from rewardmodel.modeling import ModelSource
+from rewardmodel.rendering import encode_input, model_max_length
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "hh_harmless" / "dev.jsonl.gz"

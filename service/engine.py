@@ -18,8 +18,8 @@ from service import metrics
 from service.batcher import DynamicBatcher
 from service.config import ServeConfig
 from service.errors import ErrorKind, RewardServeError, invalid
-from service.normalization import RewardStats, load_stats
-from service.rendering import Encoded, encode_input
+from rewardmodel.normalization import RewardStats, load_stats
+from rewardmodel.rendering import Encoded, encode_input
 from service.schemas import ScoreResult
 
 log = logging.getLogger("rewardserve.engine")

@@ -17,7 +17,7 @@ import uvicorn
 
 from service.config import ServeConfig
 from service.engine import RewardEngine
-from service.http_app import create_app
+from service.http_api.app import create_app
 
 log = logging.getLogger("rewardserve.runtime")
 
@@ -78,7 +78,7 @@ class Runtime:
             await self.engine.stop()
             raise
         if self.config.grpc_port >= 0:
-            from service.grpc_servicer import start_grpc_server
+            from service.grpc_api.server import start_grpc_server
 
             self._grpc, self.grpc_port, self._health = await start_grpc_server(self.engine, self.config, bon=self.bon)
         sock = bind_socket(self.config.host, self.config.port)

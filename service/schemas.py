@@ -3,77 +3,14 @@ gRPC converts its protobuf messages into them, so both transports validate the s
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
+from rewardmodel.inputs import (  # noqa: F401  (the input forms, re-exported for the transports)
+    ChatMessage, MessagesInput, PromptResponseInput, RawInput, ScoreInput, Strict,
+)
 from service.errors import invalid
-
-Role = Literal["system", "user", "assistant"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ChatMessage(_Strict):
-    role: Role = Field(description="Who speaks: system, user or assistant.")
-    content: str = Field(description="The message text.")
-
-
-class PromptResponseInput(_Strict):
-    """A single-turn pair: the prompt becomes the user turn, the response the assistant turn."""
-
-    prompt: str
-    response: str
-
-
-class MessagesInput(_Strict):
-    """A conversation in OpenAI chat format; the last message is the assistant's response being scored."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _last_is_assistant(self) -> "MessagesInput":
-        if self.messages[-1].role != "assistant":
-            raise ValueError("the last message must have role 'assistant' (the response being scored)")
-        return self
-
-
-class RawInput(_Strict):
-    """A pre-rendered string, scored as is (e.g. policy-templated text); special tokens are not added twice."""
-
-    raw: str
-
-
-def _input_tag(value: object) -> str | None:
-    if isinstance(value, dict):
-        keys = value.keys()
-    elif isinstance(value, BaseModel):
-        keys = type(value).model_fields.keys()
-    else:
-        return None
-    if "raw" in keys:
-        return "raw"
-    if "messages" in keys:
-        return "messages"
-    if "prompt" in keys or "response" in keys:
-        return "pair"
-    return None
-
-
-ScoreInput = Annotated[
-    Union[
-        Annotated[PromptResponseInput, Tag("pair")],
-        Annotated[MessagesInput, Tag("messages")],
-        Annotated[RawInput, Tag("raw")],
-    ],
-    Discriminator(
-        _input_tag,
-        custom_error_type="input_form",
-        custom_error_message="an input is an object with 'prompt' and 'response', or 'messages', or 'raw'",
-    ),
-]
 
 _INPUTS = TypeAdapter(list[ScoreInput])
 
@@ -119,15 +56,11 @@ class ScoreResult(BaseModel):
     )
 
 
-def input_kind(inp: PromptResponseInput | MessagesInput | RawInput) -> str:
-    return {PromptResponseInput: "pair", MessagesInput: "messages", RawInput: "raw"}[type(inp)]
-
-
 # ---- Best-of-N and rerank ------------------------------------------------------------------------------
 SEED_MAX = 2**32 - 1
 
 
-class _PromptOrMessages(_Strict):
+class _PromptOrMessages(Strict):
     """The context the candidates answer: a `prompt` (one user turn) or `messages` (not ending with the
     assistant: the candidates are the assistant's reply)."""
 

@@ -17,7 +17,7 @@ def make_tiny_bert_rm(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from service.modeling import minilm_path
+    from rewardmodel.modeling import minilm_path
 
     torch.manual_seed(seed)
     config = BertConfig(
@@ -68,7 +68,7 @@ def make_tiny_llama_lm(out: Path, tokenizer_dir: Path, seed: int = 0, hidden_siz
 
 
 def save_smollm2_tokenizer(out: Path) -> Path:
-    from service.modeling import load_tokenizer, resolve_model
+    from rewardmodel.modeling import load_tokenizer, resolve_model
 
     load_tokenizer(resolve_model("smollm2")).save_pretrained(out)
     return out

@@ -26,10 +26,9 @@ import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from training.loop import TrainConfig, TrainState
+from training.types import TrainConfig, TrainState
 
 log = logging.getLogger("rewardserve.checkpoint")
 train_log = logging.getLogger("rewardserve.train")  # the loop's logger: save/resume messages keep their source

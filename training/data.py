@@ -1,7 +1,7 @@
 """Preference data: files or datasets in the usual formats -> PreferencePair records -> padded batches.
 
 Every pair becomes two rewardserve inputs `{"messages": [...]}` whose last message is the assistant's, and the
-collator tokenizes them with `service.rendering.encode_input`, the very function the server uses, so a trained
+collator tokenizes them with `rewardmodel.rendering.encode_input`, the very function the server uses, so a trained
 model reads exactly the ids it will be served (no train/serve skew).
 
 Accepted records (TRL column conventions, plus Anthropic HH-RLHF):
@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from service.rendering import Encoded, encode_input
+from rewardmodel.rendering import Encoded, encode_input
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -230,7 +230,7 @@ def _margins(pairs: Sequence[PreferencePair]) -> torch.Tensor | None:
 
 
 class PreferenceCollator:
-    """Tokenizes pairs with `service.rendering.encode_input` (left truncation) and right-pads them into one batch.
+    """Tokenizes pairs with `rewardmodel.rendering.encode_input` (left truncation) and right-pads them into one batch.
 
     Use as `DataLoader(pairs, batch_size=B, collate_fn=PreferenceCollator(tokenizer, max_length))`.
     `lengths(pairs)` (what the training loop's length-grouped order asks for) encodes the pairs once and keeps

@@ -28,8 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from service.modeling import load_reward_model, load_tokenizer, resolve_model, reward_forward
-from service.rendering import model_max_length
+from rewardmodel.modeling import load_reward_model, load_tokenizer, resolve_model, reward_forward
+from rewardmodel.rendering import model_max_length
 from training.data import PreferenceCollator, PreferencePair, load_preferences, pad_right
 
 log = logging.getLogger("rewardserve.eval")

@@ -1,7 +1,7 @@
 """Causal-LM policies for DPO and PPO: loading, prompt/completion token ids, completion log-probs, export.
 
 Token ids: a conversation is rendered with the tokenizer's chat template (or, without one, the plain
-"\\n\\nHuman: ...\\n\\nAssistant: ..." format of service.rendering) and tokenized without added special tokens. A
+"\\n\\nHuman: ...\\n\\nAssistant: ..." format of rewardmodel.rendering) and tokenized without added special tokens. A
 completion's ids are what the full conversation adds after the prompt rendered with its generation prompt: where the
 two renderings first differ (as in TRL's DPOTrainer), so every prompt token is masked out of the log-probs.
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from service.modeling import ModelSource, load_tokenizer, resolve_model
-from service.rendering import render_plain
+from rewardmodel.modeling import ModelSource, load_tokenizer, resolve_model
+from rewardmodel.rendering import render_plain
 from training.rl_math import entropy_from_logits, token_logprobs
 
 log = logging.getLogger("rewardserve.train.policy")

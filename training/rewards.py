@@ -37,8 +37,8 @@ class LocalReward:
     """A reward model folder, scored here with the service's own rendering and reward head."""
 
     def __init__(self, model_dir: str, batch_size: int = 16, device: str = "cpu"):
-        from service.modeling import load_reward_model, load_tokenizer, resolve_model
-        from service.rendering import model_max_length
+        from rewardmodel.modeling import load_reward_model, load_tokenizer, resolve_model
+        from rewardmodel.rendering import model_max_length
 
         source = resolve_model(model_dir)
         self.where = f"reward model {source.path}"
@@ -51,8 +51,8 @@ class LocalReward:
 
     @torch.no_grad()
     def score(self, inputs: Sequence[dict], step: int) -> list[float]:
-        from service.modeling import reward_forward
-        from service.rendering import encode_input
+        from rewardmodel.modeling import reward_forward
+        from rewardmodel.rendering import encode_input
         from training.data import pad_right
 
         out: list[float] = []

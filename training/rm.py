@@ -1,6 +1,6 @@
 """Reward-model training: the Bradley-Terry step function, `train_rm`, and the export the server loads.
 
-Rewards are read through `service.modeling.reward_forward` on ids from `service.rendering.encode_input` (via
+Rewards are read through `rewardmodel.modeling.reward_forward` on ids from `rewardmodel.rendering.encode_input` (via
 `training.data.PreferenceCollator`), the same two functions the server uses, so a trained model scores at serving
 time exactly what it scored while training.
 
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from service.modeling import load_reward_model, load_tokenizer, resolve_model, reward_forward
-from service.normalization import RewardStats, save_stats
-from service.rendering import model_max_length
+from rewardmodel.modeling import load_reward_model, load_tokenizer, resolve_model, reward_forward
+from rewardmodel.normalization import RewardStats, save_stats
+from rewardmodel.rendering import model_max_length
 from training import loop
 from training.checkpoint import atomic_write_text
 from training.data import PreferenceBatch, PreferenceCollator, load_preferences
@@ -141,7 +141,7 @@ def export(model: Any, tokenizer: Any, max_length: int, out: Path, extra_files: 
     """A plain HF checkpoint (fp32 safetensors, config, tokenizer + chat template) and extra JSON files.
 
     The tokenizer's model_max_length becomes the training max_length, so the server truncates inputs exactly
-    where training did (service.rendering.model_max_length takes the smallest limit).
+    where training did (rewardmodel.rendering.model_max_length takes the smallest limit).
     """
     tmp = out / ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)

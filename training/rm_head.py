@@ -1,4 +1,4 @@
-"""Head-only reward-model training over a frozen base, exported as an overlay (see service/modeling.py).
+"""Head-only reward-model training over a frozen base, exported as an overlay (see rewardmodel/modeling.py).
 
 `rewardserve train rm --head-only` runs the frozen base ONCE over every training and eval input, keeps the
 activations the reward head reads (the last real token's final hidden state for decoder heads, the first token's for
@@ -25,12 +25,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from service.modeling import (
+from rewardmodel.modeling import (
     OVERLAY_META, OVERLAY_TENSORS, ModelSource, has_decoder_head, load_reward_model, load_tokenizer, resolve_model,
     sha256_file,
 )
-from service.normalization import RewardStats, save_stats
-from service.rendering import model_max_length
+from rewardmodel.normalization import RewardStats, save_stats
+from rewardmodel.rendering import model_max_length
 from training.checkpoint import atomic_write_text
 from training.data import PreferenceCollator, PreferencePair, load_preferences
 from training.losses import bradley_terry_loss
@@ -207,7 +207,7 @@ def export_overlay(out: Path, head: Head, source: ModelSource, base_spec: str, m
 def check_overlay(out: Path, head: Head, feats: torch.Tensor, collate: PreferenceCollator,
                   pairs: Sequence[PreferencePair]) -> float:
     """Reload the overlay as the server does; its rewards must equal the head's on cached features."""
-    from service.modeling import reward_forward
+    from rewardmodel.modeling import reward_forward
 
     served = load_reward_model(resolve_model(str(out)), torch.float32, "cpu")
     batch = collate(list(pairs))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from training import checkpoint as ckpt
 
-if TYPE_CHECKING:
-    from training.loop import Metrics, TrainConfig, TrainState
+from training.types import Metrics, TrainConfig, TrainState
 
 
 class RunLog:

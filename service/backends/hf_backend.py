@@ -7,8 +7,8 @@ import os
 from typing import Any, Sequence
 
 from service.backends import packing
-from service.modeling import load_reward_model, load_tokenizer, log_untrained, resolve_model, reward_forward
-from service.rendering import model_max_length
+from rewardmodel.modeling import load_reward_model, load_tokenizer, log_untrained, resolve_model, reward_forward
+from rewardmodel.rendering import model_max_length
 
 log = logging.getLogger("rewardserve.hf")
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from service.grouping import TreeLayout
-from service.modeling import has_decoder_head
+from rewardmodel.modeling import has_decoder_head
 
 ATTN_NAME = "rewardserve_packed"
 _registered = False

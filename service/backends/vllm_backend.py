@@ -19,8 +19,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from service.modeling import load_tokenizer, resolve_model
-from service.rendering import model_max_length
+from rewardmodel.modeling import load_tokenizer, resolve_model
+from rewardmodel.rendering import model_max_length
 
 log = logging.getLogger("rewardserve.vllm")
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from service.errors import ErrorKind, RewardServeError
-from service.rendering import render_plain
+from rewardmodel.rendering import render_plain
 
 Messages = Sequence[dict[str, str]]
 

@@ -22,7 +22,7 @@ from service.errors import ErrorKind, RewardServeError
 from service.generation.base import (
     Generation, Messages, Sampling, deadline_error, generator_error, remaining_s,
 )
-from service.rendering import render_plain
+from rewardmodel.rendering import render_plain
 
 log = logging.getLogger("rewardserve.generation")
 

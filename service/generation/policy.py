@@ -1,7 +1,7 @@
 """Where a policy's weights are: a Hugging Face folder as is, or `smollm2` dequantized once from its GGUF.
 
 vLLM 0.32 has no GGUF loader, so `smollm2` (the SmolLM2-135M-Instruct Q4_1 GGUF shipped as a package, see
-service/modeling.py) is dequantized by transformers into a float32 Hugging Face folder the first time it is
+rewardmodel/modeling.py) is dequantized by transformers into a float32 Hugging Face folder the first time it is
 asked for, then reused. The folder lives under `$REWARDSERVE_CACHE` (default: the system temp directory), is
 named after the GGUF's size and mtime, and is written atomically (a rename), so concurrent processes agree.
 Its tokenizer ends the assistant's turn with `<|im_end|>` (eos in the tokenizer and the generation config).
@@ -36,7 +36,7 @@ def policy_dir(spec: str) -> Path:
 
 
 def dequantized_smollm2() -> Path:
-    from service.modeling import SMOLLM2_GGUF, smollm2_dir
+    from rewardmodel.modeling import SMOLLM2_GGUF, smollm2_dir
 
     gguf = smollm2_dir() / SMOLLM2_GGUF
     stat = gguf.stat()
@@ -62,7 +62,7 @@ def _write_dequantized(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from service.modeling import load_tokenizer, resolve_model
+    from rewardmodel.modeling import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(SMOLLM2))  # eos is <|im_end|>
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

@@ -19,7 +19,7 @@ def serve_proc(tiny_bert_dir, tmp_path):
     def start(*args, env_extra=None):
         env = {**os.environ, **(env_extra or {})}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", *args],
+            [sys.executable, "-m", "rewardserve.cli", "serve", *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         procs.append(proc)
@@ -60,7 +60,7 @@ def test_bad_model_dir_fails_fast_with_a_clear_message(serve_proc, tmp_path):
 def test_serve_help_documents_every_field():
     from service.config import ServeConfig
 
-    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "rewardserve.cli", "serve", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for name in ServeConfig.model_fields:
         assert "--" + name.replace("_", "-") in out.stdout

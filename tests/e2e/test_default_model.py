@@ -10,10 +10,10 @@ import httpx
 import pytest
 import torch
 
-from service.modeling import (
+from rewardmodel.modeling import (
     OVERLAY_META, default_model_dir, load_reward_model, load_tokenizer, resolve_model, reward_forward,
 )
-from service.rendering import encode_input
+from rewardmodel.rendering import encode_input
 from tests.helpers import free_port, wait_ready
 
 INPUTS = [
@@ -36,7 +36,7 @@ def test_the_shipped_default_is_a_small_overlay_with_its_provenance():
 def test_serve_without_model_flag_serves_the_trained_default():
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--grpc-port", "-1"],
+        [sys.executable, "-m", "rewardserve.cli", "serve", "--port", str(port), "--grpc-port", "-1"],
         env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -15,7 +15,7 @@ from tests.helpers import free_port, wait_ready
 async def test_sigterm_mid_burst_answers_everything_accepted(tiny_bert_dir):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_bert_dir), "--port", str(port),
+        [sys.executable, "-m", "rewardserve.cli", "serve", "--model", str(tiny_bert_dir), "--port", str(port),
          "--grpc-port", "-1", "--log-level", "warning", "--max-batch-size", "4", "--threads", "1"],
         env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.cli import main
+from rewardserve.cli import main
 
 
 def test_eval_bon_writes_report_and_plot(tmp_path, tiny_policy_dir, tiny_llama_dir, capsys):

@@ -38,7 +38,7 @@ class Replica:
     def __init__(self, model_dir):
         self.http_port, self.grpc_port = free_port(), free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--model", str(model_dir), "--model-name", "tiny-bert",
+            [sys.executable, "-m", "rewardserve.cli", "serve", "--model", str(model_dir), "--model-name", "tiny-bert",
              "--port", str(self.http_port), "--grpc-port", str(self.grpc_port), "--threads", "1",
              "--log-level", "warning"],
             env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.cli import main
+from rewardserve.cli import main
 from training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow  # three training runs, one in a subprocess
@@ -43,7 +43,7 @@ def slow_step(model, batch, **kwargs):
         time.sleep(0.25)  # latency injection: the kill must land mid-run
     return real_step(model, batch, **kwargs)
 training.rm.rm_step = slow_step
-from service.cli import main
+from rewardserve.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

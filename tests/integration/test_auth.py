@@ -9,7 +9,7 @@ from clients import GrpcRewardClient, RewardClient
 from clients.errors import AuthenticationError
 from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc
-from service.auth import KeyChecker, load_keys
+from service.keys import KeyChecker, load_keys
 from tests.helpers import LiveServer, test_config
 
 KEY, OTHER = "k-123456", "k-other"
@@ -100,7 +100,7 @@ def test_keys_from_env_are_comma_separated():
 
 
 def test_keys_from_flag_are_comma_separated():
-    from service.cli import build_parser
+    from rewardserve.cli import build_parser
     from service.config import resolve
 
     args = build_parser().parse_args(["serve", "--api-keys", "x, y"])

@@ -77,7 +77,7 @@ def test_choosing_no_generator_imports_nothing_heavy():
     body = (
         "import sys\n"
         "from service.generation.registry import parse_spec, GENERATORS\n"
-        "import service.bon, service.bon_routes, service.bon_grpc\n"
+        "import service.bon, service.http_api.bon_routes, service.grpc_api.bon_codecs\n"
         "assert parse_spec('vllm:smollm2') == ('vllm', 'smollm2')\n"
         "leaked = [m for m in BLOCKED if m in sys.modules]\n"
         "assert not leaked, leaked\n"

@@ -122,7 +122,7 @@ def make_bert_rm(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from service.modeling import minilm_path
+    from rewardmodel.modeling import minilm_path
 
     torch.manual_seed(0)
     config = BertConfig(

@@ -68,7 +68,7 @@ async def test_matches_plain_transformers(engine):
     model_dir = engine.backend.source.path
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    from service.rendering import encode_input
+    from rewardmodel.rendering import encode_input
 
     got = [r.reward for r in (await engine.score(inputs)).results]
     for inp, reward in zip(inputs, got):

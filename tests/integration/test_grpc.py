@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc
-from service.normalization import RewardStats, save_stats
+from rewardmodel.normalization import RewardStats, save_stats
 from tests.helpers import LiveServer, gated_worker, test_config
 
 CHAT = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from service.backends import packing
-from service.modeling import load_reward_model, resolve_model, reward_forward
+from rewardmodel.modeling import load_reward_model, resolve_model, reward_forward
 
 
 def _batch(seed, n, vocab, lo=3, hi=300):

@@ -16,7 +16,7 @@ from protos import reward_pb2 as pb
 from protos import reward_pb2_grpc
 from service.backends import packing
 from service.grouping import PlannedBatch, plan_grouped_batches
-from service.modeling import load_reward_model, resolve_model, reward_forward
+from rewardmodel.modeling import load_reward_model, resolve_model, reward_forward
 from tests.helpers import gated_worker, metric_value
 
 ATOL = 1e-5

@@ -1,4 +1,4 @@
-"""Head-only RM training (`train rm --head-only`) and the overlay format it exports (service/modeling.py)."""
+"""Head-only RM training (`train rm --head-only`) and the overlay format it exports (rewardmodel/modeling.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.modeling import OVERLAY_META, OVERLAY_TENSORS, load_reward_model, load_tokenizer, resolve_model
-from service.rendering import encode_input
+from rewardmodel.modeling import OVERLAY_META, OVERLAY_TENSORS, load_reward_model, load_tokenizer, resolve_model
+from rewardmodel.rendering import encode_input
 from training.data import PreferencePair
 
 PAIRS = [
@@ -37,7 +37,7 @@ def head_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write(root / "train.jsonl", PAIRS[:4])
     _write(root / "dev.jsonl", PAIRS[4:])
     out = root / "rm"
-    cmd = [sys.executable, "-m", "service.cli", "train", "rm", "--base", "minilm", "--head-only", "--data",
+    cmd = [sys.executable, "-m", "rewardserve.cli", "train", "rm", "--base", "minilm", "--head-only", "--data",
            str(root / "train.jsonl"), "--eval", str(root / "dev.jsonl"), "--output", str(out), "--epochs", "40",
            "--lr", "1e-2", "--max-length", "48", "--no-progress", "--threads", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from service.cli import main
+from rewardserve.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def run_torchrun(args: list[str], log_path: Path) -> int:
     env.pop("MASTER_PORT", None)
     env.pop("MASTER_ADDR", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--standalone",
-           "-m", "service.cli", *args]
+           "-m", "rewardserve.cli", *args]
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.cli import main
+from rewardserve.cli import main
 from tests.helpers import dies_at_call
 from tests.integration.test_train_rm import synthetic_pairs
 from training import checkpoint as ckpt

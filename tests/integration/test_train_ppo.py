@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from service.cli import main
+from rewardserve.cli import main
 from tests.helpers import dies_at_call, free_port, metric_value
 from training import checkpoint as ckpt
 from training.loop import TrainConfig
@@ -215,7 +215,7 @@ def test_ppo_with_in_process_vllm_rollouts_stays_in_sync(smollm2_tokenizer_dir, 
                         "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     out = tmp_path / "run"
     args = ppo_args(policy, prompts, out, ["--reward-model", str(tiny_bert_dir)], "--rollout", "vllm", "--max-steps", "3")
-    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, capture_output=True, text=True, check=False,
+    proc = subprocess.run([sys.executable, "-m", "rewardserve.cli", *args], env=env, capture_output=True, text=True, check=False,
                           timeout=600, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics_rows(out)

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from service.cli import main
+from rewardserve.cli import main
 from service.engine import RewardEngine
-from service.modeling import load_reward_model, load_tokenizer, resolve_model
-from service.normalization import load_stats
-from service.rendering import encode_input
+from rewardmodel.modeling import load_reward_model, load_tokenizer, resolve_model
+from rewardmodel.normalization import load_stats
+from rewardmodel.rendering import encode_input
 from tests.helpers import dies_at_call, test_config
 from training import checkpoint as ckpt
 from training.data import PreferenceCollator, load_preferences
@@ -199,7 +199,7 @@ def test_train_rm_help_states_the_config_defaults():
     """The `train rm` flags default to None (the config decides); the defaults their help quotes must be the config's."""
     import re
 
-    from service.cli import build_parser
+    from rewardserve.cli import build_parser
 
     def subparser(parser, *names):
         for name in names:

@@ -41,7 +41,7 @@ def make_rm(kind: str, out: Path, tokenizer_dir: Path) -> Path:
         LlamaForSequenceClassification,
     )
 
-    from service.modeling import minilm_path
+    from rewardmodel.modeling import minilm_path
 
     torch.manual_seed(0)
     if kind == "llama":
@@ -73,7 +73,7 @@ class VllmBackendServer:
             "VLLM_CACHE_ROOT": str(workdir), "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"),
             "TMPDIR": str(workdir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         }
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--backend", "vllm", "--model", str(model_dir),
+        cmd = [sys.executable, "-m", "rewardserve.cli", "serve", "--backend", "vllm", "--model", str(model_dir),
                "--model-name", "tiny-rm", "--port", str(self.port), "--grpc-port", "-1", "--log-level", "info"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

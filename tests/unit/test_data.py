@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.rendering import encode_input, render_plain
+from rewardmodel.rendering import encode_input, render_plain
 from service.schemas import parse_inputs
 from training.data import (
     PreferenceBatch, PreferenceCollator, PreferencePair, load_preferences, pad_right, parse_hh_dialogue,
@@ -35,7 +35,7 @@ def bot(text: str) -> dict:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from service.modeling import minilm_path
+    from rewardmodel.modeling import minilm_path
 
     return AutoTokenizer.from_pretrained(str(minilm_path()))  # BERT: no chat template -> plain HH format
 
@@ -320,7 +320,7 @@ def test_dataloader_batches_and_batched_rewards_equal_single_rewards(tokenizer):
     from torch.utils.data import DataLoader
     from transformers import BertConfig, BertForSequenceClassification
 
-    from service.modeling import reward_forward
+    from rewardmodel.modeling import reward_forward
 
     torch.manual_seed(0)
     config = BertConfig(

@@ -100,8 +100,8 @@ def test_config_env_vars_exist():
 
 
 def http_routes() -> set[str]:
-    source = (ROOT / "service" / "http_app.py").read_text()
-    return set(re.findall(r'@app\.(?:get|post)\("([^"]+)"', source))
+    source = "".join(p.read_text() for p in (ROOT / "service" / "http_api").glob("*.py"))
+    return set(re.findall(r'@(?:app|router)\.(?:get|post)\("([^"]+)"', source))
 
 
 def test_probes_hit_real_routes_that_need_no_key():

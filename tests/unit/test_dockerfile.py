@@ -93,7 +93,7 @@ def test_entrypoint_is_the_console_script_and_a_real_subcommand(instructions):
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert words[0] in scripts, f"ENTRYPOINT runs {words[0]!r}; pyproject declares {sorted(scripts)}"
 
-    from service.cli import build_parser
+    from rewardserve.cli import build_parser
 
     parser = build_parser()
     subcommands: set[str] = set()

@@ -123,7 +123,7 @@ def trl_trainer(models, tmp_path_factory):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from service.modeling import load_tokenizer, resolve_model
+    from rewardmodel.modeling import load_tokenizer, resolve_model
 
     policy_dir, ref_dir = models
     args = DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), report_to=[], per_device_train_batch_size=len(RECORDS),

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TOP_LEVEL = ("service", "training", "clients", "protos")
+TOP_LEVEL = ("rewardserve", "rewardmodel", "service", "training", "clients", "protos")
 
 
 def pyproject() -> dict:

@@ -3,8 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from service.modeling import minilm_path
-from service.rendering import encode_input, encode_text, model_max_length, render_plain, render_text
+from rewardmodel.modeling import minilm_path
+from rewardmodel.rendering import encode_input, encode_text, model_max_length, render_plain, render_text
 from service.schemas import MessagesInput, PromptResponseInput, RawInput
 
 

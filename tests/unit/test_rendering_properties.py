@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from service.modeling import minilm_path
-from service.rendering import encode_input, encode_text, render_text
+from rewardmodel.modeling import minilm_path
+from rewardmodel.rendering import encode_input, encode_text, render_text
 from service.schemas import MessagesInput, PromptResponseInput, RawInput
 
 UNLIMITED = 10**9

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from service import metrics
 from service.engine import TOKENIZE_INLINE_MAX, RewardEngine, ScoreOutcome
 from service.errors import ErrorKind, RewardServeError, invalid
-from service.http_app import (
+from service.http_api.common import (
     ERROR_RESPONSES, TIMEOUT_HEADER, parse_timeout_header, run_unless_disconnected, timing_headers,
 )
 from service.schemas import describe_validation_error

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Request, Response
 
 from service.bon import BestOfN, RankedOutcome
 from service.engine import ScoreOutcome
-from service.http_app import (
+from service.http_api.common import (
     ERROR_RESPONSES, TIMEOUT_HEADER, parse_timeout_header, run_unless_disconnected, timing_headers,
 )
 from service.schemas import BestCandidate, BestOfNRequest, BestOfNResponse, RerankRequest, RerankResponse

@@ -13,9 +13,9 @@ Rules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from service.schemas import MessagesInput, PromptResponseInput, RawInput
+from rewardmodel.inputs import MessagesInput, PromptResponseInput, RawInput
 
 # Plain format for tokenizers without a chat template. Each turn is "\n\n<Speaker>: <content>".
 PLAIN_SPEAKERS = {"system": "System", "user": "Human", "assistant": "Assistant"}
@@ -86,10 +86,6 @@ def encode_text(tokenizer: Any, text: str, max_length: int) -> Encoded:
 
 def encode_input(tokenizer: Any, inp: Any, max_length: int) -> Encoded:
     return encode_text(tokenizer, render_text(tokenizer, inp), max_length)
-
-
-def encode_many(tokenizer: Any, inputs: Iterable[Any], max_length: int) -> list[Encoded]:
-    return [encode_input(tokenizer, inp, max_length) for inp in inputs]
 
 
 def model_max_length(tokenizer: Any, config: Any, cap: int = 0) -> int:

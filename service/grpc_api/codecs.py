@@ -1,0 +1,90 @@
+"""Score messages: protobuf -> engine inputs (validated as the HTTP body is) and engine outcomes -> protobuf."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from protos import reward_pb2
+from service.engine import RewardEngine, ScoreOutcome
+from service.error_map import GRPC_STATUS
+from service.errors import RewardServeError, invalid
+from service.schemas import parse_inputs
+
+
+# ---- protobuf -> engine --------------------------------------------------------------------------------
+def input_to_dict(index: int, inp: reward_pb2.ScoreInput) -> dict[str, Any]:
+    """One ScoreInput as the plain dict `parse_inputs` validates (same rules as the HTTP body)."""
+    form = inp.WhichOneof("input")
+    if form == "pair":
+        return {"prompt": inp.pair.prompt, "response": inp.pair.response}
+    if form == "conversation":
+        return {"messages": [{"role": m.role, "content": m.content} for m in inp.conversation.messages]}
+    if form == "raw":
+        return {"raw": inp.raw}
+    raise invalid(f"inputs.{index}: no input set: set one of pair, conversation or raw")
+
+
+class MalformedRequest:
+    """What a request that does not parse as its protobuf message becomes; answered INVALID_ARGUMENT."""
+
+    def __init__(self, error: str):
+        self.error = error
+        self.request_id = ""
+
+
+def safe_deserializer(parse: Any) -> Any:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:  # grpc would answer UNKNOWN: it is the client's bytes that are wrong
+            return MalformedRequest(str(exc))
+
+    return deserialize
+
+
+def check_parsed(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise invalid(f"malformed request message: {request.error}")
+
+
+def decode_inputs(request: reward_pb2.ScoreRequest) -> list:
+    check_parsed(request)
+    if not request.inputs:
+        raise invalid("inputs is empty: send at least one input")
+    return parse_inputs([input_to_dict(i, inp) for i, inp in enumerate(request.inputs)])
+
+
+def engine_deadline(engine: RewardEngine, context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as an engine (monotonic) deadline; without one the configured default."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return engine.deadline_from_timeout(None)
+    return time.monotonic() + max(0.0, remaining)
+
+
+# ---- engine -> protobuf --------------------------------------------------------------------------------
+def encode_outcome(outcome: ScoreOutcome, request_id: str, sequence: int = 0) -> reward_pb2.ScoreResponse:
+    scores = [
+        reward_pb2.ScoreResult(reward=r.reward, truncated=r.truncated, tokens=r.tokens, normalized=r.normalized)
+        for r in outcome.results
+    ]
+    return reward_pb2.ScoreResponse(model=outcome.model, scores=scores, request_id=request_id, sequence=sequence)
+
+
+def encode_error(
+    engine: RewardEngine, exc: RewardServeError, request_id: str, sequence: int
+) -> reward_pb2.ScoreResponse:
+    code = GRPC_STATUS[exc.kind].value[0]
+    error = reward_pb2.RequestError(code=code, message=exc.message)
+    return reward_pb2.ScoreResponse(model=engine.name, request_id=request_id, sequence=sequence, error=error)
+
+
+def timing_metadata(outcome: ScoreOutcome) -> tuple[tuple[str, str], ...]:
+    return (
+        ("x-queue-time-ms", f"{outcome.queue_s * 1000:.3f}"),
+        ("x-compute-time-ms", f"{outcome.compute_s * 1000:.3f}"),
+    )

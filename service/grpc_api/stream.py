@@ -1,0 +1,88 @@
+"""ScoreStream: one bidirectional call, each request answered as soon as its batch completes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+import grpc
+
+from protos import reward_pb2
+from service.error_map import GRPC_STATUS
+from service.errors import ErrorKind, RewardServeError
+from service.grpc_api.calls import Observed
+from service.grpc_api.codecs import encode_error, encode_outcome, engine_deadline
+
+log = logging.getLogger("rewardserve.grpc")
+
+# Stream errors that end the whole stream (the request itself is wrong); others are answered in-band.
+STREAM_FATAL = frozenset({ErrorKind.INVALID_ARGUMENT, ErrorKind.NOT_FOUND, ErrorKind.PAYLOAD_TOO_LARGE})
+
+_END = object()  # queue marker: the client half-closed and every request was answered
+
+
+class ScoreStream:
+    """One ScoreStream call: a reader task spawns one task per request; answers go out in completion order
+    through a queue. A fatal error (see STREAM_FATAL) aborts the call; leaving `run` in any way cancels
+    the reader and every request still in flight."""
+
+    def __init__(self, servicer: Any, context: grpc.aio.ServicerContext):
+        self.servicer = servicer
+        self.engine = servicer.engine
+        self.context = context
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.tasks: set[asyncio.Task] = set()
+
+    async def run(self, request_iterator: AsyncIterator) -> None:
+        reader = asyncio.create_task(self._read(request_iterator))
+        try:
+            while (item := await self.out.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                await self.context.write(item)
+        except _StreamAbort as abort:
+            await self.context.abort(abort.code, abort.message)
+        finally:
+            for task in (reader, *self.tasks):
+                task.cancel()
+
+    async def _read(self, request_iterator: AsyncIterator) -> None:
+        try:
+            sequence = 0
+            async for request in request_iterator:
+                task = asyncio.create_task(self._answer(request, sequence))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+                sequence += 1
+            while self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            self.out.put_nowait(_END)
+        except Exception as exc:  # a broken read (e.g. the client went away) ends the stream
+            self.out.put_nowait(exc)
+
+    async def _answer(self, request: reward_pb2.ScoreRequest, sequence: int) -> None:
+        with Observed("ScoreStream", self.context) as obs:
+            try:
+                outcome = await self.servicer._score(request, engine_deadline(self.engine, self.context))
+                self.out.put_nowait(encode_outcome(outcome, request.request_id, sequence))
+            except RewardServeError as exc:
+                obs.fail(GRPC_STATUS[exc.kind])
+                self.out.put_nowait(self._on_error(exc, request.request_id, sequence))
+            except Exception as exc:
+                log.exception("ScoreStream request failed")
+                obs.fail(grpc.StatusCode.INTERNAL)
+                failure = RewardServeError(ErrorKind.BACKEND, f"internal error: {type(exc).__name__}: {exc}")
+                self.out.put_nowait(encode_error(self.engine, failure, request.request_id, sequence))
+
+    def _on_error(self, exc: RewardServeError, request_id: str, sequence: int) -> Any:
+        if exc.kind in STREAM_FATAL:
+            return _StreamAbort(GRPC_STATUS[exc.kind], f"request_id={request_id} sequence={sequence}: {exc.message}")
+        return encode_error(self.engine, exc, request_id, sequence)
+
+
+class _StreamAbort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message

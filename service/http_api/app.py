@@ -1,0 +1,102 @@
+"""FastAPI app factory: the routers, the error handlers and the edge middleware. Decode -> engine -> encode
+happens in the routers (score_routes, compat_routes, bon_routes); errors become JSON bodies here."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import metrics
+from service.bon import BestOfN
+from service.engine import RewardEngine
+from service.errors import ErrorKind, RewardServeError
+from service.http_api.auth import AuthMiddleware
+from service.http_api.bon_routes import bon_router
+from service.http_api.common import ErrorResponse, HTTP_ERROR_TYPES, error_response
+from service.http_api.compat_routes import compat_router
+from service.http_api.edge import EdgeMiddleware
+from service.http_api.score_routes import score_router
+from service.keys import key_checker
+from service.schemas import describe_validation_error
+
+log = logging.getLogger("rewardserve.http")
+
+
+def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None, bon: Any = None) -> FastAPI:
+    """`bon`: a service.bon.BestOfN (with the generator, if any); by default one without a generator."""
+    app = FastAPI(
+        title="rewardserve",
+        version="0.1.0",
+        description="Reward-model scoring with cross-request dynamic batching. Rewards are raw logits.",
+    )
+    app.state.engine = engine
+
+    @app.exception_handler(RewardServeError)
+    async def _on_error(_: Request, exc: RewardServeError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message = describe_validation_error(exc)  # type: ignore[arg-type]
+        body = {"error": {"type": "invalid_argument", "message": message, "code": 422}}
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":  # FastAPI's words for undecodable bytes
+            message = "could not parse the request body: it must be UTF-8 encoded JSON"
+        kind = HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
+        body = {"error": {"type": kind, "message": message, "code": exc.status_code}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: {"model": ErrorResponse}})
+    async def ready() -> JSONResponse:
+        """Readiness: the model is loaded and warmed, and the server is not draining."""
+        if engine.ready:
+            return JSONResponse({"status": "ready", "model": engine.name})
+        return error_response(RewardServeError(ErrorKind.UNAVAILABLE, "not ready"))
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """The served model (OpenAI-style list)."""
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.name,
+                    "object": "model",
+                    "owned_by": "rewardserve",
+                    "max_model_len": engine.max_length,
+                    "normalization": engine.stats.to_json() if engine.stats else None,
+                }
+            ],
+        }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.include_router(score_router(engine))  # /v1/score
+    app.include_router(compat_router(engine))  # /get_reward (OpenRLHF), /classify and /pooling (vLLM)
+
+    app.state.bon = bon if bon is not None else BestOfN(engine)
+    app.include_router(bon_router(app.state.bon))  # /v1/best-of-n, /v1/rerank
+
+    known = {route.path for route in app.routes}  # type: ignore[attr-defined]
+    limit = max_body_bytes if max_body_bytes is not None else engine.config.max_body_bytes
+    # added last = outermost: requests are counted and size-limited before the key check
+    app.add_middleware(AuthMiddleware, checker=key_checker(engine.config), open_routes=engine.config.open_routes)
+    app.add_middleware(EdgeMiddleware, max_body_bytes=limit, known_routes=known)
+    return app

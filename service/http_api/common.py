@@ -1,0 +1,82 @@
+"""What every HTTP router shares: the error body and its OpenAPI schema, the request deadline header, timing
+headers, and cancelling work when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from service.engine import ScoreOutcome
+from service.error_map import HTTP_STATUS
+from service.errors import ErrorKind, RewardServeError, invalid
+
+TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 429, 500, 503, 504)
+}
+
+
+HTTP_ERROR_TYPES = {400: "invalid_argument", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def error_response(exc: RewardServeError) -> JSONResponse:
+    code = HTTP_STATUS[exc.kind]
+    return JSONResponse(
+        {"error": {"type": exc.kind.value, "message": exc.message, "code": code}}, status_code=code
+    )
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`; if the client goes away first, cancel it (its queued inputs are then skipped)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise RewardServeError(ErrorKind.CANCELLED, "client disconnected")
+    return task.result()
+
+
+def parse_timeout_header(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise invalid(f"{TIMEOUT_HEADER} must be a number of seconds, got {value!r}") from None
+    if not seconds > 0:
+        raise invalid(f"{TIMEOUT_HEADER} must be positive, got {value!r}")
+    return seconds
+
+
+def timing_headers(outcome: ScoreOutcome) -> dict[str, str]:
+    return {
+        "X-Queue-Time-Ms": f"{outcome.queue_s * 1000:.3f}",
+        "X-Compute-Time-Ms": f"{outcome.compute_s * 1000:.3f}",
+    }

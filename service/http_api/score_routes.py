@@ -1,0 +1,51 @@
+"""`POST /v1/score`: decode the body, score through the engine, encode the answer."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Header, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.engine import RewardEngine
+from service.http_api.common import (
+    ERROR_RESPONSES, TIMEOUT_HEADER, parse_timeout_header, run_unless_disconnected, timing_headers,
+)
+from service.schemas import ScoreInput, ScoreResult
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="Model name; must match the served model if given.")
+    inputs: list[ScoreInput] = Field(min_length=1, description="Inputs to score, answered in the same order.")
+    normalize: bool = Field(default=False, description="Also return rewards normalized with the model's stats.")
+    timeout: float | None = Field(
+        default=None, gt=0, description="Seconds before the request fails with 504 (also the X-Request-Timeout header)."
+    )
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    scores: list[ScoreResult]
+
+
+def score_router(engine: RewardEngine) -> APIRouter:
+    router = APIRouter(tags=["scoring"])
+
+    @router.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES)
+    async def score(
+        body: ScoreRequest,
+        request: Request,
+        response: Response,
+        x_request_timeout: str | None = Header(default=None, alias=TIMEOUT_HEADER),
+    ) -> ScoreResponse:
+        """Score inputs with the reward model. Rewards are raw logits, in input order."""
+        timeout = body.timeout if body.timeout is not None else parse_timeout_header(x_request_timeout)
+        deadline = engine.deadline_from_timeout(timeout)
+        outcome = await run_unless_disconnected(
+            request,
+            engine.score(body.inputs, model=body.model, deadline=deadline, normalize=body.normalize),
+        )
+        response.headers.update(timing_headers(outcome))
+        return ScoreResponse(model=outcome.model, scores=outcome.results)
+
+    return router
