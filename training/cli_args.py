@@ -45,9 +45,15 @@ def add_dpo(train: Any, handler: Any) -> None:
     dpo.add_argument("--data", required=True, help="Training pairs: .jsonl/.json(.gz)/.parquet (HH-RLHF or TRL columns).")
     dpo.add_argument("--eval", help="Eval pairs: periodic eval (accuracy, margin, implicit rewards).")
     dpo.add_argument("--max-length", type=int, help="token cap for prompt + completion (default 512)")
-    dpo.add_argument("--beta", type=float, help="DPO beta (default 0.1)")
-    dpo.add_argument("--loss-type", choices=("sigmoid", "ipo", "hinge", "robust"), help="loss variant (default sigmoid)")
-    dpo.add_argument("--label-smoothing", type=float, help="assumed share of flipped labels, sigmoid/robust (default 0)")
+    dpo.add_argument("--beta", type=float, help="DPO / KTO / SimPO beta (default 0.1; SimPO's paper uses 2-2.5)")
+    dpo.add_argument("--loss-type", choices=("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"),
+                     help="loss variant (default sigmoid); simpo and orpo load no reference model; kto trains on "
+                     "unpaired examples (preference pairs are split into a desirable and an undesirable one)")
+    dpo.add_argument("--label-smoothing", type=float, help="assumed share of flipped labels, sigmoid/robust/simpo (default 0)")
+    dpo.add_argument("--simpo-gamma", type=float, help="SimPO target reward margin (default 0.5)")
+    dpo.add_argument("--orpo-lambda", type=float, help="ORPO odds-ratio weight (default 0.1)")
+    dpo.add_argument("--desirable-weight", type=float, help="KTO weight of desirable examples (default 1)")
+    dpo.add_argument("--undesirable-weight", type=float, help="KTO weight of undesirable examples (default 1)")
     dpo.add_argument("--precompute-ref", action="store_true", default=None,
                      help="compute the reference log-probs once before training, then free the reference")
     dpo.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")

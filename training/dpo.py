@@ -1,4 +1,7 @@
-"""DPO: the step function, `train_dpo`, and the export (a plain causal-LM checkpoint with its tokenizer).
+"""DPO and its family: the step functions, `train_dpo`, and the export (a plain causal-LM checkpoint with its tokenizer).
+
+Loss types: sigmoid | ipo | hinge | robust (training.losses.dpo_loss, against a reference), simpo | orpo
+(reference-free: no reference model is loaded), kto (unpaired examples, training/kto.py).
 
 Pairs come from training.data.load_preferences (HH dialogues, TRL explicit-prompt and conversational formats); each
 is tokenized once into (prompt, chosen, rejected) ids by training.policy (chat template; prompt tokens masked out).
@@ -29,7 +32,8 @@ from training import loop
 from training.checkpoint import atomic_write_text
 from training.data import PreferencePair, load_preferences, pad_right
 from training.loop import TrainConfig, given_flags, train_config_from_args
-from training.losses import DPO_LOSS_TYPES, dpo_loss
+from training.kto import KTOCollator, kto_step, load_unpaired, tokenize_unpaired
+from training.losses import DPO_LOSS_TYPES, dpo_loss, orpo_loss, simpo_loss
 from training.policy import (
     check_export,
     completion_logprobs,
@@ -38,10 +42,13 @@ from training.policy import (
     policy_and_reference,
     split_completions,
 )
+from training.trainable import policy_without_reference
 
 log = logging.getLogger("rewardserve.train.dpo")
 
 EXPORT_CHECK_PAIRS = 4
+REFERENCE_FREE = ("simpo", "orpo")
+LOSS_TYPES = (*DPO_LOSS_TYPES, *REFERENCE_FREE, "kto")
 
 
 class DPOConfig(BaseModel):
@@ -52,9 +59,15 @@ class DPOConfig(BaseModel):
     data: str = Field(description="Training preference pairs (.jsonl/.json[.gz]/.parquet; see training.data).")
     eval: str | None = Field(None, description="Eval preference pairs (periodic eval: accuracy, margin).")
     max_length: int = Field(512, ge=8, description="Token cap for prompt + completion (the prompt is cut first).")
-    beta: float = Field(0.1, gt=0, description="DPO beta (for ipo: the regularization tau).")
-    loss_type: str = Field("sigmoid", description=f"One of {', '.join(DPO_LOSS_TYPES)}.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (sigmoid, robust).")
+    beta: float = Field(0.1, gt=0, description="DPO/KTO/SimPO beta (for ipo: the regularization tau; SimPO's "
+                        "paper uses 2 to 2.5).")
+    loss_type: str = Field("sigmoid", description=f"One of {', '.join(LOSS_TYPES)}.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed share of flipped labels (sigmoid, robust, "
+                                   "simpo).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin gamma.")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO's weight lambda of the odds-ratio term.")
+    desirable_weight: float = Field(1.0, ge=0, description="KTO's weight lambda_D of desirable examples.")
+    undesirable_weight: float = Field(1.0, ge=0, description="KTO's weight lambda_U of undesirable examples.")
     precompute_ref: bool = Field(False, description="Compute the reference log-probs once before training.")
     train: TrainConfig
 
@@ -159,6 +172,16 @@ def dpo_step(model: torch.nn.Module, batch: DPOBatch, beta: float, loss_type: st
     return dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing, *lengths)
 
 
+def reference_free_step(model: torch.nn.Module, batch: DPOBatch, loss_type: str, beta: float, gamma: float,
+                        lam: float, label_smoothing: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SimPO or ORPO on one batch: policy log-probs only, normalised by each completion's length in the loss."""
+    logps, _ = model(batch.input_ids, batch.attention_mask, batch.completion_mask, with_ref=False)  # (2B,)
+    (pc, pr), (tc, tr) = logps.chunk(2), batch.completion_mask.sum(-1).chunk(2)
+    if loss_type == "simpo":
+        return simpo_loss(pc, pr, tc, tr, beta, gamma, label_smoothing)
+    return orpo_loss(pc, pr, tc, tr, lam)
+
+
 @torch.no_grad()
 def precompute_reference(module: DPOModule, items: list[DPOItem], collate: DPOCollator, batch_size: int) -> list[DPOItem]:
     """The items with their reference log-probs filled in (one pass of the reference over the data)."""
@@ -176,7 +199,10 @@ def precompute_reference(module: DPOModule, items: list[DPOItem], collate: DPOCo
 
 
 def build_module(config: DPOConfig) -> tuple[DPOModule, Any, Any, Any]:
-    """(module, tokenizer, peft model or None, policy source path)."""
+    """(module, tokenizer, peft model or None, policy source path); no reference for SimPO and ORPO."""
+    if config.loss_type in REFERENCE_FREE:
+        trained, tokenizer, peft_model, path = policy_without_reference(config.policy, config.train.lora)
+        return DPOModule(trained), tokenizer, peft_model, path
     trained, ref, ref_context, tokenizer, peft_model, path = policy_and_reference(
         config.policy, config.ref, config.train.lora
     )
@@ -191,27 +217,55 @@ class DPOResult:
     is_main: bool = True
 
 
-def train_dpo(config: DPOConfig) -> DPOResult:
-    """Train a policy with DPO, export it to config.train.output_dir."""
-    if config.loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss {config.loss_type!r}; use one of {DPO_LOSS_TYPES}")
-    if config.loss_type in ("ipo", "hinge") and config.label_smoothing:
+def check_config(config: DPOConfig) -> None:
+    if config.loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss {config.loss_type!r}; use one of {LOSS_TYPES}")
+    if config.loss_type in ("ipo", "hinge", "orpo", "kto") and config.label_smoothing:
         raise ValueError(f"label_smoothing does not apply to the {config.loss_type} loss")
+    if config.loss_type in REFERENCE_FREE and (config.ref or config.precompute_ref):
+        raise ValueError(f"{config.loss_type} uses no reference model: drop --ref / --precompute-ref")
+    if config.loss_type == "kto" and config.precompute_ref:
+        raise ValueError("kto compares every batch with mismatched pairs of that batch: --precompute-ref does not apply")
+
+
+def make_step(config: DPOConfig) -> Callable:
+    if config.loss_type == "kto":
+        return partial(kto_step, beta=config.beta, desirable_weight=config.desirable_weight,
+                       undesirable_weight=config.undesirable_weight)
+    if config.loss_type in REFERENCE_FREE:
+        return partial(reference_free_step, loss_type=config.loss_type, beta=config.beta, gamma=config.simpo_gamma,
+                       lam=config.orpo_lambda, label_smoothing=config.label_smoothing)
+    return partial(dpo_step, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+
+
+def load_items(config: DPOConfig, tokenizer: Any) -> tuple[Any, list, list | None]:
+    """(collator, training items, eval items or None): pairs, or for KTO unpaired examples (pairs split in two)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if config.loss_type == "kto":
+        read = lambda source: tokenize_unpaired(tokenizer, load_unpaired(source), config.max_length)  # noqa: E731
+        collate: Any = KTOCollator(pad, config.max_length)
+    else:
+        read = lambda source: tokenize_pairs(tokenizer, load_preferences(source), config.max_length)  # noqa: E731
+        collate = DPOCollator(pad)
+    return collate, read(config.data), read(config.eval) if config.eval else None
+
+
+def train_dpo(config: DPOConfig) -> DPOResult:
+    """Train a policy with DPO (or SimPO, ORPO, KTO), export it to config.train.output_dir."""
+    check_config(config)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     loop.seed_everything(config.train.seed)
     module, tokenizer, peft_model, policy_path = build_module(config)
-    collate = DPOCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    items = tokenize_pairs(tokenizer, load_preferences(config.data), config.max_length)
-    eval_items = tokenize_pairs(tokenizer, load_preferences(config.eval), config.max_length) if config.eval else None
-    log.info("DPO (%s, beta %g) on %d pairs (eval: %s) from %s", config.loss_type, config.beta, len(items),
+    collate, items, eval_items = load_items(config, tokenizer)
+    log.info("DPO (%s, beta %g) on %d items (eval: %s) from %s", config.loss_type, config.beta, len(items),
              len(eval_items) if eval_items else "none", policy_path)
     if config.precompute_ref:
         size = config.train.eval_batch_size or 2 * config.train.batch_size
         items = precompute_reference(module, items, collate, size)
         eval_items = precompute_reference(module, eval_items, collate, size) if eval_items else None
         module.ref, module.ref_context = None, None  # not needed any more
-    step = partial(dpo_step, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+    step = make_step(config)
     run_config = {"dpo": config.model_dump(mode="json", exclude={"train"}), "policy_path": str(policy_path)}
 
     result = loop.train(config.train, module, items, collate, step, eval_items, run_config)
@@ -237,7 +291,8 @@ def train_dpo(config: DPOConfig) -> DPOResult:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-_DPO_FLAGS = ("policy", "ref", "data", "eval", "max_length", "beta", "loss_type", "label_smoothing", "precompute_ref")
+_DPO_FLAGS = ("policy", "ref", "data", "eval", "max_length", "beta", "loss_type", "label_smoothing", "precompute_ref",
+              "simpo_gamma", "orpo_lambda", "desirable_weight", "undesirable_weight")
 
 
 def config_from_args(args: Any) -> DPOConfig:

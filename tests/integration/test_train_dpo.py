@@ -122,3 +122,41 @@ def test_lora_with_precomputed_reference(tiny_llama_lm_dir, data, tmp_path):
     query = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(exported[query], base[query])  # the adapters were merged in
     assert {"eval/loss", "eval/accuracy", "eval/margin"} <= set(result.eval_metrics)
+
+
+@pytest.mark.parametrize("loss_type,extra,keys", [
+    ("simpo", ["--beta", "2.0", "--simpo-gamma", "0.5"], {"train/reward_chosen", "train/accuracy", "eval/margin"}),
+    ("orpo", ["--orpo-lambda", "0.5"], {"train/nll", "train/log_odds_ratio", "eval/log_odds_chosen"}),
+    ("kto", ["--beta", "0.5", "--undesirable-weight", "1.2"], {"train/kl", "train/reward_chosen", "eval/margin"}),
+])
+def test_the_dpo_family_trains_from_the_cli(tiny_llama_lm_dir, data, tmp_path, monkeypatch, loss_type, extra, keys):
+    """SimPO and ORPO load no reference model; KTO splits every pair into a desirable and an undesirable example.
+    Each learns to prefer the polite completions of the synthetic pairs (eval margin up from the start)."""
+    import training.dpo
+
+    if loss_type in ("simpo", "orpo"):
+        def no_reference(*args, **kwargs):
+            raise AssertionError("a reference model was loaded")
+
+        monkeypatch.setattr(training.dpo, "policy_and_reference", no_reference)
+    flags = ["--max-steps", "8", "--eval-every", "4", "--log-every", "4", "--lr", "3e-3", "--loss-type", loss_type]
+    assert main(dpo_args(tiny_llama_lm_dir, data, tmp_path, *flags, *extra)) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert keys <= set().union(*rows), sorted(set().union(*rows))
+    evals = [r for r in rows if "eval/margin" in r]
+    assert [r["step"] for r in evals] == [4, 8] and evals[-1]["eval/margin"] > 0
+    summary = json.loads((tmp_path / "training_config.json").read_text())
+    assert summary["dpo"]["loss_type"] == loss_type and summary["export_check_max_abs_diff"] < 1e-4
+    if loss_type == "kto":
+        assert summary["final_train_metrics"]["train/kl"] >= 0.0
+
+
+def test_the_family_refuses_flags_that_do_not_apply(tiny_llama_lm_dir, data, tmp_path):
+    base = {"policy": str(tiny_llama_lm_dir), "data": str(data / "train.jsonl"),
+            "train": TrainConfig(output_dir=str(tmp_path), max_steps=1, progress=False)}
+    for overrides, why in (({"loss_type": "simpo", "precompute_ref": True}, "no reference"),
+                           ({"loss_type": "orpo", "ref": str(tiny_llama_lm_dir)}, "no reference"),
+                           ({"loss_type": "kto", "precompute_ref": True}, "does not apply"),
+                           ({"loss_type": "kto", "label_smoothing": 0.1}, "does not apply")):
+        with pytest.raises(ValueError, match=why):
+            train_dpo(DPOConfig(**base, **overrides))
