@@ -9,8 +9,8 @@ import functools
 import random
 from typing import Any, Iterable, Sequence
 
-from clients.retry import Deadline, EndpointPool, RetryPolicy, acall_with_retries, call_with_retries
-from clients.types import InputLike, ModelInfo, ScoreResult, chunk_request_ids, split, to_input_dicts
+from .retry import Deadline, EndpointPool, RetryPolicy, acall_with_retries, call_with_retries
+from .types import InputLike, ModelInfo, ScoreResult, chunk_request_ids, split, to_input_dicts
 
 PROBE_TIMEOUT_S = 5.0
 

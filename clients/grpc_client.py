@@ -13,12 +13,12 @@ from typing import Any, Mapping, Sequence
 
 import grpc
 
-from clients.base import PROBE_TIMEOUT_S, AsyncClient, SyncClient
-from clients.errors import InvalidInputError, RewardClientError, grpc_error
-from clients.types import ModelInfo, ScoreResult, check_count
-from clients.grpc_ranking import ranked_request, reply_as_json
-from clients.ranking import AsyncRanking, RankedResult, SyncRanking, parse_ranked
-from protos import reward_pb2, reward_pb2_grpc
+from .base import PROBE_TIMEOUT_S, AsyncClient, SyncClient
+from .errors import InvalidInputError, RewardClientError, grpc_error
+from .types import ModelInfo, ScoreResult, check_count
+from .grpc_ranking import ranked_request, reply_as_json
+from .ranking import AsyncRanking, RankedResult, SyncRanking, parse_ranked
+from .wire import proto_message, reward_pb2, reward_pb2_grpc
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 SERVICE_NAME = "rewardserve.v1.RewardService"
@@ -38,7 +38,7 @@ def to_proto(index: int, item: Mapping[str, Any]) -> reward_pb2.ScoreInput:
             pair = reward_pb2.PromptResponse(prompt=item["prompt"], response=item["response"])
             return reward_pb2.ScoreInput(pair=pair)
         if keys == {"messages"}:
-            messages = [reward_pb2.Message(**message) for message in item["messages"]]
+            messages = [proto_message(message) for message in item["messages"]]
             return reward_pb2.ScoreInput(conversation=reward_pb2.Conversation(messages=messages))
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"inputs.{index}: {exc}", type="invalid_argument") from None

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from clients.errors import InvalidInputError
-from protos import reward_pb2
+from .errors import InvalidInputError
+from .wire import proto_message, reward_pb2
 
 
 def ranked_request(kind: str, body: Mapping[str, Any], request_id: str) -> Any:
@@ -16,7 +16,7 @@ def ranked_request(kind: str, body: Mapping[str, Any], request_id: str) -> Any:
         fields["prompt"] = body["prompt"]
     else:
         try:
-            messages = [reward_pb2.Message(**m) for m in body["messages"]]
+            messages = [proto_message(m) for m in body["messages"]]
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(f"messages: {exc}", type="invalid_argument") from None
         fields["conversation"] = reward_pb2.Conversation(messages=messages)

@@ -11,10 +11,10 @@ from typing import Any, Mapping, Sequence
 
 import httpx
 
-from clients.base import PROBE_TIMEOUT_S, AsyncClient, SyncClient
-from clients.errors import DeadlineExceededError, RewardClientError, ServerError, UnavailableError, http_error
-from clients.types import ModelInfo, ScoreResult, check_count
-from clients.ranking import AsyncRanking, RankedResult, SyncRanking, parse_ranked
+from .base import PROBE_TIMEOUT_S, AsyncClient, SyncClient
+from .errors import DeadlineExceededError, RewardClientError, ServerError, UnavailableError, http_error
+from .types import ModelInfo, ScoreResult, check_count
+from .ranking import AsyncRanking, RankedResult, SyncRanking, parse_ranked
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 REQUEST_ID_HEADER = "X-Request-Id"

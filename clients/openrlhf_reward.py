@@ -19,7 +19,10 @@ with `--dynamic_filtering` unless the reward model's scores lie in 0..1. `labels
 
 The server is configured as for verl (clients/verl_reward.py): REWARDSERVE_URL, REWARDSERVE_API_KEY,
 REWARDSERVE_TIMEOUT, REWARDSERVE_TRANSPORT; set them in the Ray job's `runtime_env` `env_vars`. torch is
-imported only when `reward_func` runs, so this module imports without it.
+imported only when `reward_func` runs, so this module imports without it. Some OpenRLHF versions wrap
+`reward_func` in `ray.remote`, which pickles it by value (the module is loaded by path): as for verl
+(clients/verl_reward.py), its globals are plain functions and constants, and the client cache lives in
+`rewardserve.clients.adapter_clients`, imported by name in every worker.
 """
 
 from __future__ import annotations
@@ -27,8 +30,14 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from clients.errors import InvalidInputError
-from clients.verl_reward import client_from_env
+if __package__ in ("clients", "rewardserve.clients"):  # imported by name
+    from .adapter_clients import client_from_env
+    from .errors import InvalidInputError
+else:  # loaded by file path (OpenRLHF): the helpers come through the import face, which no local module shadows
+    from importlib import import_module
+
+    client_from_env = import_module("rewardserve.clients.adapter_clients").client_from_env
+    InvalidInputError = import_module("rewardserve.clients.errors").InvalidInputError
 
 ENV_INPUT = "REWARDSERVE_INPUT"
 ENV_STRIP = "REWARDSERVE_STRIP"

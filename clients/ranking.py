@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from clients.errors import InvalidInputError, ServerError
+from .errors import InvalidInputError, ServerError
 
 
 @dataclass(frozen=True)

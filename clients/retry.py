@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence, TypeVar
 
-from clients.errors import FAILOVER, NEVER, DeadlineExceededError, RewardClientError
+from .errors import FAILOVER, NEVER, DeadlineExceededError, RewardClientError
 
 T = TypeVar("T")
 MIN_TIMEOUT_S = 0.001  # below this there is no time left to send a request

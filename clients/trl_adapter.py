@@ -5,7 +5,8 @@ TRL 1.16 (`GRPOTrainer._calculate_rewards` in trl/trainer/grpo_trainer.py) calls
 dataset's other columns plus `trainer_state`, `log_extra` and `log_metric`, and expects one reward per completion
 (a float, or None: "not applicable", turned into NaN and left out of that sample's sum). Prompts and completions
 are both strings (plain text) or both lists of `{"role", "content"}` messages (conversational; the completion is
-`[{"role": "assistant", "content": ...}]`). The metric name is `getattr(func, "__name__", type(func).__name__)`
+`[{"role": "assistant", "content": ...}]`, or with tool calling the assistant turns with their `tool_calls` and
+the `{"role": "tool", "name", "content"}` results between them: see clients/messages.py). The metric name is `getattr(func, "__name__", type(func).__name__)`
 (`trl.trainer.utils.get_callable_name`): the reward shows up as `rewards/<name>/mean`. A function whose
 `__call__` is a coroutine function (`trl.trainer.utils.is_async_callable`) is awaited on TRL's own event loop
 thread, concurrently with the other async reward functions: that is `make_async_trl_reward_func`.
@@ -17,40 +18,28 @@ functions to a spawned process) and open their client lazily, once per process (
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-from clients.errors import InvalidInputError, RewardClientError
-from clients.types import ScoreResult
+from .adapter_clients import TRANSPORTS, open_client
+from .errors import InvalidInputError
+from .lenient import ascore_isolating, expected_count, lenient_inputs, score_isolating, spread
+from .messages import clean_messages, message_text  # noqa: F401 (message_text: re-exported)
+from .types import ScoreResult
 
-TRANSPORTS = ("http", "grpc")
 ON_ERROR = ("raise", "none")
+logger = logging.getLogger(__name__)
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
-def message_text(content: Any) -> str:
-    """A message's content as text: a string as is; a list of content parts (`{"type": "text", "text": ...}`)
-    joined; None (an assistant turn that only calls tools) as ""."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):
-        return "".join(part.get("text", "") if isinstance(part, Mapping) else str(part) for part in content)
-    return str(content)
-
-
-def clean_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """Messages as the server takes them: `role` and `content` only (TRL may add keys such as `tool_calls`)."""
-    return [{"role": str(m["role"]), "content": message_text(m.get("content"))} for m in messages]
-
-
 def trl_input(index: int, prompt: Any, completion: Any) -> dict[str, Any]:
     """One (prompt, completion) pair from TRL as a server input.
 
     Plain text: `{"prompt": prompt, "response": completion}` (the server renders it with the reward model's own
-    template). Conversational: `{"messages": prompt + completion}`.
+    template). Conversational: `{"messages": prompt + completion}`, tool calls and tool results included
+    (clients/messages.py).
     """
     if isinstance(prompt, str) and isinstance(completion, str):
         return {"prompt": prompt, "response": completion}
@@ -68,23 +57,7 @@ def trl_inputs(prompts: Sequence[Any], completions: Sequence[Any]) -> list[dict[
     return [trl_input(i, p, c) for i, (p, c) in enumerate(zip(prompts, completions))]
 
 
-# ---- clients ------------------------------------------------------------------------------------------
-def open_client(url_or_urls: str | Sequence[str], *, transport: str = "http", asynchronous: bool = False,
-                **options: Any) -> Any:
-    """A RewardClient / GrpcRewardClient (or their asyncio twins) for `url_or_urls`."""
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport is one of {TRANSPORTS}, got {transport!r}")
-    if transport == "grpc":
-        from clients.grpc_client import AsyncGrpcRewardClient, GrpcRewardClient
-
-        cls: Any = AsyncGrpcRewardClient if asynchronous else GrpcRewardClient
-    else:
-        from clients.http_client import AsyncRewardClient, RewardClient
-
-        cls = AsyncRewardClient if asynchronous else RewardClient
-    return cls(url_or_urls, **options)
-
-
+# ---- reward functions ---------------------------------------------------------------------------------
 class _RewardFuncBase:
     """What the sync and async reward functions share: settings, naming, pickling, result handling."""
 
@@ -123,17 +96,36 @@ class _RewardFuncBase:
     def _score_options(self) -> dict[str, Any]:
         return {"normalize": self.normalize, "model": self.model}
 
+    def _value(self, result: ScoreResult) -> float:
+        if self.normalize and result.normalized is not None:
+            return float(result.normalized)
+        return float(result.reward)
+
     def _rewards(self, results: list[ScoreResult], log_metric: Any) -> list[float]:
         if self.log_truncation and callable(log_metric) and results:
             log_metric(f"{self.__name__}/truncated", sum(r.truncated for r in results) / len(results))
-        if self.normalize:
-            return [r.normalized if r.normalized is not None else r.reward for r in results]
-        return [r.reward for r in results]
+        return [self._value(r) for r in results]
 
-    def _failed(self, count: int, exc: RewardClientError) -> list[float | None]:
-        if self.on_error == "raise" or isinstance(exc, InvalidInputError):
-            raise exc
-        return [None] * count  # TRL: NaN, this function is left out of these samples' rewards
+    def _lenient_rewards(self, results: list[ScoreResult | None], errors: list[BaseException],
+                         log_metric: Any) -> list[float | None]:
+        """on_error="none": rewards with None where scoring failed; failures logged, never raised."""
+        rewards = [None if r is None else self._value(r) for r in results]
+        scored = [r for r in results if r is not None]
+        try:
+            if self.log_truncation and callable(log_metric) and scored:
+                log_metric(f"{self.__name__}/truncated", sum(bool(r.truncated) for r in scored) / len(scored))
+            if callable(log_metric) and results:
+                log_metric(f"{self.__name__}/failed", (len(results) - len(scored)) / len(results))
+        except Exception:  # noqa: BLE001 - a metric is not worth the rewards
+            logger.warning("%s: logging a metric failed", self.__name__, exc_info=True)
+        if errors:
+            logger.warning("%s: %d of %d completions got no reward (None): %r", self.__name__,
+                           len(results) - len(scored), len(results), errors[0])
+        return rewards
+
+    def _give_up(self, prompts: Any, completions: Any) -> list[None]:
+        logger.warning("%s: no rewards for this batch (None)", self.__name__, exc_info=True)
+        return [None] * expected_count(prompts, completions)
 
 
 class TrlRewardFunc(_RewardFuncBase):
@@ -146,14 +138,21 @@ class TrlRewardFunc(_RewardFuncBase):
                 self._owner = os.getpid()
             return self._client
 
+    def _score(self, inputs: list[dict]) -> list[ScoreResult]:
+        return self._get_client().score_full(inputs, **self._score_options())
+
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
                  **reward_kwargs: Any) -> list[float | None]:
-        inputs = trl_inputs(prompts, completions)
+        if self.on_error == "raise":
+            return self._rewards(self._score(trl_inputs(prompts, completions)), reward_kwargs.get("log_metric"))
         try:
-            results = self._get_client().score_full(inputs, **self._score_options())
-        except RewardClientError as exc:
-            return self._failed(len(inputs), exc)
-        return self._rewards(results, reward_kwargs.get("log_metric"))
+            errors: list[BaseException] = []
+            inputs = lenient_inputs(trl_input, prompts, completions, errors)
+            present = [item for item in inputs if item is not None]
+            results = score_isolating(self._score, present, errors) if present else []
+            return self._lenient_rewards(spread(inputs, results), errors, reward_kwargs.get("log_metric"))
+        except Exception:  # noqa: BLE001 - on_error="none" never raises
+            return self._give_up(prompts, completions)
 
     def close(self) -> None:
         with self._lock:
@@ -175,14 +174,22 @@ class AsyncTrlRewardFunc(_RewardFuncBase):
                 self._owner = owner
             return self._client
 
+    async def _score(self, inputs: list[dict]) -> list[ScoreResult]:
+        return await self._get_client().score_full(inputs, **self._score_options())
+
     async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
                        **reward_kwargs: Any) -> list[float | None]:
-        inputs = trl_inputs(prompts, completions)
+        if self.on_error == "raise":
+            results = await self._score(trl_inputs(prompts, completions))
+            return self._rewards(results, reward_kwargs.get("log_metric"))
         try:
-            results = await self._get_client().score_full(inputs, **self._score_options())
-        except RewardClientError as exc:
-            return self._failed(len(inputs), exc)
-        return self._rewards(results, reward_kwargs.get("log_metric"))
+            errors: list[BaseException] = []
+            inputs = lenient_inputs(trl_input, prompts, completions, errors)
+            present = [item for item in inputs if item is not None]
+            results = await ascore_isolating(self._score, present, errors) if present else []
+            return self._lenient_rewards(spread(inputs, results), errors, reward_kwargs.get("log_metric"))
+        except Exception:  # noqa: BLE001 - on_error="none" never raises
+            return self._give_up(prompts, completions)
 
     async def aclose(self) -> None:
         """Close the client of the running loop (call it from the loop that used the function)."""
@@ -199,8 +206,8 @@ def make_trl_reward_func(url_or_urls: str | Sequence[str], *, transport: str = "
     `url_or_urls`: an HTTP base URL (`http://host:8000`) or a gRPC target (`host:50051`), or a list of them
     (round-robin with failover). `transport`: "http" or "grpc". `timeout`: seconds per call, retries included.
     Also: `name` (metric name, default "rewardserve"), `normalize` (return the server's normalized rewards),
-    `model`, `on_error` ("raise", default; or "none": a batch the server could not score after the retries gets
-    None rewards, which TRL leaves out; invalid input always raises), `log_truncation` (log the fraction of
+    `model`, `on_error` ("raise", default; or "none": never raises, a completion that cannot be scored gets None,
+    which TRL leaves out; see clients/lenient.py), `log_truncation` (log the fraction of
     truncated inputs as `<name>/truncated` through TRL's `log_metric`, default True), and any client option
     (`max_retries`, `max_batch_size`, TLS, `headers`, `channel_options`, ...; see docs/clients.md).
     """

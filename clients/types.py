@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence, Union
 
-from clients.errors import InvalidInputError, ServerError
+from .errors import InvalidInputError, ServerError
 
 # One input: {"prompt", "response"}, {"messages": [...]}, {"raw"} as the server takes them,
 # or for convenience a (prompt, response) tuple or a plain string (= raw).

@@ -1,6 +1,6 @@
 """A rewardserve server as a verl custom reward function. See docs/integrations.md.
 
-verl loads `custom_reward_function.path` (a file path, or `pkg://clients.verl_reward`) and takes the function
+verl loads `custom_reward_function.path` (a file path, or `pkg://rewardserve.clients.verl_reward`) and takes the function
 `custom_reward_function.name` from it (`verl.trainer.ppo.reward.get_custom_reward_fn`; the section is
 `reward.custom_reward_function` in recent verl). Its reward managers call it with keywords:
 
@@ -24,65 +24,28 @@ REWARDSERVE_URL (required: an `http(s)://` base URL, or a gRPC `host:port` / `gr
 comma-separated for several servers), REWARDSERVE_API_KEY, REWARDSERVE_TIMEOUT (seconds per call, default 60),
 REWARDSERVE_TRANSPORT (`http` or `grpc`; default: from the URL). Ray workers need these variables too: set them
 in the job's `runtime_env` `env_vars`. One client is opened per process and configuration and reused.
+
+Shipping to Ray workers: verl loads this file by path under a module name no worker can import, so Ray
+(cloudpickle) pickles `compute_score` by value with the module globals it uses. Those are plain functions and
+constants; the client cache and the helpers live in `rewardserve.clients.adapter_clients` / `.messages`,
+which a worker imports by name (the file imports them through the `rewardserve.clients` face when loaded by
+path), so the functions pickle, and every copy unpickled in one process shares that process's client.
 """
 
 from __future__ import annotations
 
-import os
-import threading
 from typing import Any, Mapping, Sequence
 
-from clients.trl_adapter import clean_messages, open_client
+if __package__ in ("clients", "rewardserve.clients"):  # imported by name
+    from .adapter_clients import (  # noqa: F401 (re-exported: the configuration names)
+        DEFAULT_TIMEOUT, ENV_API_KEY, ENV_TIMEOUT, ENV_TRANSPORT, ENV_URL, client_from_env, settings, transport_of,
+    )
+    from .messages import clean_messages
+else:  # loaded by file path (verl): the helpers come through the import face, which no local module shadows
+    from importlib import import_module
 
-ENV_URL = "REWARDSERVE_URL"
-ENV_API_KEY = "REWARDSERVE_API_KEY"
-ENV_TIMEOUT = "REWARDSERVE_TIMEOUT"
-ENV_TRANSPORT = "REWARDSERVE_TRANSPORT"
-DEFAULT_TIMEOUT = 60.0
-GRPC_SCHEME = "grpc://"
-
-_clients: dict[tuple, Any] = {}
-_clients_lock = threading.Lock()
-
-
-# ---- configuration ------------------------------------------------------------------------------------
-def transport_of(urls: Sequence[str]) -> str:
-    """`http` when every URL is http(s)://, `grpc` when none is; a mix is an error."""
-    http = [u.startswith(("http://", "https://")) for u in urls]
-    if all(http):
-        return "http"
-    if not any(http):
-        return "grpc"
-    raise ValueError(f"{ENV_URL} mixes HTTP URLs and gRPC targets: {urls}")
-
-
-def settings(url: str | None = None, api_key: str | None = None, timeout: float | str | None = None,
-             transport: str | None = None) -> tuple[tuple[str, ...], str, str | None, float | None]:
-    """(urls, transport, api_key, timeout) from the arguments, else the REWARDSERVE_* environment."""
-    raw = url if url is not None else os.environ.get(ENV_URL, "")
-    urls = tuple(u.strip() for u in (raw.split(",") if isinstance(raw, str) else raw) if u.strip())
-    if not urls:
-        raise ValueError(f"set {ENV_URL} (e.g. http://rm-host:8000) or pass url= in reward_kwargs")
-    transport = transport or os.environ.get(ENV_TRANSPORT) or transport_of(urls)
-    if transport == "grpc":
-        urls = tuple(u[len(GRPC_SCHEME):] if u.startswith(GRPC_SCHEME) else u for u in urls)
-    api_key = api_key if api_key is not None else (os.environ.get(ENV_API_KEY) or None)
-    timeout = timeout if timeout is not None else os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT)
-    timeout_s = None if str(timeout).lower() in ("", "none", "0") else float(timeout)
-    return urls, transport, api_key, timeout_s
-
-
-def client_from_env(url: str | None = None, api_key: str | None = None, timeout: float | str | None = None,
-                    transport: str | None = None) -> Any:
-    """A blocking client for the configured server, opened once per process and configuration."""
-    urls, transport, api_key, timeout_s = settings(url, api_key, timeout, transport)
-    key = (os.getpid(), urls, transport, api_key, timeout_s)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            client = open_client(list(urls), transport=transport, api_key=api_key, timeout=timeout_s)
-            _clients[key] = client
-        return client
+    client_from_env = import_module("rewardserve.clients.adapter_clients").client_from_env
+    clean_messages = import_module("rewardserve.clients.messages").clean_messages
 
 
 # ---- inputs -------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@
 #   scripts/gen_protos.sh            # write next to the .proto (commit the result)
 #   scripts/gen_protos.sh OUT_DIR    # write OUT_DIR/protos/... instead (tests/unit/test_protos_fresh.py)
 #
-# The proto is compiled with the repo root as include path, so the generated code imports
-# `from protos import reward_pb2` (no import rewriting needed). Output depends only on the .proto and the
-# pinned grpcio-tools (its bundled protoc), so it is deterministic. PYTHON picks the interpreter.
+# The proto is compiled with the repo root as include path, so protoc writes `from protos import reward_pb2`
+# into reward_pb2_grpc.py; that one line is rewritten to `from . import reward_pb2`, so the package also works
+# under its second name `rewardserve.protos` (what `rewardserve.clients` uses; a user's own `protos` package
+# cannot shadow it). Output depends only on the .proto and the pinned grpcio-tools (its bundled protoc), so it
+# is deterministic. PYTHON picks the interpreter.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,8 +24,10 @@ cd "$ROOT"
   --grpc_python_out="$OUT" \
   protos/reward.proto
 
-# Guard: the service module must import the messages through the package.
-if ! grep -q '^from protos import reward_pb2 as ' "$OUT/protos/reward_pb2_grpc.py"; then
+# The service module imports the messages relatively (guarded: protoc's import line must be the expected one).
+GRPC_PY="$OUT/protos/reward_pb2_grpc.py"
+if ! grep -q '^from protos import reward_pb2 as ' "$GRPC_PY"; then
   echo "gen_protos.sh: unexpected import in reward_pb2_grpc.py" >&2
   exit 1
 fi
+sed -i.orig 's/^from protos import reward_pb2 as /from . import reward_pb2 as /' "$GRPC_PY" && rm -f "$GRPC_PY.orig"

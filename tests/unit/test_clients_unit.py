@@ -52,7 +52,8 @@ def test_to_proto_forms_and_errors():
     assert to_proto(0, {"prompt": "p", "response": "r"}).pair.response == "r"
     assert [m.role for m in to_proto(0, {"messages": MESSAGES}).conversation.messages] == ["user", "assistant"]
     for bad in ({"prompt": "p"}, {"raw": "x", "extra": 1}, {"raw": 5},
-                {"messages": [{"role": "user", "content": "q", "name": "n"}]}, {"messages": ["nope"]}):
+                {"messages": [{"role": "user", "content": "q", "weight": 1}]}, {"messages": ["nope"]},
+                {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"bad": {1, 2}}]}]}):
         with pytest.raises(InvalidInputError, match="inputs.3"):
             to_proto(3, bad)
 
