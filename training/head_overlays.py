@@ -1,0 +1,133 @@
+"""`train rm --head-only --l2 ...`: fit linear heads, add rows of existing overlays, export one or many heads.
+
+The formats are described in training/heads.py. One head in the end is written exactly as before (single-head
+overlay, flat reward_stats.json); more than one is a multi-head overlay whose rows are checked, one at a time, against
+the base model's own forward (rewardmodel.modeling.reward_forward) the way the server reads a decoder reward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rewardmodel.modeling import OVERLAY_META, OVERLAY_TENSORS, sha256_file
+from rewardmodel.normalization import STATS_FILE
+from training.checkpoint import atomic_write_text
+from training.data import PreferencePair
+from training.heads import FittedHead, fit_heads, head_stats, overlay_meta, overlay_rows, pair_metrics, pick_best, \
+    write_tensors
+
+log = logging.getLogger("rewardserve.train.heads")
+
+
+def included_head(spec: str, frozen: Any, train: torch.Tensor, dev: torch.Tensor | None) -> FittedHead:
+    """"NAME=DIR": the row of DIR's overlay (its head NAME when DIR holds several), over the same base and length."""
+    name, sep, folder = spec.partition("=")
+    if not sep or not name or not folder:
+        raise ValueError(f"--include-head {spec!r}: expected NAME=DIR")
+    meta = overlay_meta(Path(folder))
+    want = {"base_sha256": frozen.store_key["base_sha256"], "max_length": frozen.max_length,
+            "num_hidden_layers": frozen.store_key["num_layers"]}
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        raise ValueError(f"--include-head {spec!r}: {folder} was trained with {got}, this run uses {want}")
+    names, rows, _ = overlay_rows(Path(folder))
+    row = rows[0] if len(names) == 1 else rows[names.index(name)] if name in names else None
+    if row is None:
+        raise ValueError(f"--include-head {spec!r}: {folder} has heads {names}, none named {name!r}")
+    metrics = {f"train/{m}": v for m, v in pair_metrics(train, row).items()}
+    if dev is not None:
+        metrics |= {f"eval/{m}": v for m, v in pair_metrics(dev, row).items()}
+    return FittedHead(name, row.clone(), {"from": folder, "trained_with": meta.get("trained_with")}, metrics)
+
+
+def check_rows(frozen: Any, weights: torch.Tensor, feats: torch.Tensor, pairs: Sequence[PreferencePair]) -> float:
+    """Max |served - training-time| reward over every row on a few pairs: the base's forward with each row as head."""
+    from rewardmodel.modeling import reward_forward
+
+    model, batch = frozen.model, frozen.collate(list(pairs))
+    saved = model.score.weight.detach().clone()
+    want_all = feats.transpose(0, 1).flatten(0, 1) @ weights.T  # (2K', K): chosen..., rejected...
+    worst = 0.0
+    try:
+        for k in range(weights.shape[0]):
+            with torch.no_grad():
+                model.score.weight.copy_(weights[k][None, :])
+                got = reward_forward(model, batch.input_ids, batch.attention_mask)  # (2K',)
+            worst = max(worst, float((got - want_all[:, k]).abs().max()))
+    finally:
+        with torch.no_grad():
+            model.score.weight.copy_(saved)
+    if worst > 1e-3:
+        raise RuntimeError(f"overlay check failed: served rewards differ from training-time ones by {worst:.3g}")
+    return worst
+
+
+def export_multi(out: Path, frozen: Any, heads: Sequence[FittedHead], stats_on: dict[str, Any],
+                 meta: dict[str, Any]) -> None:
+    """score.weight (K, H) + "heads" names + per-head stats; rewardserve_overlay.json goes last."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OVERLAY_META).unlink(missing_ok=True)
+    write_tensors(out, torch.stack([h.weight for h in heads]))
+    per_head = {h.name: head_stats(h.weight, stats_on["feats"], stats_on["tokens"], fit_on=stats_on["fit_on"],
+                                   max_length=frozen.max_length) for h in heads}
+    for entry in per_head.values():
+        entry["split"] = stats_on["split"]
+    atomic_write_text(out / STATS_FILE, json.dumps({"heads": per_head}, indent=2) + "\n")
+    body = {"base": meta["base"], "base_sha256": sha256_file(frozen.source.weights_file()),
+            "tensors": OVERLAY_TENSORS, "heads": [h.name for h in heads], **{k: v for k, v in meta.items()
+                                                                              if k != "base"}}
+    atomic_write_text(out / OVERLAY_META, json.dumps(body, indent=2) + "\n")
+
+
+def _describe(h: FittedHead) -> dict[str, Any]:
+    return {"name": h.name, **h.settings, "metrics": h.metrics}
+
+
+def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.Tensor | None,
+                       stats_on: dict[str, Any], *, l2s: Sequence[float], bootstrap: int, pick_l2: bool,
+                       sizes: Sequence[int], include_heads: Sequence[str], seed: int, common: dict[str, Any],
+                       check_pairs: Sequence[PreferencePair]) -> dict[str, Any]:
+    """Fit, pick, include, export; returns the run summary (training_config.json)."""
+    from training.rm_head import finish_single
+
+    if frozen.head.kind != "decoder":
+        raise ValueError("--l2 fits a linear head without bias: it needs a decoder base (smollm2)")
+    if pick_l2 and (dev is None or bootstrap):
+        raise ValueError("--pick-l2 chooses on --eval among plain heads: it needs --eval and no --bootstrap")
+    out.mkdir(parents=True, exist_ok=True)
+    fitted = fit_heads(train, dev, l2s=l2s, bootstrap=bootstrap, seed=seed, sizes=sizes)
+    candidates = [_describe(h) for h in fitted] if pick_l2 else None
+    if pick_l2:
+        fitted = [pick_best(fitted)]
+    heads = [included_head(spec, frozen, train, dev) for spec in include_heads] + fitted
+    names = [h.name for h in heads]
+    if len(set(names)) != len(names):
+        raise ValueError(f"head names must be unique: {names}")
+    summary = {**common, "solver": "lbfgs", "l2": l2s[0] if len(l2s) == 1 else l2s, "bootstrap": bootstrap or None,
+               "heads": [_describe(h) for h in heads], "l2_candidates": candidates}
+    metrics_rows = [{"head": h.name, **h.metrics} for h in heads]
+    if len(heads) == 1:
+        with torch.no_grad():
+            frozen.model.score.weight.copy_(heads[0].weight[None, :])
+        summary |= {"l2": heads[0].settings.get("l2"), "best_epoch": None, "best_metrics": heads[0].metrics,
+                    "epochs_run": None}
+        atomic_write_text(out / "metrics.jsonl", json.dumps(heads[0].metrics) + "\n")
+        finish_single(frozen, out, train, dev, stats_on, summary, check_pairs)
+        return summary
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics_rows))
+    eval_acc = {h.name: h.metrics.get("eval/accuracy") for h in heads} if dev is not None else None
+    export_multi(out, frozen, heads, stats_on, {"base": common["base"], "trained_with": common["command"],
+                                                "max_length": frozen.max_length,
+                                                "num_hidden_layers": common["num_hidden_layers"],
+                                                "eval_accuracy": eval_acc})
+    weights = torch.stack([h.weight for h in heads])  # (K, H)
+    summary["head"] = ["score.weight"]
+    summary["export_check_max_abs_diff"] = check_rows(frozen, weights, stats_on["feats"][: len(check_pairs)],
+                                                      check_pairs)
+    log.info("head-only: %d heads %s", len(heads), names)
+    return summary
