@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import InvalidInputError, ServerError
+from .types import check_text
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class _Ranking:
     model: str | None
 
     def _ranked_call(self, kind: str, body: dict, timeout: float | None, request_id: str | None) -> tuple:
+        check_text(body)
         send = functools.partial(self._ranked_once, kind=kind, body=body, request_id=request_id or uuid.uuid4().hex)
         return send, self._deadline(timeout)
 

@@ -32,16 +32,37 @@ class ModelInfo:
     normalization: tuple[float, float] | None = None
 
 
+def check_text(value: Any, where: str = "") -> None:
+    """Every string in `value` (nested in dicts and lists) is valid Unicode: a lone UTF-16 surrogate cannot be
+    sent as UTF-8 (JSON or protobuf), so it is an InvalidInputError naming the field, raised before sending."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"{where}: a lone UTF-16 surrogate (\\u{ord(value[exc.start]):04x}) at "
+                                    f"character {exc.start}: send valid Unicode", type="invalid_argument") from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_text(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_text(item, f"{where}.{i}" if where else str(i))
+
+
 def to_input_dict(index: int, item: InputLike) -> dict[str, Any]:
-    """One input as the server's JSON form. Dicts pass through (the server validates them)."""
+    """One input as the server's JSON form. Dicts pass through (the server validates them); text must be valid
+    Unicode."""
     if isinstance(item, str):
+        check_text(item, f"inputs.{index}.raw")
         return {"raw": item}
     if isinstance(item, tuple):
         if len(item) != 2 or not all(isinstance(s, str) for s in item):
             raise InvalidInputError(f"inputs.{index}: a tuple input is (prompt, response), two strings",
                                     type="invalid_argument")
+        check_text({"prompt": item[0], "response": item[1]}, f"inputs.{index}")
         return {"prompt": item[0], "response": item[1]}
     if isinstance(item, Mapping):
+        check_text(item, f"inputs.{index}")
         return dict(item)
     raise InvalidInputError(
         f"inputs.{index}: an input is a dict ({{'prompt', 'response'}}, {{'messages'}} or {{'raw'}}), "

@@ -140,3 +140,14 @@ def test_import_face_is_the_clients_package_under_another_name():
     assert rewardserve.protos.reward_pb2.ScoreRequest is protos.reward_pb2.ScoreRequest
     request = rewardserve.protos.reward_pb2.ScoreRequest(model="m", inputs=[to_proto(0, {"raw": "x"})])
     assert protos.reward_pb2.ScoreRequest.FromString(request.SerializeToString()) == request
+
+
+def test_invalid_unicode_fails_locally_before_sending():
+    from clients import GrpcRewardClient, RewardClient
+
+    with RewardClient("http://127.0.0.1:1", max_retries=0) as http, GrpcRewardClient("127.0.0.1:1") as rpc:
+        for client in (http, rpc):  # nothing listens there: only a local check can answer InvalidInputError
+            with pytest.raises(InvalidInputError, match="candidates.1: a lone UTF-16 surrogate"):
+                client.rerank(["fine", "bad \ud800"], "prompt")
+            with pytest.raises(InvalidInputError, match="inputs.0.prompt: a lone"):
+                client.score([("\udc00", "response")])

@@ -41,7 +41,11 @@ def test_input_forms():
 
 
 @pytest.mark.parametrize("bad,where", [([1], "inputs.0"), ([("a",)], "inputs.0"), (["ok", None], "inputs.1"),
-                                       ([], "empty"), ("just a string", "wrap"), ({"raw": "x"}, "wrap")])
+                                       ([], "empty"), ("just a string", "wrap"), ({"raw": "x"}, "wrap"),
+                                       (["\ud800"], "inputs.0.raw: a lone UTF-16 surrogate"),
+                                       ([("p", "ok \udfff")], "inputs.0.response: a lone"),
+                                       ([{"messages": [{"role": "user", "content": ["\ud800"]}]}],
+                                        "inputs.0.messages.0.content.0: a lone")])
 def test_bad_inputs_fail_locally(bad, where):
     with pytest.raises(InvalidInputError, match=where):
         to_input_dicts(bad)
