@@ -74,6 +74,17 @@ def cmd_train_ppo(args: argparse.Namespace) -> int:
         return _fail("train ppo", str(exc))
 
 
+def cmd_train_grpo(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from training.grpo import RewardCallFailed
+    from training.grpo import main as train_grpo_main
+
+    try:
+        return train_grpo_main(args)
+    except RewardCallFailed as exc:  # the run stops at the failed step; no zero reward is made up
+        return _fail("train grpo", str(exc))
+
+
 def cmd_eval_rm(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from training.evaluate import main as eval_rm_main
@@ -100,6 +111,7 @@ def _add_train_and_eval(sub: argparse._SubParsersAction) -> None:
     cli_args.add_rm(train, cmd_train_rm)
     cli_args.add_dpo(train, cmd_train_dpo)
     cli_args.add_ppo(train, cmd_train_ppo)
+    cli_args.add_grpo(train, cmd_train_grpo)
     evaluate = sub.add_parser("eval", help="Evaluate a model (rm) or Best-of-N (bon).")
     evaluate = evaluate.add_subparsers(dest="evaluator", required=True)
     cli_args.add_eval_rm(evaluate, cmd_eval_rm)

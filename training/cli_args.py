@@ -1,4 +1,4 @@
-"""Flags of `rewardserve train rm|dpo|ppo` and `eval rm|bon` (argparse only: nothing heavy is imported here).
+"""Flags of `rewardserve train rm|dpo|ppo|grpo` and `eval rm|bon` (argparse only: nothing heavy is imported here).
 The handlers live in rewardserve/cli.py.
 
 Flags left out stay None, so the defaults are those of training.rm.RMConfig / training.dpo.DPOConfig /
@@ -95,6 +95,47 @@ def add_ppo(train: Any, handler: Any) -> None:
     ppo.add_argument("--whiten-advantages", action=argparse.BooleanOptionalAction, help="(default on)")
     _loop_flags(ppo, "prompts per rollout micro-batch per process (default 8); x --grad-accum prompts per step")
     ppo.set_defaults(func=handler)
+
+
+def add_grpo(train: Any, handler: Any) -> None:
+    grpo = train.add_parser("grpo", help="Train a causal LM with GRPO: G completions per prompt, rewards from a reward "
+                            "model (local or a server), rules (answer match, format) or a weighted mix.")
+    grpo.add_argument("--policy", help="smollm2 | a Hugging Face causal-LM checkpoint folder (default: smollm2).")
+    grpo.add_argument("--ref", help="reference model folder, with --kl-coef > 0 (default: a frozen copy of the policy)")
+    grpo.add_argument("--prompts", required=True, help='JSONL with "prompt", "messages", "turns" or "question" per '
+                      'line; "answer" (GSM8K `#### N`) or "reference" feeds the answer reward.')
+    reward = grpo.add_mutually_exclusive_group()
+    reward.add_argument("--reward-model", help="a reward-model folder scored in this process")
+    reward.add_argument("--reward-url", help="a rewardserve server: http://host:port or grpc://host:port "
+                        "(one request per group)")
+    grpo.add_argument("--reward-api-key", help="API key for the reward server (default: $REWARDSERVE_API_KEY)")
+    grpo.add_argument("--reward-timeout", type=float, help="seconds per reward call, retries included (default 60)")
+    grpo.add_argument("--reward-retries", type=int, help="retries of a failed reward call (default 3)")
+    grpo.add_argument("--reward-metrics-url", help="the server's HTTP address, to log the prefix tokens it saved "
+                      "(default: --reward-url when it is http)")
+    grpo.add_argument("--reward-weights", help="weighted mix, e.g. model=1,answer=1 (model | answer | format; default "
+                      "model=1 with a reward model, else answer=1)")
+    grpo.add_argument("--format-pattern", help="regex the whole completion should match (format reward; safe subset)")
+    grpo.add_argument("--rollout", choices=("hf", "vllm"), help="generator: transformers generate or in-process vLLM "
+                      "(default hf)")
+    for flag, kind, text in (
+        ("--max-prompt-length", int, "prompt tokens kept, from the end (default 256)"),
+        ("--max-new-tokens", int, "completion tokens at most (default 64)"),
+        ("--temperature", float, "sampling temperature (default 1)"), ("--top-k", int, "top-k sampling; 0: off (default 0)"),
+        ("--top-p", float, "nucleus sampling (default 1)"),
+        ("--group-size", int, "completions per prompt, G (default 8)"),
+        ("--num-iterations", int, "passes over each rollout batch (default 1)"),
+        ("--mini-batch-size", int, "rollouts per optimizer update (default 8)"),
+        ("--cliprange", float, "ratio clip (default 0.2)"), ("--cliprange-high", float, "upper ratio clip (default: --cliprange)"),
+        ("--kl-coef", float, "k3 KL coefficient; 0 loads no reference model (default 0)"),
+        ("--scale-rewards", str, "advantage scale: group | batch | none (Dr. GRPO) (default group)"),
+        ("--loss-aggregation", str, "token | sequence | constant (Dr. GRPO) (default token)"),
+        ("--missing-eos-penalty", float, "subtracted from the reward of a completion without EOS (default off)"),
+        ("--overlong-cache", int, "DAPO soft overlong penalty over the last N tokens of --max-new-tokens (default off)"),
+    ):
+        grpo.add_argument(flag, type=kind, help=text)
+    _loop_flags(grpo, "prompts per rollout micro-batch per process (default 8); x --grad-accum prompts per step")
+    grpo.set_defaults(func=handler)
 
 
 def add_rm(train: Any, handler: Any) -> None:
