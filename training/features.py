@@ -176,34 +176,111 @@ def pair_features(head: Any, collate: PreferenceCollator, pairs: Sequence[Prefer
     return feats[index]  # (P, 2, H)
 
 
+def stored_pair_features(collate: PreferenceCollator, pairs: Sequence[PreferencePair],
+                         store: FeatureStore) -> torch.Tensor:
+    """(P, 2, H) features read from the store only (no base model needed); KeyError names what is missing."""
+    rows, index = encode_distinct(collate, pairs)
+    keys = [sequence_key(r) for r in rows]
+    missing = sum(k not in store for k in keys)
+    if missing:
+        raise KeyError(f"{missing} of {len(keys)} sequences are not in the feature store {store.path}: fill it first")
+    return store.lookup(keys)[index]  # (P, 2, H)
+
+
 def store_key(base_sha256: str, max_length: int, num_layers: int | None, kind: str) -> dict[str, Any]:
     return {"base_sha256": base_sha256, "max_length": max_length, "num_layers": num_layers, "kind": kind}
 
 
+def prompt_order(records: Sequence[Any], seed: int = 0) -> list[str]:
+    """The distinct prompts of preference records (JSON of the prompt), in a seeded shuffled order."""
+    import json
+    import random
+
+    from training.data import parse_record
+
+    prompts = sorted({json.dumps(parse_record(r).prompt_messages) for r in records})
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def by_prompt(records: Sequence[Any], prompts: Sequence[str]) -> list[list[Any]]:
+    """The records grouped by prompt, groups in the given prompt order (records keep their file order)."""
+    import json
+
+    from training.data import parse_record
+
+    groups: dict[str, list[Any]] = {p: [] for p in prompts}
+    for r in records:
+        groups[json.dumps(parse_record(r).prompt_messages)].append(r)
+    return [groups[p] for p in prompts]
+
+
+def write_subset(src: str, dst: str, n_prompts: int, seed: int = 0) -> int:
+    """Write the records of the first n_prompts prompts (seeded order) of src to dst (.jsonl or .jsonl.gz)."""
+    import gzip
+    import json
+
+    from training.data import read_records
+
+    records = read_records(src)
+    keep = [r for group in by_prompt(records, prompt_order(records, seed))[:n_prompts] for r in group]
+    opener = gzip.open if dst.endswith(".gz") else open
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    with opener(dst, "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
+    return len(keep)
+
+
+def _fill_file(frozen: Any, store: FeatureStore, path: str, chunk_prompts: int | None, seed: int) -> None:
+    """The sequences of one file into the store; with chunk_prompts, prompt by prompt (seeded order), chunk-wise,
+    so a pass stopped early leaves the first prompts of that order complete."""
+    from training.data import load_preferences, read_records
+
+    records = read_records(path)
+    t0 = time.time()
+    if not chunk_prompts:
+        pair_features(frozen.head, frozen.collate, load_preferences(records), store)
+        log.info("features: %s: %d pairs in %.0f s (store: %d sequences)", path, len(records), time.time() - t0,
+                 len(store))
+        return
+    groups = by_prompt(records, prompt_order(records, seed))
+    for start in range(0, len(groups), chunk_prompts):
+        chunk = [r for g in groups[start:start + chunk_prompts] for r in g]
+        pair_features(frozen.head, frozen.collate, load_preferences(chunk), store)
+        log.info("features: %s: prompts %d/%d done, %.0f s (store: %d sequences)", path,
+                 min(start + chunk_prompts, len(groups)), len(groups), time.time() - t0, len(store))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Fill a feature store with the sequences of several preference files (then `train rm --head-only` reuses it)."""
+    """Fill a feature store with the sequences of several preference files (then `train rm --head-only` reuses it);
+    or, with --write-subset, write the first --prompts prompts (seeded order) of one file."""
     parser = argparse.ArgumentParser(prog="python -m training.features", description=main.__doc__)
     parser.add_argument("--base", default="smollm2", help="minilm | smollm2 (default smollm2)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--num-layers", type=int)
-    parser.add_argument("--store", required=True, help="the .pt store (as `train rm --feature-cache`)")
+    parser.add_argument("--store", help="the .pt store (as `train rm --feature-cache`)")
     parser.add_argument("--data", nargs="+", required=True, help="preference files, in the order to compute them")
+    parser.add_argument("--chunk-prompts", type=int, help="go prompt by prompt (seeded order), this many per chunk")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt order (default 0)")
+    parser.add_argument("--write-subset", metavar="FILE", help="write the first --prompts prompts of --data to FILE")
+    parser.add_argument("--prompts", type=int, help="with --write-subset: how many prompts")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.write_subset:
+        n = write_subset(args.data[0], args.write_subset, args.prompts, args.seed)
+        log.info("features: wrote %d records of the first %d prompts to %s", n, args.prompts, args.write_subset)
+        return 0
+    if not args.store:
+        parser.error("--store is required")
     from training.rm_head import load_frozen
 
     if args.threads:
         torch.set_num_threads(args.threads)
     frozen = load_frozen(args.base, args.max_length, args.num_layers)
     store = FeatureStore.open(args.store, frozen.store_key)
-    from training.data import load_preferences
-
     for path in args.data:
-        t0 = time.time()
-        pairs_feats = pair_features(frozen.head, frozen.collate, load_preferences(path), store)
-        log.info("features: %s: %d pairs in %.0f s (store: %d sequences)", path, len(pairs_feats), time.time() - t0,
-                 len(store))
+        _fill_file(frozen, store, path, args.chunk_prompts, args.seed)
     return 0
 
 

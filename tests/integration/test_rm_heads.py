@@ -189,3 +189,29 @@ def test_an_overlay_of_another_max_length_cannot_be_included(frozen, tmp_path) -
     meta_path.write_text(json.dumps({**meta, "max_length": 128}))
     with pytest.raises(ValueError, match="trained with"):
         _run_heads(frozen, tmp_path / "many", bootstrap=1, include_heads=[f"x={tmp_path / 'one'}"])
+
+
+@pytest.mark.slow
+def test_cli_writes_a_picked_single_head_then_a_multi_head_overlay_over_smollm2(tmp_path) -> None:
+    """The whole command over the packaged base: feature store shared by both runs, --pick-l2, --bootstrap,
+    --include-head, --also-data; the single-head export is reloaded the way the server loads it."""
+    from rewardserve.cli import main
+
+    records = _records()
+    for name, rows in (("a", records[:8]), ("b", records[8:14]), ("dev", records[14:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = tmp_path / "store.pt"
+    common = ["train", "rm", "--base", "smollm2", "--head-only", "--max-length", "96", "--threads", "1",
+              "--no-progress", "--log-level", "warning", "--feature-cache", str(store),
+              "--data", str(tmp_path / "a.jsonl"), "--eval", str(tmp_path / "dev.jsonl")]
+    assert main([*common, "--output", str(tmp_path / "one"), "--l2", "0.1", "1", "--pick-l2"]) == 0
+    summary = json.loads((tmp_path / "one" / "training_config.json").read_text())
+    assert summary["export_check_max_abs_diff"] < 1e-3 and len(summary["l2_candidates"]) == 2
+    assert summary["feature_store"]["sequences"] == len(torch.load(store, weights_only=True)["keys"])
+    assert main([*common, "--output", str(tmp_path / "many"), "--l2", "0.3", "--bootstrap", "2",
+                 "--also-data", str(tmp_path / "b.jsonl"), "--include-head", f"first={tmp_path / 'one'}"]) == 0
+    meta = json.loads((tmp_path / "many" / OVERLAY_META).read_text())
+    assert meta["heads"] == ["first", "boot0", "boot1"] and meta["max_length"] == 96
+    assert meta["base_sha256"] == json.loads((tmp_path / "one" / OVERLAY_META).read_text())["base_sha256"]
+    many = json.loads((tmp_path / "many" / "training_config.json").read_text())
+    assert many["heads"][1]["resample_sizes"] == [8, 6]
