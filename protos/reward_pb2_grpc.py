@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import reward_pb2 as protos_dot_reward__pb2
+from . import reward_pb2 as protos_dot_reward__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -34,6 +34,8 @@ class RewardServiceStub:
     Errors (status codes): INVALID_ARGUMENT (bad input, message names the field, e.g. `inputs.2.messages.0.role`),
     NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full, or a message over the server's max_body_bytes),
     DEADLINE_EXCEEDED, UNAVAILABLE (server draining: send to another replica), INTERNAL (the model failed).
+    Every error status carries the machine-readable kind (HTTP's error `type`) in the trailing metadata
+    `rewardserve-error-type`, e.g. "overloaded" vs "payload_too_large" (both RESOURCE_EXHAUSTED).
     """
 
     def __init__(self, channel):
@@ -78,6 +80,8 @@ class RewardServiceServicer:
     Errors (status codes): INVALID_ARGUMENT (bad input, message names the field, e.g. `inputs.2.messages.0.role`),
     NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full, or a message over the server's max_body_bytes),
     DEADLINE_EXCEEDED, UNAVAILABLE (server draining: send to another replica), INTERNAL (the model failed).
+    Every error status carries the machine-readable kind (HTTP's error `type`) in the trailing metadata
+    `rewardserve-error-type`, e.g. "overloaded" vs "payload_too_large" (both RESOURCE_EXHAUSTED).
     """
 
     def Score(self, request, context):
@@ -174,6 +178,8 @@ class RewardService:
     Errors (status codes): INVALID_ARGUMENT (bad input, message names the field, e.g. `inputs.2.messages.0.role`),
     NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full, or a message over the server's max_body_bytes),
     DEADLINE_EXCEEDED, UNAVAILABLE (server draining: send to another replica), INTERNAL (the model failed).
+    Every error status carries the machine-readable kind (HTTP's error `type`) in the trailing metadata
+    `rewardserve-error-type`, e.g. "overloaded" vs "payload_too_large" (both RESOURCE_EXHAUSTED).
     """
 
     @staticmethod

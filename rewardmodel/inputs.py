@@ -6,12 +6,28 @@ into token ids, and training renders its data through the same path.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+Role = Literal["system", "user", "assistant", "tool", "function"]
 
 
-Role = Literal["system", "user", "assistant"]
+def check_text(value: str) -> str:
+    """Text must be valid Unicode: a lone UTF-16 surrogate (JSON `"\\ud800"`) cannot be tokenized."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise ValueError(
+            f"text holds a lone UTF-16 surrogate (\\u{ord(bad):04x}) at character {exc.start}: "
+            "send valid Unicode"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(check_text)]
+"""A string field of a request: valid Unicode (checked once, where the request is validated)."""
 
 
 class Strict(BaseModel):
@@ -19,15 +35,39 @@ class Strict(BaseModel):
 
 
 class ChatMessage(Strict):
-    role: Role = Field(description="Who speaks: system, user or assistant.")
-    content: str = Field(description="The message text.")
+    """One message, OpenAI chat style. Tool calling is accepted as the OpenAI format has it: an assistant message
+    may carry `tool_calls` (its content then may be null), and a `tool` (or legacy `function`) message answers one
+    call (`tool_call_id`, `name`). The reward model's chat template renders them; without a template the plain
+    format does (see rewardmodel/rendering.py)."""
+
+    role: Role = Field(description="Who speaks: system, user, assistant, tool or function.")
+    content: Text | None = Field(default=None, description="The message text (null: an assistant turn that only "
+                                 "calls tools).")
+    name: Text | None = Field(default=None, description="The tool (or function) a `tool` message answers for.")
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description="An assistant message's tool calls (OpenAI format), rendered with the message.")
+    tool_call_id: Text | None = Field(default=None, description="The call a `tool` message answers.")
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as a chat template takes it: role and content, plus the tool fields that are set."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content if self.content is not None else ""}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if (value := getattr(self, key)) is not None:
+                out[key] = value
+        return out
 
 
 class PromptResponseInput(Strict):
     """A single-turn pair: the prompt becomes the user turn, the response the assistant turn."""
 
-    prompt: str
-    response: str
+    prompt: Text
+    response: Text
 
 
 class MessagesInput(Strict):
@@ -45,7 +85,7 @@ class MessagesInput(Strict):
 class RawInput(Strict):
     """A pre-rendered string, scored as is (e.g. policy-templated text); special tokens are not added twice."""
 
-    raw: str
+    raw: Text
 
 
 def _input_tag(value: object) -> str | None:

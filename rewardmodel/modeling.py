@@ -14,13 +14,15 @@ do not match the recorded digest is refused: the trained head would silently sco
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("rewardserve.modeling")
 
@@ -157,9 +159,43 @@ def load_tokenizer(source: ModelSource) -> Any:
         tok.eos_token = "<|im_end|>"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:  # settings from tokenizer.json (e.g. MiniLM's truncation at 128) would cut silently;
+        backend.no_truncation()  # rendering truncates itself, from the left, and reports it
+        backend.no_padding()
     if source.max_length:
         tok.model_max_length = min(int(tok.model_max_length), source.max_length)
     return tok
+
+
+class _DropExpectedReport(logging.Filter):
+    """Drops transformers' load report ("score.weight MISSING") in the threads that are loading an overlay,
+    which supplies that head itself; other threads' reports, and every other message, pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "active", False)
+
+
+_REPORT_FILTER = _DropExpectedReport()
+
+
+@contextlib.contextmanager
+def _expected_missing_head(active: bool) -> Iterator[None]:
+    if not active:
+        yield
+        return
+    logger = logging.getLogger("transformers.modeling_utils")
+    if _REPORT_FILTER not in logger.filters:
+        logger.addFilter(_REPORT_FILTER)
+    _REPORT_FILTER.local.active = True
+    try:
+        yield
+    finally:
+        _REPORT_FILTER.local.active = False
 
 
 def load_reward_model(source: ModelSource, dtype: Any, device: str) -> Any:
@@ -172,21 +208,13 @@ def load_reward_model(source: ModelSource, dtype: Any, device: str) -> Any:
         kwargs["gguf_file"] = source.gguf_file
     if source.num_layers:
         kwargs["num_hidden_layers"] = source.num_layers  # the layers past it are not loaded
-    if source.untrained_head or source.overlay is not None:
-        # The score head is freshly initialised (an overlay then replaces it): seed it so every process
-        # serves the same rewards.
-        torch.manual_seed(DEFAULT_SEED)
-    if source.overlay is not None:  # the base has no score head yet: transformers' "MISSING" report is expected
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG (e.g. a trainer's --seed) is left as it was
+        if source.untrained_head or source.overlay is not None:
+            # The score head is freshly initialised (an overlay then replaces it): seed it so every process
+            # serves the same rewards.
+            torch.manual_seed(DEFAULT_SEED)
+        with _expected_missing_head(source.overlay is not None):
             model = AutoModelForSequenceClassification.from_pretrained(str(source.path), **kwargs)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(source.path), **kwargs)
     if model.config.num_labels != 1:
         raise ValueError(f"{source.path} has num_labels={model.config.num_labels}; a reward model has 1")
     if model.config.pad_token_id is None:

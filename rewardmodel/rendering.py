@@ -8,17 +8,28 @@ Rules:
   the added one is dropped.
 - Inputs longer than the limit are truncated from the LEFT, keeping the leading special tokens
   ([CLS] / BOS) and the end of the text, where the reward is read.
+- An input the model cannot read raises `RenderError` (a ValueError): a conversation its chat template rejects,
+  text that is not valid Unicode, or an input that renders to no token at all (e.g. an empty raw string with a
+  tokenizer that adds no special tokens). Callers report it as the client's mistake, naming the input.
+- The tokenizer is never reconfigured (no truncation or padding switched on): one tokenizer object is safely
+  shared by many threads. Truncation happens here, in Python.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from rewardmodel.inputs import MessagesInput, PromptResponseInput, RawInput
 
-# Plain format for tokenizers without a chat template. Each turn is "\n\n<Speaker>: <content>".
-PLAIN_SPEAKERS = {"system": "System", "user": "Human", "assistant": "Assistant"}
+# Plain format for tokenizers without a chat template. Each turn is "\n\n<Speaker>: <content>"; an assistant turn's
+# tool calls follow its content as " <tool_calls>JSON</tool_calls>", a tool's answer is "Tool (name): content".
+PLAIN_SPEAKERS = {"system": "System", "user": "Human", "assistant": "Assistant", "tool": "Tool", "function": "Tool"}
+
+
+class RenderError(ValueError):
+    """The input cannot be read by this model (the client's mistake): the message says why."""
 
 
 @dataclass(frozen=True)
@@ -31,23 +42,34 @@ class Encoded:
         return len(self.input_ids)
 
 
-def to_messages(inp: PromptResponseInput | MessagesInput | RawInput | dict) -> list[dict[str, str]] | None:
-    """The conversation as plain dicts, or None for a raw input."""
+def to_messages(inp: PromptResponseInput | MessagesInput | RawInput | dict) -> list[dict[str, Any]] | None:
+    """The conversation as plain dicts (role, content and any tool fields), or None for a raw input."""
     if isinstance(inp, dict):
         if "raw" in inp:
             return None
         if "messages" in inp:
-            return [{"role": m["role"], "content": m["content"]} for m in inp["messages"]]
+            return [dict(m, content=m.get("content") or "") for m in inp["messages"]]
         return [{"role": "user", "content": inp["prompt"]}, {"role": "assistant", "content": inp["response"]}]
     if isinstance(inp, RawInput):
         return None
     if isinstance(inp, PromptResponseInput):
         return [{"role": "user", "content": inp.prompt}, {"role": "assistant", "content": inp.response}]
-    return [{"role": m.role, "content": m.content} for m in inp.messages]
+    return [m.as_dict() for m in inp.messages]
 
 
-def render_plain(messages: Sequence[dict[str, str]]) -> str:
-    return "".join(f"\n\n{PLAIN_SPEAKERS[m['role']]}: {m['content']}" for m in messages)
+def _plain_turn(message: dict[str, Any]) -> str:
+    speaker = PLAIN_SPEAKERS[message["role"]]
+    if message.get("name") and message["role"] in ("tool", "function"):
+        speaker = f"{speaker} ({message['name']})"
+    text = message.get("content") or ""
+    if message.get("tool_calls"):
+        calls = json.dumps(message["tool_calls"], ensure_ascii=False, sort_keys=True)
+        text = f"{text} <tool_calls>{calls}</tool_calls>" if text else f"<tool_calls>{calls}</tool_calls>"
+    return f"\n\n{speaker}: {text}"
+
+
+def render_plain(messages: Sequence[dict[str, Any]]) -> str:
+    return "".join(_plain_turn(m) for m in messages)
 
 
 def render_text(tokenizer: Any, inp: Any) -> str:
@@ -58,7 +80,10 @@ def render_text(tokenizer: Any, inp: Any) -> str:
         return inp["raw"]
     messages = to_messages(inp)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # jinja's TemplateError, or the template's own raise_exception(...)
+            raise RenderError(f"the reward model's chat template rejected the conversation: {exc}") from None
     return render_plain(messages)
 
 
@@ -69,10 +94,29 @@ def _leading_specials(ids: Sequence[int], special: set[int]) -> int:
     return n
 
 
+def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """All of `text`'s token ids, without touching the tokenizer's settings (thread-safe for a shared tokenizer).
+
+    A fast tokenizer is asked directly (its Rust `encode` takes no lock and changes no state) when it has no
+    truncation or padding configured; otherwise, and for slow tokenizers, the transformers call asks for no
+    truncation. Text that is not valid Unicode raises RenderError."""
+    try:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # verbose=False: over-long inputs are expected here (truncated by the caller), no warning per input
+        return list(tokenizer(text, add_special_tokens=add_special_tokens, truncation=False, verbose=False)["input_ids"])
+    except (TypeError, UnicodeError) as exc:
+        check = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") != text
+        reason = "text is not valid Unicode (a lone surrogate?)" if check else f"the tokenizer refused the text: {exc}"
+        raise RenderError(reason) from None
+
+
 def encode_text(tokenizer: Any, text: str, max_length: int) -> Encoded:
     """Tokenize with the tokenizer's special tokens, drop a doubled BOS, truncate from the left."""
-    # verbose=False: over-long inputs are expected here (truncated below), no warning per input
-    ids: list[int] = list(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+    ids = token_ids(tokenizer, text)
+    if not ids:
+        raise RenderError("the input renders to no tokens (empty text, and the tokenizer adds no special tokens)")
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
         ids = ids[1:]

@@ -9,8 +9,12 @@ Schedule -> execute -> update:
 - with `group_min_prefix` > 0 (packed decoder backends), inputs of the window that share at least that many
   leading tokens, from one request or several (a prompt's N candidates, GRPO groups), are planned as prefix
   groups (service/grouping.py): the backend gets a `PlannedBatch` and computes each shared prefix once;
-- each batch is computed by the backend and every future is resolved on its own loop; a failed batch fails
-  every one of its futures with a typed error, so no caller ever hangs.
+- each batch is computed by the backend and every future is resolved on its own loop. A batch that fails is
+  retried input by input, so that only an input that fails on its own gets the error (one client's input can
+  never fail another client's request); no caller ever hangs.
+
+Queue room is reserved before a request costs anything (`reserve`, at admission: before tokenizing, before a
+Best-of-N request generates), so overload is refused at once and the drain sees every request in the house.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from service.errors import ErrorKind, RewardServeError
-from service.grouping import Group, PlannedBatch, plan_grouped_batches, restrict
+from service.grouping import BatchResult, Group, PlannedBatch, plan_grouped_batches, restrict
 
 log = logging.getLogger("rewardserve.batcher")
 
@@ -118,6 +122,31 @@ def _post(item: WorkItem, value: float | None, error: BaseException | None = Non
         pass
 
 
+class Reservation:
+    """Room for `count` inputs in the queue, taken at admission. `submit` uses it; `release` (idempotent, also as
+    a context manager's exit) gives back what was not used."""
+
+    def __init__(self, batcher: "DynamicBatcher", count: int):
+        self._batcher = batcher
+        self.count = count
+
+    def take(self, n: int) -> None:
+        if n > self.count:
+            raise RuntimeError(f"submitting {n} inputs on a reservation of {self.count}")
+        self.count -= n
+
+    def release(self) -> None:
+        if self.count:
+            count, self.count = self.count, 0
+            self._batcher._unreserve(count)
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -158,27 +187,47 @@ class DynamicBatcher:
         self._running = True
         self._thread.start()
 
-    def submit(self, batch: Sequence[Sequence[int]], deadline: float | None = None) -> list[WorkItem]:
-        """Queue inputs; returns their work items (await `item.future`). Raises OVERLOADED when full."""
-        loop = asyncio.get_running_loop()
-        items = [WorkItem(ids, loop.create_future(), loop, deadline) for ids in batch]
+    def reserve(self, count: int) -> Reservation:
+        """Room for `count` inputs, or OVERLOADED at once (INVALID_ARGUMENT if the whole queue is smaller)."""
         with self._cond:
             if not self._running:
                 raise RewardServeError(ErrorKind.UNAVAILABLE, "the server is shutting down")
-            if len(items) > self.max_queue:
+            if count > self.max_queue:
                 raise RewardServeError(
                     ErrorKind.INVALID_ARGUMENT,
-                    f"request has {len(items)} inputs, more than the whole queue holds (max_queue={self.max_queue})",
+                    f"request has {count} inputs, more than the whole queue holds (max_queue={self.max_queue})",
                 )
-            if self._pending + len(items) > self.max_queue:
+            if self._pending + count > self.max_queue:
                 raise RewardServeError(
                     ErrorKind.OVERLOADED,
                     f"queue full ({self._pending} inputs waiting, limit {self.max_queue}); retry later",
                 )
-            self._pending += len(items)
+            self._pending += count
+            depth = self._pending
+        self._observer.on_depth(depth)
+        return Reservation(self, count)
+
+    def _unreserve(self, count: int) -> None:
+        with self._cond:
+            self._pending -= count
+            depth = self._pending
+        self._observer.on_depth(depth)
+
+    def submit(self, batch: Sequence[Sequence[int]], deadline: float | None = None,
+               reservation: Reservation | None = None) -> list[WorkItem]:
+        """Queue inputs on their reservation (taken now if none is given); returns their work items (await
+        `item.future`). Raises OVERLOADED when full."""
+        if reservation is None:
+            reservation = self.reserve(len(batch))
+        reservation.take(len(batch))
+        loop = asyncio.get_running_loop()
+        items = [WorkItem(ids, loop.create_future(), loop, deadline) for ids in batch]
+        with self._cond:
+            if not self._running:
+                self._pending -= len(items)
+                raise RewardServeError(ErrorKind.UNAVAILABLE, "the server is shutting down")
             self._queue.extend(items)
             self._cond.notify()
-        self._observer.on_depth(self._pending)
         return items
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -266,29 +315,40 @@ class DynamicBatcher:
             if batch:
                 self._run_batch(batch, groups)
 
+    def _compute_planned(self, planned: PlannedBatch) -> BatchResult:
+        result = self._compute(planned)
+        if not isinstance(result, BatchResult):  # a backend may return the rewards alone
+            result = BatchResult(list(result))
+        if len(result.rewards) != len(planned):
+            raise RuntimeError(f"backend returned {len(result.rewards)} rewards for {len(planned)} inputs")
+        return result
+
     def _run_batch(self, batch: list[WorkItem], groups: tuple[Group, ...] = ()) -> None:
         start = time.monotonic()
         for item in batch:
             item.queue_s = start - item.enqueued
             self._observer.on_queue_wait(item.queue_s)
+        planned = PlannedBatch((item.ids for item in batch), groups, self.group_min_prefix)
         try:
-            planned = PlannedBatch((item.ids for item in batch), groups, self.group_min_prefix)
-            rewards = self._compute(planned)
-            if len(rewards) != len(batch):
-                raise RuntimeError(f"backend returned {len(rewards)} rewards for {len(batch)} inputs")
+            result = self._compute_planned(planned)
         except Exception as exc:
             log.exception("batch of %d failed", len(batch))
+            if len(batch) > 1:  # find the input that fails: each one alone, so the others still get their rewards
+                for item in batch:
+                    self._run_batch([item])
+                return
             error = RewardServeError(ErrorKind.BACKEND, f"scoring failed: {type(exc).__name__}: {exc}")
             self._finish(batch, error=error)
             return
         seconds = time.monotonic() - start
         real = sum(item.length for item in batch)
         cost = real if self.packed else max(item.length for item in batch) * len(batch)
-        saved = planned.saved_tokens
+        saved = result.saved_tokens if result.saved_tokens is not None else planned.saved_tokens
         if saved:
             cost = real = real - saved  # the tokens computed: padding-free, shared prefixes once
-            self._observer.on_groups(planned.shared_inputs, saved)
+            shared = result.shared_inputs if result.shared_inputs is not None else planned.shared_inputs
+            self._observer.on_groups(shared, saved)
         self._observer.on_batch(len(batch), cost, real, seconds)
         for item in batch:
             item.compute_s = seconds
-        self._finish(batch, [float(r) for r in rewards])
+        self._finish(batch, [float(r) for r in result.rewards])

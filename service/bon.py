@@ -56,17 +56,10 @@ class BestOfN:
         self.generator = generator
         self.config = engine.config
 
-    def _admit(self, model: str | None) -> None:
-        if not self.engine.accepting:
-            raise RewardServeError(ErrorKind.UNAVAILABLE, "the server is draining: send to another replica")
-        self.engine.check_model(model)
-
     def check_limits(self, request: BestOfNRequest) -> None:
         cfg = self.config
         if request.n > cfg.max_n:
             raise invalid(f"n: {request.n} is more than this server's max_n={cfg.max_n}")
-        if request.n > cfg.max_inputs_per_request:
-            raise invalid(f"n: {request.n} is more than max_inputs_per_request={cfg.max_inputs_per_request}")
         if request.max_tokens > cfg.max_new_tokens:
             limit = cfg.max_new_tokens
             raise invalid(f"max_tokens: {request.max_tokens} is more than this server's max_new_tokens={limit}")
@@ -81,21 +74,25 @@ class BestOfN:
                 ErrorKind.NOT_IMPLEMENTED,
                 "best-of-n needs a generator: start the server with --generator vllm:PATH | openai:URL | hf:PATH",
             )
-        self._admit(request.model)
+        self.engine.check_model(request.model)
         self.check_limits(request)
         sampling = Sampling(
             n=request.n, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
             seed=request.seed,
         )
-        start = time.perf_counter()
-        generations = await self._generate(request, sampling, deadline)
-        generation_s = time.perf_counter() - start
-        if len(generations) != request.n:  # a generator bug, not the caller's
-            raise RewardServeError(
-                ErrorKind.GENERATOR, f"the generator returned {len(generations)} candidates for n={request.n}"
-            )
-        texts = [g.text for g in generations]
-        outcome = await self._score(request, texts, [g.finish_reason for g in generations], deadline)
+        # the candidates' queue room is taken before generating: generation counts against max_queue, and the
+        # drain waits for it
+        with self.engine.admit(request.n, model=request.model, field="n") as reservation:
+            start = time.perf_counter()
+            generations = await self._generate(request, sampling, deadline)
+            generation_s = time.perf_counter() - start
+            if len(generations) != request.n:  # a generator bug, not the caller's
+                raise RewardServeError(
+                    ErrorKind.GENERATOR, f"the generator returned {len(generations)} candidates for n={request.n}"
+                )
+            texts = [g.text for g in generations]
+            outcome = await self._score(request, texts, [g.finish_reason for g in generations], deadline,
+                                        reservation)
         outcome.generation_s = generation_s
         outcome.generator = self.generator.name
         return outcome
@@ -114,15 +111,13 @@ class BestOfN:
             raise generator_error(self.generator.name, exc) from exc
 
     async def rerank(self, request: RerankRequest, deadline: float | None = None) -> RankedOutcome:
-        self._admit(request.model)
-        limit = self.config.max_inputs_per_request
-        if len(request.candidates) > limit:
-            raise invalid(f"candidates: {len(request.candidates)} entries, more than max_inputs_per_request={limit}")
-        return await self._score(request, request.candidates, [None] * len(request.candidates), deadline)
+        reservation = self.engine.admit(len(request.candidates), model=request.model, field="candidates")
+        return await self._score(request, request.candidates, [None] * len(request.candidates), deadline,
+                                 reservation)
 
     async def _score(self, request: BestOfNRequest | RerankRequest, texts: Sequence[str],
-                     reasons: Sequence[str | None], deadline: float | None) -> RankedOutcome:
+                     reasons: Sequence[str | None], deadline: float | None, reservation: Any) -> RankedOutcome:
         inputs = [request.scored_input(t) for t in texts]  # one request: the engine groups the shared prompt
-        # admitted: _admit() accepted this request before any drain began, so it is finished, not refused
-        scored = await self.engine.score(inputs, model=request.model, deadline=deadline, admitted=True)
+        # on the reservation taken at admission: admitted before any drain began, so finished, not refused
+        scored = await self.engine.score(inputs, deadline=deadline, reservation=reservation, field="candidates")
         return RankedOutcome(scored.model, rank(texts, scored.results, reasons), 0.0, scored.queue_s, scored.compute_s)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ENV_PREFIX = "REWARDSERVE_"
 
@@ -23,7 +23,10 @@ class ServeConfig(BaseModel):
     model: str = "default"
     """Reward model: a Hugging Face checkpoint directory, or `default` (the shipped default RM) or `minilm`."""
     model_name: str | None = None
-    """Name the model is served under (defaults to the directory's name)."""
+    """Name the model is served under (default: the first `served_model_name`, else the directory's name)."""
+    served_model_name: list[str] = []
+    """Names the model also answers to, on every route (vLLM's `--served-model-name`); the model also answers to
+    the `model` spec and the path it was started with (clients such as verl send the path)."""
     backend: str = "hf"
     """Scoring backend: `hf` (transformers) or `vllm` (vLLM's pooling runner, raw logits; needs a checkpoint
     directory)."""
@@ -31,7 +34,7 @@ class ServeConfig(BaseModel):
     """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and compute dtype. `auto`: float32 on CPU (exact batch invariance), bfloat16 on CUDA."""
-    threads: int = 0
+    threads: int = Field(0, ge=0, le=1024)
     """Intra-op threads for the model worker (0: one per available core)."""
     packing: Literal["auto", "on", "off"] = "auto"
     """Padding-free batches (sequences packed into one row, attention per sequence). `auto`: on for CPU with
@@ -39,40 +42,41 @@ class ServeConfig(BaseModel):
 
     host: str = "127.0.0.1"
     """HTTP and gRPC bind address."""
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     """HTTP port (0: pick a free port)."""
-    grpc_port: int = 50051
+    grpc_port: int = Field(50051, ge=-1, le=65535)
     """gRPC port (0: pick a free port; -1: no gRPC server)."""
 
-    max_batch_size: int = 32
+    max_batch_size: int = Field(32, ge=1, le=65536)
     """Most inputs in one forward pass."""
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int = Field(4096, ge=1)
     """Token budget of one forward pass: padded cost (longest x inputs), or real tokens when packing."""
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = Field(2.0, ge=0, le=60_000, allow_inf_nan=False)
     """Longest time the first queued input waits for others to join its batch."""
-    max_padding_ratio: float = 0.25
+    max_padding_ratio: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
     """A batch is cut before an input whose addition would make padding exceed this share of its tokens."""
-    max_queue: int = 2048
+    max_queue: int = Field(2048, ge=1)
     """Most inputs waiting or in flight; past it requests are refused at once (HTTP 429, RESOURCE_EXHAUSTED)."""
-    group_min_prefix: int = 16
+    group_min_prefix: int = Field(16, ge=0)
     """Inputs queued together that share at least this many leading tokens (a prompt's candidates, GRPO groups,
     chosen + rejected) are scored as one group, the shared prefix computed once; within a pass every shared run
     of this many tokens or more is computed once, nested (a system header, then each prompt). Decoder RMs only:
     `hf` with packing (CPU), `vllm` with prefix caching; encoder RMs are never grouped. 0: off."""
 
-    max_tokens: int = 0
+    max_tokens: int = Field(0, ge=0)
     """Longest input in tokens; longer ones are truncated from the left (0: the model's own limit)."""
-    max_inputs_per_request: int = 1024
+    max_inputs_per_request: int = Field(1024, ge=1)
     """Most inputs in one request."""
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=2**31 - 1)
     """Largest HTTP request body (HTTP 413 past it) and gRPC message."""
-    default_timeout_s: float = 0.0
+    default_timeout_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     """Deadline applied to requests that bring none (0: none)."""
     warmup: bool = True
     """Run a few forward passes before reporting ready."""
     api_keys: list[str] = []
-    """API keys (comma-separated in the env/flag). When any is set, every scoring route needs
-    `Authorization: Bearer <key>` (gRPC: metadata `authorization`), except `open_routes` and gRPC health."""
+    """API keys (flag `--api-key KEY`, repeatable, as vLLM and TEI spell it; comma-separated in the env). When any
+    is set, every route needs `Authorization: Bearer <key>` (gRPC: metadata `authorization`), except `open_routes`
+    and gRPC health and reflection."""
     api_key_file: str | None = None
     """File with API keys, one per line (`#` comments); added to `api_keys`."""
     open_routes: list[str] = ["/health", "/ready", "/metrics"]
@@ -88,16 +92,31 @@ class ServeConfig(BaseModel):
     generator: str | None = None
     """Policy for Best-of-N (`POST /v1/best-of-n`, gRPC BestOfN): `vllm:PATH` (in-process vLLM), `openai:URL`
     (a remote OpenAI-compatible server, e.g. vLLM's) or `hf:PATH` (transformers generate); PATH may be
-    `smollm2`. Unset: Best-of-N answers 501 / UNIMPLEMENTED (rerank works without one)."""
-    max_n: int = 16
+    `smollm2`. Unset: Best-of-N answers HTTP 501 / gRPC UNIMPLEMENTED (rerank works without one)."""
+    max_n: int = Field(16, ge=1)
     """Most candidates one Best-of-N request may ask for (`n`)."""
-    max_new_tokens: int = 512
+    max_new_tokens: int = Field(512, ge=1)
     """Most new tokens per candidate a Best-of-N request may ask for (`max_tokens`)."""
-    generation_timeout_s: float = 120.0
+    generation_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
     """Longest time generation may take for one Best-of-N request (504 / DEADLINE_EXCEEDED past it;
     a shorter request deadline wins)."""
-    generator_max_model_len: int = 2048
+    generator_max_model_len: int = Field(2048, ge=1)
     """Longest prompt + response the in-process vLLM / hf generator handles, in tokens."""
+    vllm_kv_cache_gib: float = Field(1.0, gt=0, le=4096, allow_inf_nan=False)
+    """GiB of KV cache an in-process vLLM (generator or backend) reserves on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE;
+    an exported VLLM_CPU_KVCACHE_SPACE wins). vLLM's own default is most of the machine's memory."""
+    drain_timeout_s: float = Field(25.0, gt=0, le=3600, allow_inf_nan=False)
+    """On SIGTERM: longest time to answer what was accepted before the servers stop (keep it under the pod's
+    terminationGracePeriodSeconds minus its preStop sleep)."""
+    max_http_in_flight: int = Field(1024, ge=1)
+    """Most HTTP requests handled at once; past it requests are refused at once (HTTP 503, JSON body)."""
+    max_stream_in_flight: int = Field(64, ge=1)
+    """Most requests of one gRPC ScoreStream being scored at once; the stream reads no more until one is answered
+    (backpressure through gRPC flow control)."""
+
+    def served_name(self, default: str) -> str:
+        """The model's name in answers: model_name, else the first served_model_name, else `default`."""
+        return self.model_name or next(iter(self.served_model_name), None) or default
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> "ServeConfig":
@@ -108,11 +127,17 @@ class ServeConfig(BaseModel):
         return self
 
 
-def _coerce(value: str, annotation: Any) -> Any:
+# Flag spellings beside `--field-name` (vLLM's and TEI's names for the same settings).
+FLAG_ALIASES: dict[str, tuple[str, ...]] = {"api_keys": ("--api-key",)}
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
     if annotation in (bool, "bool"):
         return value.strip().lower() in ("1", "true", "yes", "on")
     if annotation == list[str]:
-        return [part.strip() for part in value.split(",") if part.strip()]
+        values = value if isinstance(value, list) else [value]  # a repeated flag gives a list (of lists: nargs)
+        flat = [v for item in values for v in (item if isinstance(item, list) else [item])]
+        return [part.strip() for v in flat for part in str(v).split(",") if part.strip()]
     return value
 
 
@@ -145,10 +170,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in ServeConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         helptext = f"{field.description or ''} (default: {field.default!r}; env {ENV_PREFIX}{name.upper()})"
+        flags = [*FLAG_ALIASES.get(name, ()), flag]
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif field.annotation == list[str]:  # repeatable; each value may also be comma-separated
+            parser.add_argument(*flags, dest=name, action="append", nargs="+", default=None, help=helptext)
         else:
-            parser.add_argument(flag, dest=name, default=None, help=helptext)
+            parser.add_argument(*flags, dest=name, default=None, help=helptext)
 
 
 def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
@@ -161,5 +189,5 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
         for name in ServeConfig.model_fields:
             value = getattr(args, name, None)
             if value is not None:
-                data[name] = _coerce(value, ServeConfig.model_fields[name].annotation) if isinstance(value, str) else value
+                data[name] = _coerce(value, ServeConfig.model_fields[name].annotation)
     return ServeConfig.model_validate(data)

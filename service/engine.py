@@ -1,7 +1,17 @@
-"""RewardEngine: validate, render, admit, batch, (optionally) normalize. Transport-free.
+"""RewardEngine: the one way in for every transport and route. Transport-free.
 
-Both transports hold the same engine object; they decode into `service.schemas` inputs, call `score`,
-and encode the result. Errors are `RewardServeError`s, translated at the edge.
+HTTP, gRPC, the compat routes and Best-of-N all call `score` (Best-of-N first takes its queue room with
+`admit`, before it generates). Each request goes through the same steps, cheapest first:
+
+1. admit: draining? known model? a sane input count? room in the queue? (OVERLOADED before any CPU is spent);
+2. encode: render and tokenize each input (an `Encoder`: rewardserve's rendering by default, vLLM's tokenization
+   for the vLLM-compatible routes), on the event loop when the request is small, on a tokenizer thread when it
+   is large, so one big request never stalls the loop; an input the model cannot read is INVALID_ARGUMENT naming
+   `inputs.<i>`;
+3. score: the batcher's worker computes it with whatever else is queued;
+4. answer: a non-finite reward fails only its own request (BACKEND).
+
+Errors are `RewardServeError`s, translated at the edge (service/error_map.py).
 """
 
 from __future__ import annotations
@@ -12,20 +22,25 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
+from rewardmodel.normalization import RewardStats, load_stats
+from rewardmodel.rendering import Encoded, RenderError, encode_input
 from service import metrics
-from service.batcher import DynamicBatcher
+from service.batcher import DynamicBatcher, Reservation
 from service.config import ServeConfig
 from service.errors import ErrorKind, RewardServeError, invalid
-from rewardmodel.normalization import RewardStats, load_stats
-from rewardmodel.rendering import Encoded, encode_input
 from service.schemas import ScoreResult
 
 log = logging.getLogger("rewardserve.engine")
 
-# Inputs this many or more are tokenized off the event loop (tokenizing costs ~0.5 ms per pair).
-TOKENIZE_INLINE_MAX = 4
+# A request whose texts hold more characters than this is tokenized on a tokenizer thread, not on the event loop
+# (tokenizing costs ~1 ms per 4,000 characters; a loop stall of that order is invisible to other requests).
+TOKENIZE_INLINE_MAX_CHARS = 4096
+
+Encoder = Callable[[Any], Encoded]
+"""Turns one input into token ids (may raise RenderError or RewardServeError: the client's mistake)."""
 
 
 @dataclass
@@ -36,6 +51,29 @@ class ScoreOutcome:
     compute_s: float
 
 
+def input_chars(inp: Any) -> int:
+    """A cheap size of one input (characters of its texts, or its token count): decides where it is tokenized."""
+    if isinstance(inp, str):
+        return len(inp)
+    if isinstance(inp, (list, tuple)):
+        return sum(1 if isinstance(v, int) else input_chars(v) for v in inp)
+    if isinstance(inp, dict):
+        return sum(input_chars(v) for v in inp.values())
+    fields = getattr(inp, "__dict__", None)
+    return input_chars(fields) if fields is not None else 0
+
+
+def model_aliases(config: ServeConfig, name: str, source: Any) -> set[str]:
+    """The names a model answers to: its served name, the spec and path it was started with (vLLM names a model
+    by its path, and verl sends that path back), and the configured aliases (`--served-model-name`)."""
+    names = {name, config.model, *config.served_model_name}
+    path = getattr(source, "home", None) or getattr(source, "path", None)
+    if path is not None:
+        names.add(str(path))
+        names.add(str(Path(path).resolve()))
+    return {n for n in names if n}
+
+
 class RewardEngine:
     def __init__(self, config: ServeConfig, backend: Any):
         self.config = config
@@ -44,6 +82,7 @@ class RewardEngine:
         self.tokenizer = backend.tokenizer
         self.max_length = backend.max_length
         source = getattr(backend, "source", None)
+        self.aliases = model_aliases(config, self.name, source)
         self.stats: RewardStats | None = load_stats(getattr(source, "home", source.path)) if source is not None else None
         self.ready = False
         self.accepting = True
@@ -59,7 +98,7 @@ class RewardEngine:
             group_min_prefix=config.group_min_prefix if getattr(backend, "prefix_groups", False) else 0,
             observer=self.observer,
         )
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rewardserve-tokenize")
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardserve-tokenize")
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> "RewardEngine":
@@ -79,7 +118,7 @@ class RewardEngine:
         log.info("model %s ready (max_length=%d)", self.name, self.max_length)
 
     def mark_draining(self) -> None:
-        """Readiness false and new work refused (UNAVAILABLE); what is queued still completes."""
+        """Readiness false and new work refused (UNAVAILABLE); what was admitted still completes."""
         self.ready = False
         self.accepting = False
         metrics.READY.labels(self.name).set(0)
@@ -90,19 +129,10 @@ class RewardEngine:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self.backend.close()
 
-    # ---- scoring -----------------------------------------------------------------------------------------
+    # ---- admission ---------------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
-        if model and model != self.name:
+        if model and model not in self.aliases:
             raise RewardServeError(ErrorKind.NOT_FOUND, f"unknown model {model!r}; this server serves {self.name!r}")
-
-    def _encode(self, inputs: Sequence[Any]) -> list[Encoded]:
-        return [encode_input(self.tokenizer, inp, self.max_length) for inp in inputs]
-
-    async def encode(self, inputs: Sequence[Any]) -> list[Encoded]:
-        if len(inputs) < TOKENIZE_INLINE_MAX:
-            return self._encode(inputs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenize_pool, self._encode, inputs)
 
     def deadline_from_timeout(self, timeout_s: float | None) -> float | None:
         """An absolute (monotonic) deadline from a relative timeout; the configured default applies."""
@@ -114,6 +144,48 @@ class RewardEngine:
             raise invalid(f"timeout must be a positive number of seconds, got {timeout_s}")
         return time.monotonic() + timeout_s
 
+    def admit(self, count: int, *, model: str | None = None, normalize: bool = False,
+              field: str = "inputs") -> Reservation:
+        """The cheap checks, then queue room for `count` inputs (OVERLOADED at once when full). Release the
+        reservation (or pass it to `score`) when done."""
+        if not self.accepting:
+            raise RewardServeError(ErrorKind.UNAVAILABLE, "the server is draining: send to another replica")
+        self.check_model(model)
+        if count < 1:
+            raise invalid(f"{field} is empty: send at least one input")
+        limit = self.config.max_inputs_per_request
+        if count > limit:
+            raise invalid(f"{field}: {count} entries, more than max_inputs_per_request={limit}")
+        if normalize and self.stats is None:
+            raise invalid(f"model {self.name!r} has no reward statistics (reward_stats.json): cannot normalize")
+        return self.batcher.reserve(count)
+
+    # ---- encoding ----------------------------------------------------------------------------------------
+    def default_encoder(self, inp: Any) -> Encoded:
+        return encode_input(self.tokenizer, inp, self.max_length)
+
+    def _encode_all(self, inputs: Sequence[Any], encoder: Encoder, field: str) -> list[Encoded]:
+        encoded = []
+        for i, inp in enumerate(inputs):
+            try:
+                encoded.append(encoder(inp))
+            except RenderError as exc:
+                raise invalid(f"{field}.{i}: {exc}") from None
+            except RewardServeError as exc:
+                if exc.kind is ErrorKind.INVALID_ARGUMENT and not exc.message.startswith(field):
+                    raise invalid(f"{field}.{i}: {exc.message}") from None
+                raise
+        return encoded
+
+    async def encode(self, inputs: Sequence[Any], encoder: Encoder | None = None,
+                     field: str = "inputs") -> list[Encoded]:
+        encoder = encoder or self.default_encoder
+        if sum(input_chars(inp) for inp in inputs) <= TOKENIZE_INLINE_MAX_CHARS:
+            return self._encode_all(inputs, encoder, field)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, encoder, field)
+
+    # ---- scoring -----------------------------------------------------------------------------------------
     async def score(
         self,
         inputs: Sequence[Any],
@@ -121,26 +193,20 @@ class RewardEngine:
         model: str | None = None,
         deadline: float | None = None,
         normalize: bool = False,
-        admitted: bool = False,
+        encoder: Encoder | None = None,
+        reservation: Reservation | None = None,
+        field: str = "inputs",
     ) -> ScoreOutcome:
-        """Score validated inputs (`service.schemas` models or plain dicts), in order.
-
-        admitted: the caller's request was accepted before a drain began (e.g. a Best-of-N request whose candidates
-        were being generated): it is answered, not refused, so that every accepted request gets its rewards.
-        """
-        if not self.accepting and not admitted:
-            raise RewardServeError(ErrorKind.UNAVAILABLE, "the server is draining: send to another replica")
-        self.check_model(model)
-        if not inputs:
-            raise invalid("inputs is empty: send at least one input")
-        if len(inputs) > self.config.max_inputs_per_request:
-            raise invalid(
-                f"too many inputs: {len(inputs)} > max_inputs_per_request={self.config.max_inputs_per_request}"
-            )
-        if normalize and self.stats is None:
+        """Score inputs (`service.schemas` input models or plain dicts; with `encoder`, whatever it takes), in
+        order. `reservation`: queue room taken earlier with `admit` (a Best-of-N request, admitted before a drain
+        began, is answered, not refused)."""
+        if reservation is None:
+            reservation = self.admit(len(inputs), model=model, normalize=normalize, field=field)
+        elif normalize and self.stats is None:
             raise invalid(f"model {self.name!r} has no reward statistics (reward_stats.json): cannot normalize")
-        encoded = await self.encode(inputs)
-        rewards, queue_s, compute_s = await self.score_ids([e.input_ids for e in encoded], deadline)
+        with reservation:
+            encoded = await self.encode(inputs, encoder, field)
+            rewards, queue_s, compute_s = await self._run([e.input_ids for e in encoded], deadline, reservation)
         if not all(math.isfinite(r) for r in rewards):
             raise RewardServeError(ErrorKind.BACKEND, "the model produced a non-finite reward (NaN or inf)")
         results = [
@@ -155,13 +221,12 @@ class RewardEngine:
         metrics.observe_results(self.name, rewards, sum(e.truncated for e in encoded))
         return ScoreOutcome(self.name, results, queue_s, compute_s)
 
-    async def score_ids(
-        self, batch: Sequence[Sequence[int]], deadline: float | None = None
-    ) -> tuple[list[float], float, float]:
+    async def _run(self, batch: Sequence[Sequence[int]], deadline: float | None,
+                   reservation: Reservation) -> tuple[list[float], float, float]:
         """Rewards for token-id lists, plus the longest queue wait and compute time among them."""
         if deadline is not None and deadline <= time.monotonic():
             raise RewardServeError(ErrorKind.DEADLINE, "deadline passed before the request was queued")
-        items = self.batcher.submit(batch, deadline)
+        items = self.batcher.submit(batch, deadline, reservation)
         waiter = asyncio.gather(*(item.future for item in items))
         waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -1,37 +1,62 @@
-"""Error kind -> HTTP status and -> gRPC status code: the two tables, in one file."""
+"""Error kind -> HTTP status, gRPC status code and the JSON error body: one table, in one file.
+
+Every error leaves the server through here: HTTP bodies are `{"error": {"type", "message", "code"}}` where `type`
+is the kind's machine-readable name (distinct for every kind, so clients never search messages), and gRPC calls
+end with the kind's status code plus the same name in the trailing metadata `rewardserve-error-type` (needed where
+two kinds share a code: `overloaded` and `payload_too_large` are both RESOURCE_EXHAUSTED).
+"""
 
 from __future__ import annotations
+
+import json
+from typing import NamedTuple
 
 import grpc
 
 from service.errors import ErrorKind
 
-HTTP_STATUS: dict[ErrorKind, int] = {
-    ErrorKind.INVALID_ARGUMENT: 400,
-    ErrorKind.UNAUTHENTICATED: 401,
-    ErrorKind.NOT_FOUND: 404,
-    ErrorKind.PAYLOAD_TOO_LARGE: 413,
-    ErrorKind.OVERLOADED: 429,
-    ErrorKind.CANCELLED: 499,
-    ErrorKind.BACKEND: 500,
-    ErrorKind.UNAVAILABLE: 503,
-    ErrorKind.DEADLINE: 504,
-    ErrorKind.GENERATOR: 502,
-    ErrorKind.NOT_IMPLEMENTED: 400,  # a request this server is not configured for (type not_implemented)
+ERROR_TYPE_METADATA = "rewardserve-error-type"
+
+
+class Mapping(NamedTuple):
+    http: int
+    grpc: grpc.StatusCode
+
+
+TABLE: dict[ErrorKind, Mapping] = {
+    ErrorKind.INVALID_ARGUMENT: Mapping(400, grpc.StatusCode.INVALID_ARGUMENT),
+    ErrorKind.UNAUTHENTICATED: Mapping(401, grpc.StatusCode.UNAUTHENTICATED),
+    ErrorKind.NOT_FOUND: Mapping(404, grpc.StatusCode.NOT_FOUND),
+    ErrorKind.METHOD_NOT_ALLOWED: Mapping(405, grpc.StatusCode.UNIMPLEMENTED),
+    ErrorKind.PAYLOAD_TOO_LARGE: Mapping(413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ErrorKind.OVERLOADED: Mapping(429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ErrorKind.CANCELLED: Mapping(499, grpc.StatusCode.CANCELLED),
+    ErrorKind.BACKEND: Mapping(500, grpc.StatusCode.INTERNAL),
+    ErrorKind.INTERNAL: Mapping(500, grpc.StatusCode.INTERNAL),
+    ErrorKind.NOT_IMPLEMENTED: Mapping(501, grpc.StatusCode.UNIMPLEMENTED),
+    ErrorKind.GENERATOR: Mapping(502, grpc.StatusCode.UNAVAILABLE),
+    ErrorKind.UNAVAILABLE: Mapping(503, grpc.StatusCode.UNAVAILABLE),
+    ErrorKind.DEADLINE: Mapping(504, grpc.StatusCode.DEADLINE_EXCEEDED),
 }
 
-GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
-    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
-    ErrorKind.BACKEND: grpc.StatusCode.INTERNAL,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorKind.GENERATOR: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.NOT_IMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
-}
+assert set(TABLE) == set(ErrorKind), "every error kind needs its mapping"
+HTTP_STATUS: dict[ErrorKind, int] = {kind: m.http for kind, m in TABLE.items()}
+GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {kind: m.grpc for kind, m in TABLE.items()}
+_BY_HTTP: dict[int, ErrorKind] = {}
+for _kind, _m in TABLE.items():
+    _BY_HTTP.setdefault(_m.http, _kind)
 
-assert set(HTTP_STATUS) == set(ErrorKind) == set(GRPC_STATUS), "every error kind needs both mappings"
+
+def kind_of_http_status(status: int) -> ErrorKind:
+    """The kind an HTTP status from a framework (404 unknown route, 405, 413, ...) is reported as."""
+    return _BY_HTTP.get(status, ErrorKind.INVALID_ARGUMENT if 400 <= status < 500 else ErrorKind.INTERNAL)
+
+
+def http_error(kind: ErrorKind, message: str, status: int | None = None) -> tuple[int, bytes]:
+    """(status, JSON body) of an error; `status` overrides the kind's own (e.g. 422 for body validation)."""
+    code = status if status is not None else HTTP_STATUS[kind]
+    return code, json.dumps({"error": {"type": kind.value, "message": message, "code": code}}).encode()
+
+
+def grpc_error_metadata(kind: ErrorKind) -> tuple[tuple[str, str], ...]:
+    return ((ERROR_TYPE_METADATA, kind.value),)

@@ -131,8 +131,6 @@ class PlannedBatch(list):
             min_shared = min((g.prefix_len for g in self.groups), default=0)
         self.min_shared = min_shared
         self._layout: TreeLayout | None = None
-        self.backend_saved: int | None = None
-        """Set by a backend that shares in its own way (vLLM's prefix cache): the tokens it really saved."""
 
     @property
     def layout(self) -> TreeLayout:
@@ -143,18 +141,25 @@ class PlannedBatch(list):
 
     @property
     def saved_tokens(self) -> int:
-        """Input tokens not computed thanks to shared prefixes (at every level of the tree, or as the backend
-        reported)."""
-        if self.backend_saved is not None:
-            return self.backend_saved
+        """Input tokens not computed thanks to shared prefixes, at every level of the tree."""
         return self.layout.saved if self.min_shared > 0 else 0
 
     @property
     def shared_inputs(self) -> int:
         """Inputs that read a shared prefix."""
-        if self.backend_saved is not None:
-            return sum(len(g.members) for g in self.groups) if self.backend_saved else 0
         return self.layout.shared_inputs if self.min_shared > 0 else 0
+
+
+@dataclass
+class BatchResult:
+    """What a backend answers for a PlannedBatch: one raw reward per input, in order, and, when it shares
+    prefixes its own way (vLLM's prefix cache) rather than by the batch's tree layout, what it really saved."""
+
+    rewards: list[float]
+    saved_tokens: int | None = None
+    """Input tokens not computed; None: the batch's tree layout says (`PlannedBatch.saved_tokens`)."""
+    shared_inputs: int | None = None
+    """Inputs that read a shared prefix; None: the tree layout says."""
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

@@ -66,27 +66,39 @@ class Runtime:
         self._grpc: Any = None
         self._health: Any = None
         self._stopped = asyncio.Event()
+        self.app: Any = None  # the FastAPI app, once HTTP is up
         self.bon: Any = None  # service.bon.BestOfN, set by start()
 
     async def start(self) -> None:
+        """Model, generator, gRPC, HTTP, in that order; if any step fails, what was started is stopped again."""
         if self.engine is None:
             self.engine = await asyncio.to_thread(RewardEngine.from_config, self.config)
         await self.engine.start()
         try:
             self.bon = await start_best_of_n(self.engine, self.config)
-        except BaseException:
-            await self.engine.stop()
-            raise
-        if self.config.grpc_port >= 0:
-            from service.grpc_api.server import start_grpc_server
+            if self.config.grpc_port >= 0:
+                from service.grpc_api.server import start_grpc_server
 
-            self._grpc, self.grpc_port, self._health = await start_grpc_server(self.engine, self.config, bon=self.bon)
+                self._grpc, self.grpc_port, self._health = await start_grpc_server(
+                    self.engine, self.config, bon=self.bon)
+            await self._start_http()
+        except BaseException:
+            await self._stop_all()
+            raise
+        log.info(
+            "rewardserve serving %s: HTTP %s://%s:%d  gRPC %s",
+            self.engine.name, "https" if self.config.tls_cert else "http", self.config.host, self.http_port,
+            f"{self.config.host}:{self.grpc_port}" if self.grpc_port else "off",
+        )
+
+    async def _start_http(self) -> None:
         sock = bind_socket(self.config.host, self.config.port)
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.engine, bon=self.bon)
+        self.app = create_app(self.engine, bon=self.bon)
         uv_config = uvicorn.Config(
-            app, log_level=self.config.log_level.lower(), access_log=False, lifespan="off",
-            timeout_graceful_shutdown=30, ssl_certfile=self.config.tls_cert, ssl_keyfile=self.config.tls_key,
+            self.app, log_level=self.config.log_level.lower(), access_log=False, lifespan="off",
+            timeout_graceful_shutdown=self.config.drain_timeout_s, ssl_certfile=self.config.tls_cert,
+            ssl_keyfile=self.config.tls_key,
         )
         self._http = _UvicornServer(uv_config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
@@ -94,29 +106,37 @@ class Runtime:
             if self._http_task.done():
                 self._http_task.result()  # surface the startup error
             await asyncio.sleep(0.01)
-        log.info(
-            "rewardserve serving %s: HTTP %s://%s:%d  gRPC %s",
-            self.engine.name, "https" if self.config.tls_cert else "http", self.config.host, self.http_port,
-            f"{self.config.host}:{self.grpc_port}" if self.grpc_port else "off",
-        )
 
-    async def drain_and_stop(self, grace_s: float = 30.0) -> None:
-        """Stop taking work, answer what was accepted (up to grace_s), then stop everything."""
+    def _busy(self) -> bool:
+        """Work admitted and not yet scored: inputs tokenizing, generating (Best-of-N), queued or computing.
+        (Their answers are then written during the servers' own graceful stop, within what is left of the
+        drain timeout; requests refused while draining do not count.)"""
+        return self.engine.batcher.depth > 0
+
+    async def drain_and_stop(self, grace_s: float | None = None) -> None:
+        """Stop taking work, answer what was accepted (up to drain_timeout_s in all), then stop everything."""
         assert self.engine is not None
         self.engine.mark_draining()
         if self._health is not None:
             await self._health.set_all_not_serving()
         loop = asyncio.get_running_loop()
-        end = loop.time() + grace_s
-        while self.engine.batcher.depth > 0 and loop.time() < end:
+        end = loop.time() + (grace_s if grace_s is not None else self.config.drain_timeout_s)
+        while self._busy() and loop.time() < end:
             await asyncio.sleep(0.01)
+        if self._http is not None:
+            self._http.config.timeout_graceful_shutdown = max(0.1, end - loop.time())
+        await self._stop_all(max(0.0, end - loop.time()))
+
+    async def _stop_all(self, grace_s: float = 0.0) -> None:
         if self._grpc is not None:
-            await self._grpc.stop(max(0.0, end - loop.time()))
+            await self._grpc.stop(grace_s)
         if self._http is not None:
             self._http.should_exit = True
             if self._http_task is not None:
-                await self._http_task
-        await self.engine.stop()
+                with contextlib.suppress(Exception):
+                    await self._http_task
+        if self.engine is not None:
+            await self.engine.stop()
         if self.bon is not None and self.bon.generator is not None:
             await asyncio.to_thread(self.bon.generator.close)
         self._stopped.set()
@@ -133,5 +153,15 @@ class Runtime:
         log.info("stopped")
 
 
+def configure_process(config: ServeConfig) -> None:
+    """Process-wide settings, made once and in the open: torch's intra-op threads (the model worker's)."""
+    import torch
+
+    from service.backends.hf_backend import available_cores
+
+    torch.set_num_threads(int(config.threads) if config.threads > 0 else available_cores())
+
+
 def serve(config: ServeConfig) -> None:
+    configure_process(config)
     asyncio.run(Runtime(config).serve_forever())

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
 from rewardmodel.inputs import (  # noqa: F401  (the input forms, re-exported for the transports)
-    ChatMessage, MessagesInput, PromptResponseInput, RawInput, ScoreInput, Strict,
+    ChatMessage, MessagesInput, PromptResponseInput, RawInput, ScoreInput, Strict, Text,
 )
 from service.errors import invalid
 
@@ -65,7 +65,7 @@ class _PromptOrMessages(Strict):
     assistant: the candidates are the assistant's reply)."""
 
     model: str | None = Field(default=None, description="Reward model name; must match the served model if given.")
-    prompt: str | None = Field(default=None, description="The user's prompt (or give `messages`).")
+    prompt: Text | None = Field(default=None, description="The user's prompt (or give `messages`).")
     messages: list[ChatMessage] | None = Field(
         default=None, min_length=1,
         description="The conversation so far (or give `prompt`); not ending with the assistant.",
@@ -85,7 +85,7 @@ class _PromptOrMessages(Strict):
     def conversation(self) -> list[dict[str, str]]:
         """The context as chat messages (a prompt is one user turn)."""
         if self.messages is not None:
-            return [{"role": m.role, "content": m.content} for m in self.messages]
+            return [m.as_dict() for m in self.messages]
         return [{"role": "user", "content": self.prompt or ""}]
 
     def scored_input(self, candidate: str) -> PromptResponseInput | MessagesInput:
@@ -107,7 +107,7 @@ class BestOfNRequest(_PromptOrMessages):
 
 
 class RerankRequest(_PromptOrMessages):
-    candidates: list[str] = Field(min_length=1, description="Responses to the context, to score and rank.")
+    candidates: list[Text] = Field(min_length=1, description="Responses to the context, to score and rank.")
 
 
 class RankedCandidate(BaseModel):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any
 
 from service.backends import packing
 from rewardmodel.modeling import load_reward_model, load_tokenizer, log_untrained, resolve_model, reward_forward
 from rewardmodel.rendering import model_max_length
+from service.grouping import BatchResult, PlannedBatch
 
 log = logging.getLogger("rewardserve.hf")
 
@@ -43,14 +44,13 @@ class HFBackend:
     def __init__(self, config: Any):
         import torch
 
-        torch.set_num_threads(int(config.threads) if config.threads > 0 else available_cores())
         self.source = resolve_model(config.model)
         log_untrained(self.source)
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(self.source)
         self.model = load_reward_model(self.source, self.dtype, self.device)
-        self.name = config.model_name or self.source.name
+        self.name = config.served_name(self.source.name)
         self.max_length = model_max_length(self.tokenizer, self.model.config, config.max_tokens)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self.head = packing.head_kind(self.model)
@@ -74,7 +74,10 @@ class HFBackend:
             return False
         return mode == "on" or not self.device.startswith("cuda")
 
-    def score_batch(self, batch: Sequence[Sequence[int]]) -> list[float]:
+    def score_batch(self, batch: PlannedBatch) -> BatchResult:
+        return BatchResult(self.rewards(batch))
+
+    def rewards(self, batch: PlannedBatch) -> list[float]:
         import torch
 
         if self.packed:
@@ -97,7 +100,7 @@ class HFBackend:
         ids = self.tokenizer("warm up the reward model", add_special_tokens=True)["input_ids"]
         long_ids = (ids * (self.max_length // len(ids) + 1))[: self.max_length]
         for batch in ([ids], [ids] * 4, [long_ids], [long_ids, ids]):
-            self.score_batch(batch)
+            self.score_batch(PlannedBatch(batch))
 
     def close(self) -> None:
         self.model = None

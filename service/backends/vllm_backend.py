@@ -21,6 +21,7 @@ from typing import Any
 
 from rewardmodel.modeling import load_tokenizer, resolve_model
 from rewardmodel.rendering import model_max_length
+from service.grouping import BatchResult, PlannedBatch
 
 log = logging.getLogger("rewardserve.vllm")
 
@@ -53,7 +54,7 @@ class VLLMBackend:
         self._params = PoolingParams(use_activation=False)
         cache = self.llm.llm_engine.vllm_config.cache_config
         self.block_size = int(cache.block_size)
-        self.name = config.model_name or self.source.name
+        self.name = config.served_name(self.source.name)
         self.packed = True  # vLLM batches without padding: a batch costs its real tokens
         self.prefix_groups = bool(cache.enable_prefix_caching)
         log.info(
@@ -69,16 +70,16 @@ class VLLMBackend:
         outputs = self.llm.encode(prompts, pooling_params=self._params, pooling_task="classify", use_tqdm=False)
         return [float(out.outputs.data.reshape(-1)[0]) for out in outputs]
 
-    def score_batch(self, batch: Sequence[Sequence[int]]) -> list[float]:
-        groups = [g for g in getattr(batch, "groups", ()) if g.prefix_len >= self.block_size]
-        if groups and self.prefix_groups:
-            self._encode([batch[g.members[0]][: g.prefix_len] for g in groups])  # fills the prefix cache
-            # the members read the prefix's whole cached blocks; the priming pass computed the prefix once
-            cached = lambda g: g.prefix_len // self.block_size * self.block_size
-            batch.backend_saved = sum(max(0, len(g.members) * cached(g) - g.prefix_len) for g in groups)
-        elif hasattr(batch, "backend_saved"):
-            batch.backend_saved = 0  # nothing shared (the hf tree layout does not apply here)
-        return self._encode(batch)
+    def score_batch(self, batch: PlannedBatch) -> BatchResult:
+        groups = [g for g in batch.groups if g.prefix_len >= self.block_size]
+        if not (groups and self.prefix_groups):
+            return BatchResult(self._encode(batch), saved_tokens=0, shared_inputs=0)  # the hf tree does not apply
+        self._encode([batch[g.members[0]][: g.prefix_len] for g in groups])  # fills the prefix cache
+        # the members read the prefix's whole cached blocks; the priming pass computed the prefix once
+        cached = lambda g: g.prefix_len // self.block_size * self.block_size
+        saved = sum(max(0, len(g.members) * cached(g) - g.prefix_len) for g in groups)
+        shared = sum(len(g.members) for g in groups) if saved else 0
+        return BatchResult(self._encode(batch), saved_tokens=saved, shared_inputs=shared)
 
     def warmup(self) -> None:
         ids = self.tokenizer("warm up the reward model", add_special_tokens=True)["input_ids"]

@@ -7,6 +7,7 @@ from typing import Any
 from protos import reward_pb2
 from service.bon import RankedOutcome
 from service.errors import invalid
+from service.grpc_api.codecs import message_to_dict
 from service.schemas import BestOfNRequest, RankedCandidate, RerankRequest, parse_request
 
 SAMPLING_FIELDS = ("n", "temperature", "top_p", "max_tokens", "seed")
@@ -17,7 +18,8 @@ def _context(request: Any) -> dict[str, Any]:
     if form == "prompt":
         return {"prompt": request.prompt}
     if form == "conversation":
-        return {"messages": [{"role": m.role, "content": m.content} for m in request.conversation.messages]}
+        return {"messages": [message_to_dict(f"conversation.messages.{j}", m)
+                             for j, m in enumerate(request.conversation.messages)]}
     raise invalid("context: set one of prompt or conversation")
 
 

@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 import grpc
 
 from service import metrics
+from service.error_map import GRPC_STATUS, grpc_error_metadata
+from service.errors import ErrorKind, RewardServeError
+
+log = logging.getLogger("rewardserve.grpc")
+
+
+def typed(exc: Exception, method: str) -> RewardServeError:
+    """Any error of a handler as a typed one; an unexpected exception is a bug of ours, logged (INTERNAL)."""
+    if isinstance(exc, RewardServeError):
+        return exc
+    log.error("%s failed", method, exc_info=exc)
+    return RewardServeError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def abort(context: grpc.aio.ServicerContext, error: RewardServeError) -> None:
+    """End the call with the error's status code, its message and its kind in the trailing metadata."""
+    await context.abort(GRPC_STATUS[error.kind], error.message, trailing_metadata=grpc_error_metadata(error.kind))
 
 
 class Observed:

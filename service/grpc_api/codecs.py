@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -16,13 +17,32 @@ from service.schemas import parse_inputs
 
 
 # ---- protobuf -> engine --------------------------------------------------------------------------------
+def message_to_dict(field: str, message: reward_pb2.Message) -> dict[str, Any]:
+    """A Message as the dict ChatMessage validates; unset tool fields are left out."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.tool_calls_json:
+        try:
+            calls = json.loads(message.tool_calls_json)
+        except ValueError:
+            raise invalid(f"{field}.tool_calls_json: not valid JSON") from None
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise invalid(f"{field}.tool_calls_json: must be a JSON array of objects")
+        out["tool_calls"] = calls
+    return out
+
+
 def input_to_dict(index: int, inp: reward_pb2.ScoreInput) -> dict[str, Any]:
     """One ScoreInput as the plain dict `parse_inputs` validates (same rules as the HTTP body)."""
     form = inp.WhichOneof("input")
     if form == "pair":
         return {"prompt": inp.pair.prompt, "response": inp.pair.response}
     if form == "conversation":
-        return {"messages": [{"role": m.role, "content": m.content} for m in inp.conversation.messages]}
+        return {"messages": [message_to_dict(f"inputs.{index}.conversation.messages.{j}", m)
+                             for j, m in enumerate(inp.conversation.messages)]}
     if form == "raw":
         return {"raw": inp.raw}
     raise invalid(f"inputs.{index}: no input set: set one of pair, conversation or raw")
@@ -79,7 +99,7 @@ def encode_error(
     engine: RewardEngine, exc: RewardServeError, request_id: str, sequence: int
 ) -> reward_pb2.ScoreResponse:
     code = GRPC_STATUS[exc.kind].value[0]
-    error = reward_pb2.RequestError(code=code, message=exc.message)
+    error = reward_pb2.RequestError(code=code, message=exc.message, type=exc.kind.value)
     return reward_pb2.ScoreResponse(model=engine.name, request_id=request_id, sequence=sequence, error=error)
 
 

@@ -8,7 +8,7 @@ so the batcher skips them.
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -16,11 +16,10 @@ from protos import reward_pb2, reward_pb2_grpc
 from service.bon import BestOfN
 from service.engine import RewardEngine, ScoreOutcome
 from service.error_map import GRPC_STATUS
-from service.errors import RewardServeError
 from service.grpc_api import bon_codecs
-from service.grpc_api.calls import Observed
+from service.grpc_api.calls import Observed, abort, typed
 from service.grpc_api.codecs import (
-    MalformedRequest, check_parsed, decode_inputs, encode_outcome, engine_deadline, timing_metadata,
+    check_parsed, decode_inputs, encode_outcome, engine_deadline, timing_metadata,
 )
 from service.grpc_api.stream import ScoreStream
 
@@ -38,40 +37,39 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             inputs, model=request.model or None, deadline=deadline, normalize=request.normalize
         )
 
-    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> Any:
-        with Observed("Score", context) as obs:
+    async def _call(self, method: str, context: grpc.aio.ServicerContext,
+                    work: Callable[[], Awaitable[tuple[Any, tuple]]]) -> Any:
+        """Run one unary call: its response and trailing metadata, or the typed error it ends with."""
+        with Observed(method, context) as obs:
             try:
-                outcome = await self._score(request, engine_deadline(self.engine, context))
-            except RewardServeError as exc:
-                obs.fail(GRPC_STATUS[exc.kind])
-                await context.abort(GRPC_STATUS[exc.kind], exc.message)
+                response, metadata = await work()
             except Exception as exc:  # not BaseException: CancelledError must reach grpc.aio
-                log.exception("Score failed")
-                obs.fail(grpc.StatusCode.INTERNAL)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-            context.set_trailing_metadata(timing_metadata(outcome))
-            return encode_outcome(outcome, request.request_id)
+                error = typed(exc, method)
+                obs.fail(GRPC_STATUS[error.kind])
+                await abort(context, error)
+            context.set_trailing_metadata(metadata)
+            return response
+
+    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> tuple[Any, tuple]:
+            outcome = await self._score(request, engine_deadline(self.engine, context))
+            return encode_outcome(outcome, request.request_id), timing_metadata(outcome)
+
+        return await self._call("Score", context, work)
 
     async def _ranked(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """BestOfN and Rerank: decode, run through service.bon, encode; errors as Score's."""
-        with Observed(method, context) as obs:
-            try:
-                check_parsed(request)
-                deadline = engine_deadline(self.engine, context)
-                if method == "BestOfN":
-                    outcome = await self.bon.best_of_n(bon_codecs.decode_best_of_n(request), deadline)
-                else:
-                    outcome = await self.bon.rerank(bon_codecs.decode_rerank(request), deadline)
-            except RewardServeError as exc:
-                obs.fail(GRPC_STATUS[exc.kind])
-                await context.abort(GRPC_STATUS[exc.kind], exc.message)
-            except Exception as exc:  # not BaseException: CancelledError must reach grpc.aio
-                log.exception("%s failed", method)
-                obs.fail(grpc.StatusCode.INTERNAL)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-            context.set_trailing_metadata(bon_codecs.timing_metadata(outcome))
+        async def work() -> tuple[Any, tuple]:
+            check_parsed(request)
+            deadline = engine_deadline(self.engine, context)
+            if method == "BestOfN":
+                outcome = await self.bon.best_of_n(bon_codecs.decode_best_of_n(request), deadline)
+            else:
+                outcome = await self.bon.rerank(bon_codecs.decode_rerank(request), deadline)
             encode = bon_codecs.encode_best_of_n if method == "BestOfN" else bon_codecs.encode_rerank
-            return encode(outcome, request.request_id)
+            return encode(outcome, request.request_id), bon_codecs.timing_metadata(outcome)
+
+        return await self._call(method, context, work)
 
     async def BestOfN(self, request: reward_pb2.BestOfNRequest, context: grpc.aio.ServicerContext) -> Any:
         return await self._ranked("BestOfN", request, context)
@@ -83,10 +81,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         await ScoreStream(self, context).run(request_iterator)
 
     async def ListModels(self, request: reward_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
-        with Observed("ListModels", context) as obs:
-            if isinstance(request, MalformedRequest):
-                obs.fail(grpc.StatusCode.INVALID_ARGUMENT)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.error}")
+        async def work() -> tuple[Any, tuple]:
+            check_parsed(request)
             engine = self.engine
             stats = engine.stats
             info = reward_pb2.ModelInfo(
@@ -94,4 +90,6 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 max_model_len=engine.max_length,
                 normalization=reward_pb2.RewardStats(mean=stats.mean, std=stats.std) if stats else None,
             )
-            return reward_pb2.ListModelsResponse(models=[info])
+            return reward_pb2.ListModelsResponse(models=[info]), ()
+
+        return await self._call("ListModels", context, work)

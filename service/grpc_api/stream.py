@@ -11,7 +11,7 @@ import grpc
 from protos import reward_pb2
 from service.error_map import GRPC_STATUS
 from service.errors import ErrorKind, RewardServeError
-from service.grpc_api.calls import Observed
+from service.grpc_api.calls import Observed, abort, typed
 from service.grpc_api.codecs import encode_error, encode_outcome, engine_deadline
 
 log = logging.getLogger("rewardserve.grpc")
@@ -23,9 +23,9 @@ _END = object()  # queue marker: the client half-closed and every request was an
 
 
 class ScoreStream:
-    """One ScoreStream call: a reader task spawns one task per request; answers go out in completion order
-    through a queue. A fatal error (see STREAM_FATAL) aborts the call; leaving `run` in any way cancels
-    the reader and every request still in flight."""
+    """One ScoreStream call: a reader task spawns one task per request, at most `max_stream_in_flight` at a
+    time; answers go out in completion order through a queue. A fatal error (see STREAM_FATAL) aborts the call;
+    leaving `run` in any way cancels the reader and every request still in flight."""
 
     def __init__(self, servicer: Any, context: grpc.aio.ServicerContext):
         self.servicer = servicer
@@ -33,6 +33,9 @@ class ScoreStream:
         self.context = context
         self.out: asyncio.Queue = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
+        # requests being answered at once; past it the reader stops reading (gRPC flow control pushes back), so
+        # the answers queued in `out` are bounded by it too
+        self.slots = asyncio.Semaphore(self.engine.config.max_stream_in_flight)
 
     async def run(self, request_iterator: AsyncIterator) -> None:
         reader = asyncio.create_task(self._read(request_iterator))
@@ -41,8 +44,8 @@ class ScoreStream:
                 if isinstance(item, BaseException):
                     raise item
                 await self.context.write(item)
-        except _StreamAbort as abort:
-            await self.context.abort(abort.code, abort.message)
+        except _StreamAbort as stop:
+            await abort(self.context, stop.error)
         finally:
             for task in (reader, *self.tasks):
                 task.cancel()
@@ -51,6 +54,7 @@ class ScoreStream:
         try:
             sequence = 0
             async for request in request_iterator:
+                await self.slots.acquire()
                 task = asyncio.create_task(self._answer(request, sequence))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
@@ -62,27 +66,26 @@ class ScoreStream:
             self.out.put_nowait(exc)
 
     async def _answer(self, request: reward_pb2.ScoreRequest, sequence: int) -> None:
-        with Observed("ScoreStream", self.context) as obs:
-            try:
-                outcome = await self.servicer._score(request, engine_deadline(self.engine, self.context))
-                self.out.put_nowait(encode_outcome(outcome, request.request_id, sequence))
-            except RewardServeError as exc:
-                obs.fail(GRPC_STATUS[exc.kind])
-                self.out.put_nowait(self._on_error(exc, request.request_id, sequence))
-            except Exception as exc:
-                log.exception("ScoreStream request failed")
-                obs.fail(grpc.StatusCode.INTERNAL)
-                failure = RewardServeError(ErrorKind.BACKEND, f"internal error: {type(exc).__name__}: {exc}")
-                self.out.put_nowait(encode_error(self.engine, failure, request.request_id, sequence))
+        try:
+            with Observed("ScoreStream", self.context) as obs:
+                try:
+                    outcome = await self.servicer._score(request, engine_deadline(self.engine, self.context))
+                    self.out.put_nowait(encode_outcome(outcome, request.request_id, sequence))
+                except Exception as exc:  # not BaseException: a cancelled stream cancels its requests
+                    error = typed(exc, "ScoreStream")
+                    obs.fail(GRPC_STATUS[error.kind])
+                    self.out.put_nowait(self._on_error(error, request.request_id, sequence))
+        finally:
+            self.slots.release()
 
     def _on_error(self, exc: RewardServeError, request_id: str, sequence: int) -> Any:
         if exc.kind in STREAM_FATAL:
-            return _StreamAbort(GRPC_STATUS[exc.kind], f"request_id={request_id} sequence={sequence}: {exc.message}")
+            message = f"request_id={request_id} sequence={sequence}: {exc.message}"
+            return _StreamAbort(RewardServeError(exc.kind, message))
         return encode_error(self.engine, exc, request_id, sequence)
 
 
 class _StreamAbort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def __init__(self, error: RewardServeError):
+        super().__init__(error.message)
+        self.error = error

@@ -17,14 +17,44 @@ from service.engine import RewardEngine
 from service.errors import ErrorKind, RewardServeError
 from service.http_api.auth import AuthMiddleware
 from service.http_api.bon_routes import bon_router
-from service.http_api.common import ErrorResponse, HTTP_ERROR_TYPES, error_response
+from service.error_map import kind_of_http_status
+from service.http_api.common import ErrorResponse, error_response
 from service.http_api.compat_routes import compat_router
-from service.http_api.edge import EdgeMiddleware
+from service.http_api.edge import BodyLimitMiddleware, EdgeMiddleware, InFlight
 from service.http_api.score_routes import score_router
 from service.keys import key_checker
 from service.schemas import describe_validation_error
 
 log = logging.getLogger("rewardserve.http")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the JSON body of service/error_map.py: our typed errors, body validation (422),
+    the framework's own (404 unknown route, 405, undecodable body) and, last, anything unexpected (500, logged
+    with its traceback: a bug of ours, never a plain-text answer)."""
+
+    @app.exception_handler(RewardServeError)
+    async def _on_error(_: Request, exc: RewardServeError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> Response:
+        message = describe_validation_error(exc)  # type: ignore[arg-type]
+        return error_response(RewardServeError(ErrorKind.INVALID_ARGUMENT, message), status=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":  # FastAPI's words for undecodable bytes
+            message = "could not parse the request body: it must be UTF-8 encoded JSON"
+        kind = kind_of_http_status(exc.status_code)
+        return error_response(RewardServeError(kind, message), status=exc.status_code,
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _on_anything(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(RewardServeError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}"))
 
 
 def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None, bon: Any = None) -> FastAPI:
@@ -36,24 +66,7 @@ def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None, bon: 
     )
     app.state.engine = engine
 
-    @app.exception_handler(RewardServeError)
-    async def _on_error(_: Request, exc: RewardServeError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message = describe_validation_error(exc)  # type: ignore[arg-type]
-        body = {"error": {"type": "invalid_argument", "message": message, "code": 422}}
-        return JSONResponse(body, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = str(exc.detail)
-        if message == "There was an error parsing the body":  # FastAPI's words for undecodable bytes
-            message = "could not parse the request body: it must be UTF-8 encoded JSON"
-        kind = HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
-        body = {"error": {"type": kind, "message": message, "code": exc.status_code}}
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -96,7 +109,10 @@ def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None, bon: 
 
     known = {route.path for route in app.routes}  # type: ignore[attr-defined]
     limit = max_body_bytes if max_body_bytes is not None else engine.config.max_body_bytes
-    # added last = outermost: requests are counted and size-limited before the key check
+    # added last = outermost: counted and bounded (Edge), then the key (Auth), then the body read (BodyLimit)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limit)
     app.add_middleware(AuthMiddleware, checker=key_checker(engine.config), open_routes=engine.config.open_routes)
-    app.add_middleware(EdgeMiddleware, max_body_bytes=limit, known_routes=known)
+    app.state.in_flight = InFlight()
+    app.add_middleware(EdgeMiddleware, known_routes=known, max_in_flight=engine.config.max_http_in_flight,
+                       in_flight=app.state.in_flight)
     return app

@@ -1,15 +1,17 @@
-"""HTTP API keys: a pure-ASGI middleware answering 401 without `Authorization: Bearer <key>`."""
+"""HTTP API keys: a pure-ASGI middleware answering 401 without `Authorization: Bearer <key>`. It sits outside the
+body reader, so a request without a key is refused before its body is read."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from service.http_api.edge import error_body
+from service.errors import ErrorKind
+from service.http_api.edge import send_error
 from service.keys import KeyChecker
 
 
 class AuthMiddleware:
-    """Pure ASGI: 401 for HTTP requests without a valid key, except on the open routes."""
+    """401 for HTTP requests without a valid key, except on the open routes."""
 
     def __init__(self, app: Any, checker: KeyChecker, open_routes: Iterable[str]):
         self.app = app
@@ -24,9 +26,5 @@ class AuthMiddleware:
         if self.checker.check(header):
             await self.app(scope, receive, send)
             return
-        body = error_body("unauthenticated", "missing or wrong API key: send Authorization: Bearer <key>", 401)
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, ErrorKind.UNAUTHENTICATED, "missing or wrong API key: send Authorization: Bearer <key>",
+                         [(b"www-authenticate", b"Bearer")])

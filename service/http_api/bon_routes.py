@@ -9,17 +9,16 @@ from __future__ import annotations
 from fastapi import APIRouter, Header, Request, Response
 
 from service.bon import BestOfN, RankedOutcome
-from service.engine import ScoreOutcome
 from service.http_api.common import (
     ERROR_RESPONSES, TIMEOUT_HEADER, parse_timeout_header, run_unless_disconnected, timing_headers,
 )
 from service.schemas import BestCandidate, BestOfNRequest, BestOfNResponse, RerankRequest, RerankResponse
 
-RESPONSES = {**ERROR_RESPONSES, 502: ERROR_RESPONSES[400]}  # 502: the generator failed
+RESPONSES = {**ERROR_RESPONSES, 501: ERROR_RESPONSES[400], 502: ERROR_RESPONSES[400]}  # no generator; it failed
 
 
 def _headers(outcome: RankedOutcome) -> dict[str, str]:
-    headers = timing_headers(ScoreOutcome(outcome.model, [], outcome.queue_s, outcome.compute_s))
+    headers = timing_headers(outcome)
     if outcome.generator is not None:
         headers["X-Generation-Time-Ms"] = f"{outcome.generation_s * 1000:.3f}"
     return headers
@@ -39,7 +38,7 @@ def bon_router(bon: BestOfN) -> APIRouter:
         x_request_timeout: str | None = Header(default=None, alias=TIMEOUT_HEADER),
     ) -> BestOfNResponse:
         """Generate `n` candidates with the server's generator (policy), score each (context, candidate) with
-        the reward model, and return them best first. 400 `not_implemented` when no generator is configured;
+        the reward model, and return them best first. 501 `not_implemented` when no generator is configured;
         502 when the generator fails; 504 when the deadline (or generation_timeout_s) passes."""
         outcome = await run_unless_disconnected(request, bon.best_of_n(body, deadline_of(body, x_request_timeout)))
         response.headers.update(_headers(outcome))

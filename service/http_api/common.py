@@ -7,11 +7,10 @@ import asyncio
 from typing import Any, Awaitable
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
-from service.engine import ScoreOutcome
-from service.error_map import HTTP_STATUS
+from service.error_map import http_error
 from service.errors import ErrorKind, RewardServeError, invalid
 
 TIMEOUT_HEADER = "X-Request-Timeout"
@@ -28,18 +27,14 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 429, 500, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 500, 503, 504)
 }
 
 
-HTTP_ERROR_TYPES = {400: "invalid_argument", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-
-
-def error_response(exc: RewardServeError) -> JSONResponse:
-    code = HTTP_STATUS[exc.kind]
-    return JSONResponse(
-        {"error": {"type": exc.kind.value, "message": exc.message, "code": code}}, status_code=code
-    )
+def error_response(exc: RewardServeError, status: int | None = None, headers: dict | None = None) -> Response:
+    """The JSON error answer of an error (service/error_map.py); `status` overrides the kind's own."""
+    code, body = http_error(exc.kind, exc.message, status)
+    return Response(body, status_code=code, media_type="application/json", headers=headers)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -75,7 +70,8 @@ def parse_timeout_header(value: str | None) -> float | None:
     return seconds
 
 
-def timing_headers(outcome: ScoreOutcome) -> dict[str, str]:
+def timing_headers(outcome: Any) -> dict[str, str]:
+    """`X-Queue-Time-Ms` and `X-Compute-Time-Ms` of anything timed (a ScoreOutcome, a RankedOutcome)."""
     return {
         "X-Queue-Time-Ms": f"{outcome.queue_s * 1000:.3f}",
         "X-Compute-Time-Ms": f"{outcome.compute_s * 1000:.3f}",

@@ -1,13 +1,22 @@
-"""Pure-ASGI edge middleware: body-size limit (413), request IDs, and per-route request metrics."""
+"""Pure-ASGI edge middlewares, outermost first:
+
+- `EdgeMiddleware`: request ids, per-route request metrics, and a bound on HTTP requests in flight (503 at once
+  past it, before anything is read);
+- (`service/http_api/auth.py`: the API key, checked before the body is read);
+- `BodyLimitMiddleware`: the body is read (bounded: 413 past `max_body_bytes`) and replayed to the app.
+
+Every answer they make themselves is the JSON error body of service/error_map.py.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any, Awaitable, Callable
 
 from service import metrics
+from service.error_map import http_error
+from service.errors import ErrorKind
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -17,39 +26,43 @@ Send = Callable[[Message], Awaitable[None]]
 REQUEST_ID_HEADER = b"x-request-id"
 
 
-def error_body(kind: str, message: str, code: int) -> bytes:
-    return json.dumps({"error": {"type": kind, "message": message, "code": code}}).encode()
-
-
-async def _send_json(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+async def send_error(send: Send, kind: ErrorKind, message: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    status, body = http_error(kind, message)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope.get("headers", []):
         if key.lower() == name:
             return value
     return None
 
 
+class InFlight:
+    """HTTP requests being handled now (the drain waits for them to reach 0)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class EdgeMiddleware:
-    def __init__(self, app: Any, max_body_bytes: int, known_routes: set[str]):
+    def __init__(self, app: Any, known_routes: set[str], max_in_flight: int, in_flight: InFlight):
         self.app = app
-        self.max_body_bytes = max_body_bytes
         self.known_routes = known_routes
+        self.max_in_flight = max_in_flight
+        self.in_flight = in_flight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = (_header(scope, REQUEST_ID_HEADER) or uuid.uuid4().hex.encode())[:128]
+        request_id = (header(scope, REQUEST_ID_HEADER) or uuid.uuid4().hex.encode())[:128]
         scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
         route = scope["path"] if scope["path"] in self.known_routes else "other"
         status = {"code": 500}
         start = time.perf_counter()
-        metrics.IN_FLIGHT.labels("http").inc()
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -58,25 +71,43 @@ class EdgeMiddleware:
                 message["headers"] = [*message["headers"], (REQUEST_ID_HEADER, request_id)]
             await send(message)
 
+        self.in_flight.count += 1
+        metrics.IN_FLIGHT.labels("http").inc()
         try:
-            body_receive = await self._read_limited(scope, receive, send_wrapper)
-            if body_receive is not None:
-                await self.app(scope, body_receive, send_wrapper)
+            if self.in_flight.count > self.max_in_flight:
+                await send_error(send_wrapper, ErrorKind.UNAVAILABLE,
+                                 f"too many requests in flight (max_http_in_flight={self.max_in_flight}); retry later")
+            else:
+                await self.app(scope, receive, send_wrapper)
         finally:
+            self.in_flight.count -= 1
             metrics.IN_FLIGHT.labels("http").dec()
             metrics.REQUESTS.labels("http", route, str(status["code"])).inc()
             metrics.REQUEST_LATENCY.labels("http", route).observe(time.perf_counter() - start)
 
+
+class BodyLimitMiddleware:
+    def __init__(self, app: Any, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        body_receive = await self._read_limited(scope, receive, send)
+        if body_receive is not None:
+            await self.app(scope, body_receive, send)
+
+    async def _too_large(self, send: Send) -> None:
+        await send_error(send, ErrorKind.PAYLOAD_TOO_LARGE,
+                         f"request body exceeds max_body_bytes={self.max_body_bytes}", [(b"connection", b"close")])
+
     async def _read_limited(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the whole body (bounded) and return a receive that replays it; None if 413 was sent."""
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return receive
-        too_large = error_body(
-            "payload_too_large", f"request body exceeds max_body_bytes={self.max_body_bytes}", 413
-        )
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await _send_json(send, 413, too_large, [(b"connection", b"close")])
+            await self._too_large(send)
             return None
         chunks: list[bytes] = []
         size = 0
@@ -87,7 +118,7 @@ class EdgeMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await _send_json(send, 413, too_large, [(b"connection", b"close")])
+                await self._too_large(send)
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):

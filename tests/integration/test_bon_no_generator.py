@@ -1,5 +1,5 @@
 """A server started without `--generator` (encoder RM, API keys on): Best-of-N is a clear typed error
-(HTTP 400 `not_implemented`, gRPC UNIMPLEMENTED), rerank works, and both routes need a key like /v1/score.
+(HTTP 501 `not_implemented`, gRPC UNIMPLEMENTED), rerank works, and both routes need a key like /v1/score.
 Generator specs are checked, and the registry imports nothing heavy until a generator is chosen."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def server(tiny_bert_dir):
 
 def test_best_of_n_without_a_generator_is_a_typed_error(server):
     r = httpx.post(server.http_url + "/v1/best-of-n", json={"prompt": "hi", "n": 2}, headers=AUTH, timeout=30)
-    assert r.status_code == 400, r.text
+    assert r.status_code == 501, r.text
     error = r.json()["error"]
     assert error["type"] == "not_implemented" and "--generator" in error["message"]
     with grpc.insecure_channel(server.grpc_target) as channel:
@@ -37,6 +37,7 @@ def test_best_of_n_without_a_generator_is_a_typed_error(server):
             metadata = (("authorization", AUTH["Authorization"]),)
             stub.BestOfN(pb.BestOfNRequest(prompt="hi", n=2), timeout=30, metadata=metadata)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--generator" in err.value.details()
+    assert ("rewardserve-error-type", "not_implemented") in tuple(err.value.trailing_metadata())
 
 
 def test_rerank_works_without_a_generator(server):

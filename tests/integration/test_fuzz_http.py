@@ -49,6 +49,9 @@ def check_answer(case, response) -> None:
         assert asked_for_deadline(case), label
         assert response.json()["error"]["type"] == "deadline_exceeded", label
         return
+    if response.status_code == 501:  # this server has no Best-of-N generator: a typed answer, not a failure
+        assert case.path == "/v1/best-of-n" and response.json()["error"]["type"] == "not_implemented", label
+        return
     assert response.status_code < 500, label
     if response.status_code >= 400:
         error = response.json()["error"]

@@ -135,7 +135,7 @@ def limited_server(tiny_bert_dir):
 
 def test_limits(limited_server):
     r = score(limited_server, [PAIR] * 5)
-    assert r.status_code == 400 and "too many inputs: 5 > max_inputs_per_request=4" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "inputs: 5 entries, more than max_inputs_per_request=4" in r.json()["error"]["message"]
     r = score(limited_server, [{"raw": "x" * 5000}])
     assert r.status_code == 413 and "max_body_bytes=4096" in r.json()["error"]["message"]
     # chunked upload without content-length is counted too

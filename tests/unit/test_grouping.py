@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 from service.grouping import (
+    BatchResult,
     Group,
     PlannedBatch,
     common_prefix_len,
@@ -187,9 +188,33 @@ def test_prefix_tree_layout_levels_and_threshold():
 
 
 def test_a_backend_that_shares_its_own_way_reports_its_saving():
+    """A backend (e.g. vLLM's prefix cache) that shares in its own way says what it saved in its BatchResult;
+    the batcher reports that, not the radix tree's saving."""
+    import asyncio
+
+    from service.batcher import DynamicBatcher
+
     batch = PlannedBatch([[1] * 40 + [2], [1] * 40 + [3], [4] * 5], (Group(40, (0, 1)),), 16)
     assert batch.saved_tokens == 40 and batch.shared_inputs == 2  # the radix tree's saving
-    batch.backend_saved = 2 * 32 - 40  # e.g. vLLM: two members read 32 cached tokens, the priming pass paid 40
-    assert batch.saved_tokens == 24 and batch.shared_inputs == 2
-    batch.backend_saved = 0
-    assert batch.saved_tokens == 0 and batch.shared_inputs == 0
+    seen = []
+
+    class Observer:
+        def on_groups(self, inputs, saved):
+            seen.append((inputs, saved))
+
+        def __getattr__(self, name):
+            return lambda *args: None
+
+    def compute(planned):  # e.g. vLLM: two members read 32 cached tokens, the priming pass paid 40
+        return BatchResult([0.0] * len(planned), saved_tokens=2 * 32 - 40, shared_inputs=2)
+
+    async def run():
+        batcher = DynamicBatcher(compute, packed=True, group_min_prefix=16, observer=Observer(), max_wait_s=0.05)
+        batcher.start()
+        items = batcher.submit([[1] * 40 + [2], [1] * 40 + [3]])
+        await asyncio.gather(*(item.future for item in items))
+        batcher.stop()
+
+    asyncio.run(run())
+    assert seen == [(2, 24)]
+
