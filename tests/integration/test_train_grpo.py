@@ -248,3 +248,37 @@ def test_grpo_with_in_process_vllm_rollouts(smollm2_tokenizer_dir, tiny_bert_dir
     rows = metrics_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["train/kl_rollout"] > 0
     assert (out / "model.safetensors").is_file()
+
+
+def test_grpo_eval_reports_accuracy_with_its_standard_error(tiny_llama_lm_dir, prompts, capsys):
+    from training.grpo_eval import main as grpo_eval
+
+    args = ["--policy", str(tiny_llama_lm_dir), "--prompts", str(prompts), "--max-new-tokens", "4", "--threads", "1"]
+    assert grpo_eval(args) == 0
+    greedy = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert greedy["prompts"] == 4 and greedy["samples"] == 1 and greedy["accuracy"] == 0.0  # a random tiny policy
+    assert greedy["accuracy_sem"] == 0.0 and greedy["response_length"] <= 4
+    assert grpo_eval([*args, "--samples", "2", "--temperature", "1", "--format-pattern", ".*"]) == 0
+    sampled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sampled["samples"] == 2 and sampled["format"] == 1.0
+
+
+def test_arithmetic_prompts_are_seeded_disjoint_and_correct(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rewardmodel.rules import extract_answer
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "arithmetic_prompts.py"
+    for out in (tmp_path / "a", tmp_path / "b"):
+        subprocess.run([sys.executable, str(script), "--out", str(out), "--train", "30", "--heldout", "10", "--ops", "+-*",
+                        "--seed", "3"], check=True)
+    rows = {name: [json.loads(line) for line in (tmp_path / "a" / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "heldout")}
+    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()  # seeded
+    assert len(rows["train"]) == 30 and len(rows["heldout"]) == 10
+    assert not {r["question"] for r in rows["train"]} & {r["question"] for r in rows["heldout"]}
+    for row in rows["train"] + rows["heldout"]:
+        a, op, b = row["question"].split("?")[0].split()[-3:]
+        assert extract_answer(row["answer"]) == str(eval(f"{a} {op} {b}"))  # noqa: S307 - our own digits
