@@ -85,6 +85,26 @@ def cmd_train_grpo(args: argparse.Namespace) -> int:
         return _fail("train grpo", str(exc))
 
 
+def cmd_train_prm(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from training.prm import main as train_prm_main
+
+    try:
+        return train_prm_main(args)
+    except (FileNotFoundError, ValueError) as exc:  # bad data file or record, a base that is no model folder
+        return _fail("train prm", str(exc))
+
+
+def cmd_eval_prm(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from training.evaluate_prm import main as eval_prm_main
+
+    try:
+        return eval_prm_main(args)
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail("eval prm", str(exc))
+
+
 def cmd_eval_rm(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from training.evaluate import main as eval_rm_main
@@ -112,10 +132,12 @@ def _add_train_and_eval(sub: argparse._SubParsersAction) -> None:
     cli_args.add_dpo(train, cmd_train_dpo)
     cli_args.add_ppo(train, cmd_train_ppo)
     cli_args.add_grpo(train, cmd_train_grpo)
+    cli_args.add_prm(train, cmd_train_prm)
     evaluate = sub.add_parser("eval", help="Evaluate a model (rm) or Best-of-N (bon).")
     evaluate = evaluate.add_subparsers(dest="evaluator", required=True)
     cli_args.add_eval_rm(evaluate, cmd_eval_rm)
     cli_args.add_eval_bon(evaluate, cmd_eval_bon)
+    cli_args.add_eval_prm(evaluate, cmd_eval_prm)
 
 
 def build_parser() -> argparse.ArgumentParser:

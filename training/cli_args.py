@@ -1,4 +1,4 @@
-"""Flags of `rewardserve train rm|dpo|ppo|grpo` and `eval rm|bon` (argparse only: nothing heavy is imported here).
+"""Flags of `rewardserve train rm|dpo|ppo|grpo|prm` and `eval rm|bon|prm` (argparse only: nothing heavy is imported here).
 The handlers live in rewardserve/cli.py.
 
 Flags left out stay None, so the defaults are those of training.rm.RMConfig / training.dpo.DPOConfig /
@@ -224,3 +224,44 @@ def add_eval_bon(evaluate: Any, handler: Any) -> None:
     ebon.add_argument("--concurrency", type=int, default=4, help="prompts in flight at once (default 4)")
     ebon.add_argument("--log-level", default="info")
     ebon.set_defaults(func=handler)
+
+
+def add_prm(train: Any, handler: Any) -> None:
+    prm = train.add_parser("prm", help="Train a process reward model (a score per step) on TRL stepwise data; export "
+                           "it for `serve`.")
+    prm.add_argument("--base", help="minilm | smollm2 | a Hugging Face checkpoint folder (default: minilm).")
+    prm.add_argument("--data", required=True, help='Training data: .jsonl/.json(.gz)/.parquet with "prompt", '
+                     '"completions" (the steps) and "labels" (a bool per step), as TRL.')
+    prm.add_argument("--eval", help="Eval data (same format): periodic eval (step accuracy) and the export check.")
+    prm.add_argument("--max-length", type=int, help="token cap per example (default 512)")
+    prm.add_argument("--step-separator", help=r"appended to every step, read at its last token; \n and \t are "
+                     r"understood (default \n)")
+    prm.add_argument("--train-on-last-step-only", action="store_true", default=None,
+                     help="train only the last step's label (as TRL)")
+    prm.add_argument("--freeze-base", action="store_true", default=None,
+                     help="train only the token-classification head; the base stays frozen (cheap on CPU)")
+    prm.add_argument("--num-layers", type=int, help="keep only the base's first N layers (decoder bases)")
+    prm.add_argument("--eval-every", type=int, help="evaluate every N steps (and at the end)")
+    prm.add_argument("--eval-batch-size", type=int, help="examples per eval batch; unset: twice --batch-size")
+    prm.add_argument("--disable-dropout", action=argparse.BooleanOptionalAction, help="dropout off (default on)")
+    prm.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                     help="batch examples of similar length together (default on)")
+    _loop_flags(prm, "examples per micro-batch per process (default 8)")
+    prm.set_defaults(func=handler)
+
+
+def add_eval_prm(evaluate: Any, handler: Any) -> None:
+    eprm = evaluate.add_parser("prm", help="Step accuracy and ProcessBench first-error F1 of a PRM: report.json.")
+    eprm.add_argument("--model", required=True, help="A PRM folder (the output of `train prm`); minilm, smollm2 or a "
+                      "folder without rewardserve_prm.json gets an untrained head (a baseline).")
+    eprm.add_argument("--data", required=True, help="Stepwise data (prompt, completions, labels) to evaluate on.")
+    eprm.add_argument("--report", required=True, help="Folder for report.json.")
+    eprm.add_argument("--max-length", type=int, default=0, help="token cap per example (default: the model's)")
+    eprm.add_argument("--limit", type=int, help="only the first N examples")
+    eprm.add_argument("--threshold", type=float, default=0.0, help="a step is good when its raw score is above this "
+                      "(default 0)")
+    eprm.add_argument("--batch-size", type=int, default=16, help="examples per forward (default 16)")
+    eprm.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    eprm.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    eprm.add_argument("--log-level", default="info")
+    eprm.set_defaults(func=handler)
