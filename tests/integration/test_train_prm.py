@@ -182,3 +182,16 @@ def test_step_separator_escapes_from_the_command_line():
     from training.prm import unescape
 
     assert unescape(r"\n") == "\n" and unescape(r" ки\n") == " ки\n" and unescape(r"a\\n") == "a\\n"
+
+
+@pytest.mark.slow
+def test_a_smollm2_gguf_base_trains_and_exports_a_float_checkpoint(data, tmp_path):
+    """The GGUF base is dequantized on load; the export is a plain float checkpoint (one layer kept: fast)."""
+    out = tmp_path / "smol"
+    assert main(["train", "prm", "--base", "smollm2", "--num-layers", "1", "--freeze-base", "--data",
+                 str(data / "train.jsonl"), "--output", str(out), "--max-steps", "2", "--batch-size", "2",
+                 "--max-length", "96", "--threads", "1", "--no-progress", "--log-level", "warning"]) == 0
+    model = AutoModelForTokenClassification.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1 and model.config.num_labels == 2
+    assert json.loads((out / "training_config.json").read_text())["export_check_max_abs_diff"] < 1e-4
+    assert load_prm_spec(out) == PRMSpec()
