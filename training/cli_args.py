@@ -260,6 +260,7 @@ def add_eval_prm(evaluate: Any, handler: Any) -> None:
     eprm.add_argument("--limit", type=int, help="only the first N examples")
     eprm.add_argument("--threshold", type=float, default=0.0, help="a step is good when its raw score is above this "
                       "(default 0)")
+    eprm.add_argument("--num-layers", type=int, help="an untrained baseline over a base's first N layers only")
     eprm.add_argument("--batch-size", type=int, default=16, help="examples per forward (default 16)")
     eprm.add_argument("--device", default="auto", help="auto | cpu | cuda")
     eprm.add_argument("--threads", type=int, default=0, help="torch CPU threads")

@@ -114,9 +114,9 @@ def score_items(model: Any, tokenizer: Any, spec: Any, items: Sequence, batch_si
 
 
 def eval_prm(model_spec: str, data: str, report_dir: str | None = None, max_length: int = 0, batch_size: int = 16,
-             device: str = "cpu", limit: int | None = None, threshold: float = 0.0) -> dict:
+             device: str = "cpu", limit: int | None = None, threshold: float = 0.0, num_layers: int | None = None) -> dict:
     """Score `data` with the PRM `model_spec`; the report (module doc), also written to report_dir/report.json."""
-    model, tokenizer, spec, max_length = load_prm(model_spec, max_length, device)
+    model, tokenizer, spec, max_length = load_prm(model_spec, max_length, device, num_layers=num_layers)
     examples = load_stepwise(data)[:limit]
     if not examples:
         raise ValueError(f"{data} holds no stepwise examples")
@@ -142,7 +142,7 @@ def main(args: Any) -> int:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     report = eval_prm(args.model, args.data, args.report, args.max_length, args.batch_size, device, args.limit,
-                      args.threshold)
+                      args.threshold, args.num_layers)
     steps, fe = report["steps"], report["first_error"]
     auc = "n/a" if steps["auroc"] is None else f"{steps['auroc']:.4f}"
     print(f"{report['examples']} examples, {steps['count']} steps: step accuracy {steps['accuracy']:.4f} "

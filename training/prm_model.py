@@ -65,9 +65,11 @@ def load_base(source: ModelSource, spec: PRMSpec, seed: int, num_layers: int | N
     return model
 
 
-def load_prm(spec: str, max_length: int = 0, device: str = "cpu", seed: int = 0) -> tuple[Any, Any, PRMSpec, int]:
+def load_prm(spec: str, max_length: int = 0, device: str = "cpu", seed: int = 0,
+             num_layers: int | None = None) -> tuple[Any, Any, PRMSpec, int]:
     """(model in eval mode, tokenizer, PRMSpec, max_length) of a PRM checkpoint folder; for a plain base (minilm,
-    smollm2, a folder without rewardserve_prm.json) a seeded UNTRAINED two-label head, with a warning (a baseline)."""
+    smollm2, a folder without rewardserve_prm.json) a seeded UNTRAINED two-label head over its first `num_layers`
+    layers (all by default), with a warning: a baseline."""
     from transformers import AutoModelForTokenClassification
 
     source = resolve_model(spec)
@@ -76,7 +78,7 @@ def load_prm(spec: str, max_length: int = 0, device: str = "cpu", seed: int = 0)
     if prm_spec is None:
         log.warning("%s is not a PRM checkpoint (no rewardserve_prm.json): its step head is UNTRAINED (seeded init)", spec)
         prm_spec = PRMSpec()
-        model = load_base(source, prm_spec, seed)
+        model = load_base(source, prm_spec, seed, num_layers)
     else:
         model = AutoModelForTokenClassification.from_pretrained(str(source.path), dtype=torch.float32)
         if model.config.num_labels != prm_spec.num_labels:
