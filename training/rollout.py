@@ -99,10 +99,18 @@ class VllmGenerator:
                  dtype: str = "float32"):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives here: apply_model reaches its weights
         from vllm import LLM
+        from vllm.platforms import current_platform
+
+        from service.generation.vllm_settings import engine_kwargs, explain_start_failure
 
         threads = torch.get_num_threads()
-        self.llm = LLM(model=str(model_dir), enforce_eager=True, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       enable_prefix_caching=False, logprobs_mode="processed_logprobs")  # after temperature
+        memory = engine_kwargs(current_platform.is_cpu())  # an explicit KV cache on CPU (1 GiB, or the env's)
+        try:
+            self.llm = LLM(model=str(model_dir), enforce_eager=True, dtype=dtype, seed=seed,
+                           max_model_len=max_model_len, enable_prefix_caching=False,
+                           logprobs_mode="processed_logprobs", **memory)  # logprobs after temperature
+        except Exception as exc:
+            raise explain_start_failure(exc) from exc
         torch.set_num_threads(threads)  # vLLM's CPU worker sets its own; training keeps the run's
         self.sampling, self.eos_ids = sampling, eos_ids
 

@@ -15,12 +15,12 @@ blocks (whole blocks only: groups whose prefix is shorter than one block are not
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 from rewardmodel.modeling import load_tokenizer, resolve_model
 from rewardmodel.rendering import model_max_length
+from service.generation.vllm_settings import engine_kwargs, explain_start_failure
 from service.grouping import BatchResult, PlannedBatch
 
 log = logging.getLogger("rewardserve.vllm")
@@ -28,7 +28,6 @@ log = logging.getLogger("rewardserve.vllm")
 
 class VLLMBackend:
     def __init__(self, config: Any):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.source = resolve_model(config.model)
         if self.source.gguf_file or self.source.untrained_head:
             raise ValueError(
@@ -47,10 +46,14 @@ class VLLMBackend:
         self.max_length = model_max_length(self.tokenizer, AutoConfig.from_pretrained(path), config.max_tokens)
         on_cpu = current_platform.is_cpu()
         dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "auto")
-        self.llm = LLM(
-            model=path, tokenizer=path, runner="pooling", dtype=dtype, enforce_eager=on_cpu,
-            max_model_len=self.max_length, seed=0,
-        )
+        memory = engine_kwargs(on_cpu, config.vllm_kv_cache_gib)
+        try:
+            self.llm = LLM(
+                model=path, tokenizer=path, runner="pooling", dtype=dtype, enforce_eager=on_cpu,
+                max_model_len=self.max_length, seed=0, **memory,
+            )
+        except Exception as exc:
+            raise explain_start_failure(exc) from exc
         self._params = PoolingParams(use_activation=False)
         cache = self.llm.llm_engine.vllm_config.cache_config
         self.block_size = int(cache.block_size)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import queue
 import threading
 from typing import Any
@@ -26,6 +25,7 @@ from service.generation.base import (
     remaining_s, render_prompt_ids,
 )
 from service.generation.policy import policy_dir
+from service.generation.vllm_settings import engine_kwargs, explain_start_failure
 
 log = logging.getLogger("rewardserve.generation")
 
@@ -80,7 +80,6 @@ class VllmGenerator:
         import torch
         from transformers import AutoConfig, AutoTokenizer
 
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         path = policy_dir(self.target)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         positions = getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", None)
@@ -106,10 +105,11 @@ class VllmGenerator:
         # ("CPU Generator does not use offset", gpu_model_runner._bookkeeping_sync), and BoN requests are seeded.
         device, dtype = device_and_dtype(self.config)
         on_gpu = {"gpu_memory_utilization": GPU_MEMORY_SHARE} if device != "cpu" else {}
+        memory = engine_kwargs(device == "cpu", getattr(self.config, "vllm_kv_cache_gib", None))
         args = EngineArgs(
             model=str(path), dtype=dtype, enforce_eager=device == "cpu", max_model_len=self.max_model_len,
             disable_log_stats=True, seed=0, enable_chunked_prefill=False,
-            max_num_batched_tokens=max(self.max_model_len, 2048), **on_gpu,
+            max_num_batched_tokens=max(self.max_model_len, 2048), **on_gpu, **memory,
         )
         engine = LLMEngine.from_engine_args(args)
         self.max_model_len = engine.model_config.max_model_len
@@ -126,7 +126,7 @@ class VllmGenerator:
         try:
             engine = self._build(path)
         except BaseException as exc:  # reported by start()
-            self._dead = exc
+            self._dead = explain_start_failure(exc)
             self._started.set()
             return
         self.engine = engine  # owned by this thread; exposed for inspection (and fault injection in tests)

@@ -56,6 +56,54 @@ def test_http_scoring_routes_need_a_key(keyed_server, route):
         assert r.status_code == 200, r.text
 
 
+def test_every_registered_http_route_needs_a_key(keyed_server):
+    """Walks the app's own route table, so a route added later cannot be forgotten."""
+    app = keyed_server.runtime.app
+    open_routes = set(keyed_server.config.open_routes)
+    checked = 0
+    for route in app.routes:
+        for method in sorted(getattr(route, "methods", None) or ()):
+            if method == "HEAD":
+                continue
+            r = httpx.request(method, keyed_server.http_url + route.path, json={}, timeout=10)
+            if route.path in open_routes:
+                assert r.status_code != 401, route.path
+            else:
+                assert r.status_code == 401, (method, route.path, r.status_code)
+                assert r.json()["error"]["type"] == "unauthenticated"
+                checked += 1
+    assert checked >= 12  # score, compat (5), best-of-n, rerank, models, openapi, docs, ...
+
+
+def test_every_grpc_method_needs_a_key(keyed_server):
+    """Walks the service descriptor: every RewardService method refuses a call without a key."""
+    service = pb.DESCRIPTOR.services_by_name["RewardService"]
+    with grpc.insecure_channel(keyed_server.grpc_target) as channel:
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            request = method.input_type._concrete_class()
+            kwargs = dict(request_serializer=type(request).SerializeToString,
+                          response_deserializer=method.output_type._concrete_class.FromString)
+            with pytest.raises(grpc.RpcError) as err:
+                if method.client_streaming and method.server_streaming:
+                    list(channel.stream_stream(path, **kwargs)(iter([request]), timeout=10))
+                elif method.server_streaming:
+                    list(channel.unary_stream(path, **kwargs)(request, timeout=10))
+                elif method.client_streaming:
+                    channel.stream_unary(path, **kwargs)(iter([request]), timeout=10)
+                else:
+                    channel.unary_unary(path, **kwargs)(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, method.name
+
+
+def test_api_key_is_the_primary_flag_and_repeats():
+    from rewardserve.cli import build_parser
+    from service.config import resolve
+
+    args = build_parser().parse_args(["serve", "--api-key", "a", "--api-key", "b,c", "--api-keys", "d"])
+    assert resolve(args, environ={}).api_keys == ["a", "b", "c", "d"]
+
+
 @pytest.mark.parametrize("route", ["/health", "/ready", "/metrics"])
 def test_open_routes(keyed_server, route):
     assert httpx.get(keyed_server.http_url + route).status_code == 200

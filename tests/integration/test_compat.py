@@ -190,8 +190,8 @@ class VllmServer:
 
 
 class Pair:
-    def __init__(self, kind: str, vllm_url: str, ours_url: str):
-        self.kind, self.vllm_url, self.ours_url = kind, vllm_url, ours_url
+    def __init__(self, kind: str, vllm_url: str, ours_url: str, model_dir: Path):
+        self.kind, self.vllm_url, self.ours_url, self.model_dir = kind, vllm_url, ours_url, model_dir
 
     def post(self, path: str, body: dict, headers: dict | None = None) -> tuple[httpx.Response, httpx.Response]:
         theirs = httpx.post(self.vllm_url + path, json=body, headers=headers, timeout=120)
@@ -209,7 +209,7 @@ def pair(request, tmp_path_factory, smollm2_tokenizer_dir):
         with LiveServer(test_config(model_dir, model_name=NAME)) as ours:
             seconds = vllm.wait_ready()
             print(f"\nvLLM ({request.param}) answered /health {seconds:.1f}s after launch")
-            yield Pair(request.param, vllm.url, ours.http_url)
+            yield Pair(request.param, vllm.url, ours.http_url, model_dir)
     finally:
         vllm.stop()
 
@@ -255,8 +255,14 @@ SAME = [  # (path, body): both servers must answer 200 with the same JSON
     ("/pooling", {"input": [[101, 7592, 102]], "task": "classify"}),
     ("/pooling", {"input": "hello world", "encoding_format": "base64"}),
     ("/pooling", {"input": LONG, "truncate_prompt_tokens": 5, "use_activation": False}),
+    ("/tokenize", {"prompt": "hello world"}),
+    ("/tokenize", {"model": NAME, "prompt": LONG, "return_token_strs": True}),
+    ("/tokenize", {"prompt": "hello world", "add_special_tokens": False}),
+    ("/detokenize", {"tokens": [101, 7592, 2088, 102]}),
 ]
 CHAT_SAME = [
+    ("/tokenize", {"messages": CHAT[:1]}),
+    ("/tokenize", {"messages": CHAT, "add_generation_prompt": False, "return_token_strs": True}),
     ("/classify", {"messages": CHAT}),
     ("/classify", {"messages": CHAT, "use_activation": False, "truncate_prompt_tokens": 12}),
     ("/classify", {"messages": [{"role": "user", "content": [{"type": "text", "text": "Capital"},
@@ -274,6 +280,7 @@ SAME_STATUS = [  # both refuse these with the same status
     ("/classify", {"model": "another-model", "input": "x"}, 404),
     ("/pooling", {"input": "x", "task": "embed"}, 400),
     ("/pooling", {"input": "x", "dimensions": 4}, 400),
+    ("/tokenize", {"model": "another-model", "prompt": "x"}, 404),
 ]
 
 
@@ -285,7 +292,8 @@ class TestAgainstVllm:
         assert theirs.status_code == 200, theirs.text
         assert ours.status_code == 200, ours.text
         assert_same_json(ours.json(), theirs.json())
-        assert ours.json()["id"].split("-")[0] == theirs.json()["id"].split("-")[0]
+        if "id" in theirs.json():
+            assert ours.json()["id"].split("-")[0] == theirs.json()["id"].split("-")[0]
 
     @pytest.mark.parametrize("path,body", CHAT_SAME, ids=lambda v: v if isinstance(v, str) else None)
     def test_chat_messages(self, pair, path, body):
@@ -302,6 +310,27 @@ class TestAgainstVllm:
         assert theirs.status_code == status, theirs.text
         assert ours.status_code == status, ours.text
         assert set(ours.json()["error"]) >= {"type", "message", "code"}
+
+    @pytest.mark.parametrize("path", ["/classify", "/pooling", "/tokenize"])
+    def test_a_body_that_is_not_json_is_400(self, pair, path):
+        for url in (pair.vllm_url, pair.ours_url):
+            r = httpx.post(url + path, content=b"hello world", headers={"content-type": "text/plain"}, timeout=60)
+            assert r.status_code == 400, (url, r.text)
+
+    def test_the_model_answers_to_the_path_it_was_started_with(self, pair):
+        """vLLM started without --served-model-name names a model by its path, and clients (verl's reward-model
+        client) send that path back: we answer to the path as well as to the served name."""
+        body = {"input": "hello world", "use_activation": False}
+        named, _ = pair.post("/classify", body)
+        by_path = httpx.post(pair.ours_url + "/classify", json={**body, "model": str(pair.model_dir)}, timeout=60)
+        assert by_path.status_code == 200, by_path.text
+        assert by_path.json()["data"] == named.json()["data"]
+
+    def test_an_id_outside_the_vocabulary_is_refused(self, pair):
+        """A deliberate difference: vLLM decodes an unknown id to nothing (200, ""), we refuse it (400)."""
+        ours, theirs = pair.post("/detokenize", {"tokens": [10**9]})
+        assert theirs.status_code == 200 and theirs.json() == {"prompt": ""}
+        assert ours.status_code == 400 and "out of vocabulary" in ours.json()["error"]["message"]
 
     def test_request_id_header_names_the_response(self, pair):
         ours, theirs = pair.post("/classify", {"input": "hi"}, headers={"X-Request-Id": "abc123"})

@@ -98,3 +98,32 @@ def test_render_plain_roles():
     assert render_plain([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == (
         "\n\nHuman: a\n\nAssistant: b"
     )
+
+
+def test_tool_messages_render_in_the_plain_format():
+    from rewardmodel.inputs import MessagesInput
+    from rewardmodel.rendering import render_plain, to_messages
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}]
+    inp = MessagesInput(messages=[
+        {"role": "user", "content": "1 + 1?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "content": "2", "name": "add", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "It is 2."},
+    ])
+    text = render_plain(to_messages(inp))
+    assert text.startswith("\n\nHuman: 1 + 1?\n\nAssistant: <tool_calls>[")
+    assert '"name": "add"' in text and "\n\nTool (add): 2\n\nAssistant: It is 2." in text
+
+
+def test_content_may_be_missing_only_for_an_assistant_that_calls_tools():
+    import pytest
+    from pydantic import ValidationError
+
+    from rewardmodel.inputs import ChatMessage
+
+    assert ChatMessage(role="assistant", tool_calls=[{"id": "x"}]).as_dict()["content"] == ""
+    with pytest.raises(ValidationError, match="content is required"):
+        ChatMessage(role="user")
+    with pytest.raises(ValidationError, match="surrogate"):
+        ChatMessage(role="user", content="a\ud800")
