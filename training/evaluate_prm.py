@@ -13,6 +13,7 @@ report.json:
                           when none is). accuracy_erroneous: exact matches on examples with an error; accuracy_correct:
                           matches (no error predicted) on the others; f1: their harmonic mean (0 when both are 0)
   baseline_all_good       the same measures for a PRM that calls every step good (its f1 is 0)
+  baseline_position_auroc the steps.auroc of a scorer that sees only a step's relative position (later: lower)
   examples, dropped, steps_dropped   what was scored (an example's trailing steps past max_length are not)
 """
 
@@ -63,6 +64,14 @@ def auroc(good_scores: np.ndarray, bad_scores: np.ndarray) -> float | None:
 
 def _ratio(hits: int, total: int) -> float | None:
     return hits / total if total else None
+
+
+def position_auroc(labels: Sequence[Sequence[bool]]) -> float | None:
+    """The step AUROC of a scorer that knows only where a step is (score: minus its relative position): bad steps
+    come late when a solution is wrong from its first error on, so this is the AUROC a PRM gets for free."""
+    scores = np.array([-j / len(y) for y in labels for j in range(len(y))])
+    flat = np.array([v for y in labels for v in y], dtype=bool)
+    return auroc(scores[flat], scores[~flat])
 
 
 def prm_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]], threshold: float = 0.0) -> dict:
@@ -129,6 +138,7 @@ def eval_prm(model_spec: str, data: str, report_dir: str | None = None, max_leng
         "steps_dropped": sum(it.steps_dropped for it in items),
         **prm_metrics(scores, labels, threshold),
         "baseline_all_good": prm_metrics([[1.0] * len(y) for y in labels], labels, 0.0),
+        "baseline_position_auroc": position_auroc(labels),
     }
     if report_dir:
         out = Path(report_dir)

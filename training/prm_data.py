@@ -14,8 +14,9 @@ reference solutions and a seeded perturbation, as follows.
   (the computed result: an arithmetic slip); otherwise the last number of the step (a misread quantity, or a wrong
   final answer in the `#### N` step). The step is drawn uniformly among the steps that hold a number (different
   steps for different wrong solutions of one question, while there are any left). The new value is the old one
-  plus or minus a seeded integer (up to a quarter of its size, at least 1), never negative, written in the old
-  number's format (thousands commas, decimals kept).
+  plus or minus a seeded integer (up to a quarter of its size, at least 1, in units of its trailing zeros: 540
+  changes by tens, 1,200 by hundreds, so a changed number is as round as the original), never negative, written in
+  the old number's format (thousands commas, decimals kept).
 - Labels are True before the changed step and False from it on (a solution is wrong from its first error, the
   ProcessBench / Math-Shepherd convention). Later steps keep their original text: they still use the correct value,
   so the changed step is also inconsistent with what follows, and a wrong solution's `#### N` is still the reference
@@ -66,11 +67,15 @@ def _target(line: str) -> re.Match | None:
 
 
 def perturbed_number(text: str, rng: np.random.Generator) -> str:
-    """`text` (a number as written: '1,250', '3.5', '12') plus or minus a seeded integer, in the same format."""
+    """`text` (a number as written: '1,250', '3.5', '12') plus or minus a seeded integer, in the same format; an
+    integer keeps its trailing zeros (540 -> 520 or 600, never 537), so a changed number is not given away by being
+    less round than the numbers around it."""
     decimals = len(text.split(".")[1]) if "." in text else 0
     value = float(text.replace(",", ""))
-    span = max(1, int(abs(value) // 4))
-    delta = int(rng.integers(1, span + 1))
+    digits = text.replace(",", "")
+    unit = 10 ** (len(digits) - len(digits.rstrip("0"))) if not decimals and value else 1  # (10 for 540, 100 for 1,200)
+    span = max(1, int(abs(value) // 4 // unit))
+    delta = unit * int(rng.integers(1, span + 1))
     new = value - delta if rng.random() < 0.5 and value - delta >= 0 else value + delta
     out = f"{new:,.{decimals}f}" if "," in text else f"{new:.{decimals}f}"
     return out

@@ -41,6 +41,9 @@ def test_the_perturbed_number_is_the_computed_result_in_its_own_format():
             assert new != text and float(new.replace(",", "")) >= 0
             assert ("," in new) == ("," in text) or float(new.replace(",", "")) < 1000
             assert ("." in new) == ("." in text)
+    for text, zeros in (("540", "0"), ("1,200", "00"), ("30", "0")):
+        changed = {perturbed_number(text, np.random.default_rng(seed)) for seed in range(20)}
+        assert text not in changed and all(c.endswith(zeros) for c in changed)  # as round as the original
 
 
 def test_labels_flip_at_the_perturbed_step_and_later_steps_keep_their_text():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.evaluate_prm import auroc, first_error, prm_metrics
+from training.evaluate_prm import auroc, first_error, position_auroc, prm_metrics
 
 T, F = True, False
 
@@ -60,3 +60,8 @@ def test_auroc_counts_ties_half_and_matches_pairwise_counting():
 def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError):
         prm_metrics([[1.0, 2.0]], [[T]])
+
+
+def test_the_position_baseline_scores_later_steps_lower():
+    assert position_auroc([[T, F], [T, T, F]]) == 1.0  # every bad step is the last one
+    assert position_auroc([[F, T]]) == 0.0 and position_auroc([[T, T]]) is None
