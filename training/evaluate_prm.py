@@ -14,6 +14,8 @@ report.json:
                           matches (no error predicted) on the others; f1: their harmonic mean (0 when both are 0)
   baseline_all_good       the same measures for a PRM that calls every step good (its f1 is 0)
   baseline_position_auroc the steps.auroc of a scorer that sees only a step's relative position (later: lower)
+  paired_first_error      on controlled pairs (a wrong solution and a correct one of the same prompt that agree
+                          before its first error), how often the wrong one's first bad step scores lower (0.5: chance)
   examples, dropped, steps_dropped   what was scored (an example's trailing steps past max_length are not)
 """
 
@@ -72,6 +74,25 @@ def position_auroc(labels: Sequence[Sequence[bool]]) -> float | None:
     scores = np.array([-j / len(y) for y in labels for j in range(len(y))])
     flat = np.array([v for y in labels for v in y], dtype=bool)
     return auroc(scores[flat], scores[~flat])
+
+
+def paired_first_error(examples: Sequence[Any], scores: Sequence[Sequence[float]]) -> dict:
+    """Controlled pairs: a wrong solution whose first error is step j, and a correct solution of the same prompt with
+    the same steps before j (sets made by changing one step, as training/prm_data.py's). `wrong_lower`: how often the
+    wrong solution's step j scores below the correct one's step j, where the two differ only in that step's text
+    (0.5 is chance): did the PRM notice the change itself, whatever it does with positions."""
+    correct: dict[str, list[tuple[Any, Sequence[float]]]] = {}
+    for ex, s in zip(examples, scores):
+        if first_error(ex.labels[: len(s)]) < 0:
+            correct.setdefault(ex.prompt, []).append((ex, s))
+    lower, pairs = 0.0, 0
+    for ex, s in zip(examples, scores):
+        j = first_error(ex.labels[: len(s)])
+        match = next((cs for c, cs in correct.get(ex.prompt, []) if j >= 0 and len(cs) > j and c.steps[:j] == ex.steps[:j]), None)
+        if match is not None:
+            pairs += 1
+            lower += 1.0 if s[j] < match[j] else 0.5 if s[j] == match[j] else 0.0
+    return {"pairs": pairs, "wrong_lower": lower / pairs if pairs else None}
 
 
 def prm_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]], threshold: float = 0.0) -> dict:
@@ -139,6 +160,7 @@ def eval_prm(model_spec: str, data: str, report_dir: str | None = None, max_leng
         **prm_metrics(scores, labels, threshold),
         "baseline_all_good": prm_metrics([[1.0] * len(y) for y in labels], labels, 0.0),
         "baseline_position_auroc": position_auroc(labels),
+        "paired_first_error": paired_first_error([examples[it.index] for it in items], scores),
     }
     if report_dir:
         out = Path(report_dir)

@@ -15,7 +15,7 @@ does not fit is dropped. Both are counted and logged.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -45,6 +45,7 @@ class StepItem:
     labels: list[bool]  # one per kept step
     steps_dropped: int = 0  # trailing steps that did not fit
     truncated: bool = False  # prompt tokens were cut from the left
+    index: int = -1  # position of its example in what encode_examples was given
 
 
 def parse_stepwise(record: Mapping[str, Any]) -> StepExample:
@@ -102,7 +103,7 @@ def encode_examples(tokenizer: Any, examples: Sequence[StepExample], max_length:
             items.append(encode_example(tokenizer, ex, max_length, separator))
         except RenderError as exc:
             raise ValueError(f"{what}: example {i}: {exc}") from None
-    kept = [it for it in items if it is not None]
+    kept = [replace(it, index=i) for i, it in enumerate(items) if it is not None]
     cut = sum(1 for it in kept if it.steps_dropped)
     if len(kept) < len(items) or cut:
         log.warning("%s: %d of %d examples dropped (not even their first step fits in %d tokens), %d kept only their "

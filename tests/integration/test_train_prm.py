@@ -160,6 +160,7 @@ def test_eval_prm_reports_step_accuracy_and_first_error_f1(trained, tiny_llama_d
     assert report["examples"] == 16 and report["dropped"] == 0 and report["separator"] == "\n"
     assert report["steps"]["accuracy"] >= 0.9 and report["first_error"]["f1"] > 0.5
     assert report["baseline_all_good"]["first_error"]["f1"] == 0.0
+    assert 0.5 < report["baseline_position_auroc"] < 1 and set(report["paired_first_error"]) == {"pairs", "wrong_lower"}
     expected = training_time_scores(tiny_llama_dir, trained, load_stepwise(str(data / "eval.jsonl")))
     labels = [r["labels"] for r in stepwise(16, 1)]
     hits = sum((float(s) > 0) == y for ss, ys in zip(expected, labels) for s, y in zip(ss, ys))

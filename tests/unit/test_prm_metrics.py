@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.evaluate_prm import auroc, first_error, position_auroc, prm_metrics
+from training.evaluate_prm import auroc, first_error, paired_first_error, position_auroc, prm_metrics
+from training.prm_batch import StepExample
 
 T, F = True, False
 
@@ -65,3 +66,15 @@ def test_mismatched_shapes_are_refused():
 def test_the_position_baseline_scores_later_steps_lower():
     assert position_auroc([[T, F], [T, T, F]]) == 1.0  # every bad step is the last one
     assert position_auroc([[F, T]]) == 0.0 and position_auroc([[T, T]]) is None
+
+
+def test_paired_first_error_compares_a_wrong_step_with_the_same_step_of_a_correct_solution():
+    ok = StepExample("q", ["a", "b", "c"], [T, T, T])
+    wrong_b = StepExample("q", ["a", "B", "c"], [T, F, F])  # pairs with ok at step 1
+    wrong_a = StepExample("q", ["A", "b", "c"], [F, F, F])  # pairs with ok at step 0
+    other = StepExample("r", ["x", "y"], [T, F])  # no correct solution of its prompt: no pair
+    diverged = StepExample("q", ["z", "B", "c"], [T, F, F])  # differs before its first error: no pair
+    scores = [[1.0, 2.0, 3.0], [1.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0], [0.0, 0.0, 0.0]]
+    got = paired_first_error([ok, wrong_b, wrong_a, other, diverged], scores)
+    assert got == {"pairs": 2, "wrong_lower": 0.75}  # step 1: -1 < 2 (1); step 0: 1 == 1 (a tie: 0.5)
+    assert paired_first_error([other], [[0.0, 0.0]]) == {"pairs": 0, "wrong_lower": None}
