@@ -100,6 +100,15 @@ def test_grpo_with_rewards_over_grpc_from_a_live_server(llama_server, tiny_llama
     assert summary["steps"] == 2 and summary["grpo"]["group_size"] == 4
 
 
+def test_grpo_with_rewards_over_http_reads_the_servers_metrics_there(llama_server, tiny_llama_lm_dir, prompts,
+                                                                      tmp_path):
+    reward = ["--reward-url", llama_server.http_url, "--reward-weights", "model=1,answer=0.5"]
+    assert main(grpo_args(tiny_llama_lm_dir, prompts, tmp_path, *reward, "--max-steps", "1")) == 0
+    (row,) = metrics_rows(tmp_path)
+    assert row["train/reward_prefix_tokens_saved"] > 0 and "train/kl" not in row  # kl_coef 0: no reference
+    assert row["train/reward_mean"] == pytest.approx(row["train/reward_model"] + 0.5 * row["train/reward_answer"])
+
+
 def test_all_equal_rewards_give_zero_advantage_and_are_counted(tiny_llama_lm_dir, prompts, tmp_path, monkeypatch):
     """A tiny random policy never writes the answer: every answer reward is 0, the format reward (anything up to
     64 characters) always 1, so every group's rewards are equal. Advantages are 0 (no NaN), the groups are counted,
