@@ -228,8 +228,10 @@ def has_decoder_head(model: Any) -> bool:
     return hasattr(model, "score") and not hasattr(model, "classifier")
 
 
-def reward_forward(model: Any, input_ids: Any, attention_mask: Any, position_ids: Any = None) -> Any:
-    """Rewards (B,) in float32 for a right-padded batch: input_ids, attention_mask (B, T)."""
+def reward_forward(model: Any, input_ids: Any, attention_mask: Any, position_ids: Any = None,
+                   heads: bool = False) -> Any:
+    """Rewards (B,) in float32 for a right-padded batch: input_ids, attention_mask (B, T); with `heads`, every
+    head's output (B, heads)."""
     import torch
 
     if has_decoder_head(model):
@@ -237,9 +239,10 @@ def reward_forward(model: Any, input_ids: Any, attention_mask: Any, position_ids
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         last = attention_mask.long().sum(-1) - 1  # (B,)
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return model.score(picked)[:, 0].float()
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return out.logits[:, 0].float()
+        logits = model.score(picked).float()
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    return logits if heads else logits[:, 0]
 
 
 def log_untrained(source: ModelSource) -> None:

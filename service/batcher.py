@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from service.errors import ErrorKind, RewardServeError
 from service.grouping import BatchResult, Group, PlannedBatch, plan_grouped_batches, restrict
@@ -39,6 +39,7 @@ class WorkItem:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     deadline: float | None = None  # time.monotonic() value
+    reads: tuple[int, ...] | None = None  # positions whose outputs are read (None: the last token)
     enqueued: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
     compute_s: float = 0.0
@@ -214,14 +215,17 @@ class DynamicBatcher:
         self._observer.on_depth(depth)
 
     def submit(self, batch: Sequence[Sequence[int]], deadline: float | None = None,
-               reservation: Reservation | None = None) -> list[WorkItem]:
+               reservation: Reservation | None = None,
+               reads: Sequence[tuple[int, ...] | None] | None = None) -> list[WorkItem]:
         """Queue inputs on their reservation (taken now if none is given); returns their work items (await
-        `item.future`). Raises OVERLOADED when full."""
+        `item.future`: the backend's values for that input). `reads`: per input, the positions to read (None:
+        its last token). Raises OVERLOADED when full."""
         if reservation is None:
             reservation = self.reserve(len(batch))
         reservation.take(len(batch))
         loop = asyncio.get_running_loop()
-        items = [WorkItem(ids, loop.create_future(), loop, deadline) for ids in batch]
+        reads = reads if reads is not None else [None] * len(batch)
+        items = [WorkItem(ids, loop.create_future(), loop, deadline, r) for ids, r in zip(batch, reads)]
         with self._cond:
             if not self._running:
                 self._pending -= len(items)
@@ -266,7 +270,7 @@ class DynamicBatcher:
                 self._finish(window, error=RewardServeError(ErrorKind.BACKEND, f"internal error: {exc}"))
 
     def _finish(
-        self, items: list[WorkItem], values: list[float] | None = None, error: BaseException | None = None
+        self, items: list[WorkItem], values: list[Any] | None = None, error: BaseException | None = None
     ) -> None:
         """Answer (or drop, with values=None and error=None) items not yet finished; frees queue room first."""
         todo = [(i, item) for i, item in enumerate(items) if not item.finished]
@@ -317,10 +321,10 @@ class DynamicBatcher:
 
     def _compute_planned(self, planned: PlannedBatch) -> BatchResult:
         result = self._compute(planned)
-        if not isinstance(result, BatchResult):  # a backend may return the rewards alone
+        if not isinstance(result, BatchResult):  # a backend may return the values alone
             result = BatchResult(list(result))
-        if len(result.rewards) != len(planned):
-            raise RuntimeError(f"backend returned {len(result.rewards)} rewards for {len(planned)} inputs")
+        if len(result.values) != len(planned):
+            raise RuntimeError(f"backend returned {len(result.values)} values for {len(planned)} inputs")
         return result
 
     def _run_batch(self, batch: list[WorkItem], groups: tuple[Group, ...] = ()) -> None:
@@ -328,7 +332,8 @@ class DynamicBatcher:
         for item in batch:
             item.queue_s = start - item.enqueued
             self._observer.on_queue_wait(item.queue_s)
-        planned = PlannedBatch((item.ids for item in batch), groups, self.group_min_prefix)
+        planned = PlannedBatch((item.ids for item in batch), groups, self.group_min_prefix,
+                               reads=[item.reads for item in batch])
         try:
             result = self._compute_planned(planned)
         except Exception as exc:
@@ -351,4 +356,4 @@ class DynamicBatcher:
         self._observer.on_batch(len(batch), cost, real, seconds)
         for item in batch:
             item.compute_s = seconds
-        self._finish(batch, [float(r) for r in result.rewards])
+        self._finish(batch, result.values)

@@ -33,12 +33,19 @@ class ServeConfig(BaseModel):
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and compute dtype. `auto`: float32 on CPU (exact batch invariance), bfloat16 on CUDA."""
+    """Compute dtype of the matmuls. `auto`: bfloat16 where the hardware runs it natively (CUDA; CPUs with AMX or
+    AVX-512-BF16), float32 elsewhere. With the invariant forward the residual stream, norms, softmax and reward head
+    stay float32 in either."""
+    forward: Literal["auto", "invariant", "transformers"] = "auto"
+    """`invariant`: our batch-invariant forward (an input's reward is bit-identical whatever shares its pass;
+    Llama-family decoders and BERT encoders); `transformers`: the model's own forward (packed on CPU), within float
+    noise of invariant; `auto`: invariant where the architecture is supported."""
     threads: int = Field(0, ge=0, le=1024)
     """Intra-op threads for the model worker (0: one per available core)."""
     packing: Literal["auto", "on", "off"] = "auto"
-    """Padding-free batches (sequences packed into one row, attention per sequence). `auto`: on for CPU with
-    supported heads (BERT-style and decoder RMs), off on CUDA, where padded batches with fused attention win."""
+    """Padding-free batches (sequences packed into one row, attention per sequence). The invariant forward always
+    packs; `off` means padded batches through the transformers forward. For the transformers forward, `auto`: on
+    for CPU with supported heads (BERT-style and decoder RMs), off on CUDA."""
 
     host: str = "127.0.0.1"
     """HTTP and gRPC bind address."""

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from rewardmodel.normalization import RewardStats, load_stats
 from rewardmodel.rendering import Encoded, RenderError, encode_input
 from service import metrics
@@ -41,6 +43,14 @@ TOKENIZE_INLINE_MAX_CHARS = 4096
 
 Encoder = Callable[[Any], Encoded]
 """Turns one input into token ids (may raise RenderError or RewardServeError: the client's mistake)."""
+
+
+@dataclass
+class Evaluated:
+    encoded: list[Any]  # per input: its Encoded (or StepEncoded)
+    values: list[Any]  # per input: float32 array (reads, outputs)
+    queue_s: float
+    compute_s: float
 
 
 @dataclass
@@ -115,7 +125,17 @@ class RewardEngine:
             await self.score([{"prompt": "Hello", "response": "Hi! How can I help?"}] * 2)
         self.ready = True
         metrics.READY.labels(self.name).set(1)
-        log.info("model %s ready (max_length=%d)", self.name, self.max_length)
+        info = self.describe()
+        if info:
+            metrics.MODEL_INFO.labels(self.name, info.get("dtype", ""), info.get("forward", ""),
+                                      str(info.get("batch_invariant")).lower()).set(1)
+        log.info("model %s ready (max_length=%d, %s)", self.name, self.max_length,
+                 ", ".join(f"{k}={v}" for k, v in info.items()))
+
+    def describe(self) -> dict[str, Any]:
+        """How the backend computes (dtype, forward, invariance self-check, machine ISA), when it says."""
+        describe = getattr(self.backend, "describe", None)
+        return describe() if describe is not None else {}
 
     def mark_draining(self) -> None:
         """Readiness false and new work refused (UNAVAILABLE); what was admitted still completes."""
@@ -204,11 +224,11 @@ class RewardEngine:
             reservation = self.admit(len(inputs), model=model, normalize=normalize, field=field)
         elif normalize and self.stats is None:
             raise invalid(f"model {self.name!r} has no reward statistics (reward_stats.json): cannot normalize")
-        with reservation:
-            encoded = await self.encode(inputs, encoder, field)
-            rewards, queue_s, compute_s = await self._run([e.input_ids for e in encoded], deadline, reservation)
-        if not all(math.isfinite(r) for r in rewards):
-            raise RewardServeError(ErrorKind.BACKEND, "the model produced a non-finite reward (NaN or inf)")
+        evaluated = await self.evaluate(inputs, deadline=deadline, encoder=encoder, reservation=reservation,
+                                        field=field)
+        rewards = [float(v[-1, 0]) for v in evaluated.values]
+        encoded = evaluated.encoded
+        queue_s, compute_s = evaluated.queue_s, evaluated.compute_s
         results = [
             ScoreResult(
                 reward=r,
@@ -221,12 +241,25 @@ class RewardEngine:
         metrics.observe_results(self.name, rewards, sum(e.truncated for e in encoded))
         return ScoreOutcome(self.name, results, queue_s, compute_s)
 
-    async def _run(self, batch: Sequence[Sequence[int]], deadline: float | None,
-                   reservation: Reservation) -> tuple[list[float], float, float]:
-        """Rewards for token-id lists, plus the longest queue wait and compute time among them."""
+    async def evaluate(self, inputs: Sequence[Any], *, deadline: float | None = None, encoder: Encoder | None = None,
+                       reservation: Reservation, field: str = "inputs") -> "Evaluated":
+        """Encode admitted inputs and compute them: per input its encoding and its head outputs at its reads, an
+        array (reads, outputs). Non-finite outputs fail the request (BACKEND)."""
+        with reservation:
+            encoded = await self.encode(inputs, encoder, field)
+            reads = [getattr(e, "step_ends", None) for e in encoded]
+            reads = None if all(r is None for r in reads) else [tuple(r) if r is not None else None for r in reads]
+            values, queue_s, compute_s = await self._run([e.input_ids for e in encoded], deadline, reservation, reads)
+        if not all(np.isfinite(v).all() for v in values):
+            raise RewardServeError(ErrorKind.BACKEND, "the model produced a non-finite reward (NaN or inf)")
+        return Evaluated(encoded, values, queue_s, compute_s)
+
+    async def _run(self, batch: Sequence[Sequence[int]], deadline: float | None, reservation: Reservation,
+                   reads: Sequence[tuple[int, ...] | None] | None = None) -> tuple[list[Any], float, float]:
+        """Backend values for token-id lists, plus the longest queue wait and compute time among them."""
         if deadline is not None and deadline <= time.monotonic():
             raise RewardServeError(ErrorKind.DEADLINE, "deadline passed before the request was queued")
-        items = self.batcher.submit(batch, deadline, reservation)
+        items = self.batcher.submit(batch, deadline, reservation, reads)
         waiter = asyncio.gather(*(item.future for item in items))
         waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" log
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -124,9 +124,11 @@ class PlannedBatch(list):
     None derives it from `groups` (their shortest prefix; no sharing without groups)."""
 
     def __init__(self, seqs: Iterable[Sequence[int]] = (), groups: Sequence[Group] = (),
-                 min_shared: int | None = None):
+                 min_shared: int | None = None, reads: Sequence[tuple[int, ...] | None] | None = None):
         super().__init__(seqs)
         self.groups: tuple[Group, ...] = tuple(groups)
+        self.reads: list[tuple[int, ...] | None] = list(reads) if reads is not None else [None] * len(self)
+        """Per input, the positions whose outputs are read (None: its last token; a PRM: every step end)."""
         if min_shared is None:
             min_shared = min((g.prefix_len for g in self.groups), default=0)
         self.min_shared = min_shared
@@ -150,12 +152,42 @@ class PlannedBatch(list):
         return self.layout.shared_inputs if self.min_shared > 0 else 0
 
 
+def input_rows(layout: TreeLayout, i: int) -> list[int]:
+    """The rows of input i in a tree layout, in position order (its ancestors' segments, then its own up to its
+    read row)."""
+    last = layout.read[i]
+    lo, hi = 0, len(layout.segments) - 1
+    while lo < hi:  # the segment holding the last row (segments are in row order)
+        mid = (lo + hi + 1) // 2
+        if layout.segments[mid].start <= last:
+            lo = mid
+        else:
+            hi = mid - 1
+    seg = layout.segments[lo]
+    rows = [r for s, e in seg.context for r in range(s, e)]
+    rows.extend(range(seg.start, last + 1))
+    return rows
+
+
+def read_rows(layout: TreeLayout, reads: Sequence[tuple[int, ...] | None]) -> list[list[int]]:
+    """Per input, the layout rows to read: its last row, or the rows at the given positions."""
+    out = []
+    for i, positions in enumerate(reads):
+        if positions is None:
+            out.append([layout.read[i]])
+        else:
+            rows = input_rows(layout, i)
+            out.append([rows[p] for p in positions])
+    return out
+
+
 @dataclass
 class BatchResult:
-    """What a backend answers for a PlannedBatch: one raw reward per input, in order, and, when it shares
-    prefixes its own way (vLLM's prefix cache) rather than by the batch's tree layout, what it really saved."""
+    """What a backend answers for a PlannedBatch: per input, in order, its raw outputs at the read positions, an
+    array (reads, outputs) (a reward model: one read, one output per head), and, when it shares prefixes its own
+    way (vLLM's prefix cache) rather than by the batch's tree layout, what it really saved."""
 
-    rewards: list[float]
+    values: list[Any]
     saved_tokens: int | None = None
     """Input tokens not computed; None: the batch's tree layout says (`PlannedBatch.saved_tokens`)."""
     shared_inputs: int | None = None

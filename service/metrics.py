@@ -54,6 +54,10 @@ PREFIX_TOKENS_SAVED = Counter(
     "rewardserve_prefix_tokens_saved", "Prefix tokens not computed thanks to shared-prefix groups.", ["model"],
 )
 READY = Gauge("rewardserve_ready", "1 when the model is loaded and warmed, 0 otherwise.", ["model"])
+MODEL_INFO = Gauge(
+    "rewardserve_model_info", "1 for each served model: how it computes (dtype, forward, whether the start-up check "
+    "found rewards bit-identical whatever shares their batch).", ["model", "dtype", "forward", "batch_invariant"],
+)
 
 
 class ModelObserver:

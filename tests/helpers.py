@@ -75,7 +75,9 @@ def save_smollm2_tokenizer(out: Path) -> Path:
 
 
 def test_config(model_dir: Path | str, **overrides: Any) -> ServeConfig:
-    base = dict(model=str(model_dir), port=0, grpc_port=0, warmup=True, log_level="warning")
+    """A server config for tests: free ports, quiet logs, and fp32 compute (`dtype: auto` picks bf16 on some of the
+    project's machines and fp32 on others; tests that compare with fp32 references must not depend on which)."""
+    base = dict(model=str(model_dir), port=0, grpc_port=0, warmup=True, log_level="warning", dtype="float32")
     base.update(overrides)
     return ServeConfig(**base)
 

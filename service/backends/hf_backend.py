@@ -1,4 +1,10 @@
-"""transformers backend: SDPA attention, fp32 or bf16 on CPU, bf16/fp16 on CUDA."""
+"""transformers backend: the model's weights from transformers, scored by our batch-invariant forward
+(service/backends/invariant*.py) for the architectures it knows (Llama-family decoders, BERT encoders), else by
+transformers' own forward (packed on CPU, padded on CUDA; then within float noise of invariant, not bitwise).
+
+Precision: `--dtype auto` computes in bf16 where the hardware runs it natively (CUDA; CPUs with AMX or
+AVX-512-BF16) and in fp32 elsewhere. In bf16 the invariant forward keeps the residual stream, norms, softmax and
+the reward head in fp32 (service/backends/invariant_models.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +12,14 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
 from service.backends import packing
 from rewardmodel.modeling import load_reward_model, load_tokenizer, log_untrained, resolve_model, reward_forward
 from rewardmodel.rendering import model_max_length
-from service.grouping import BatchResult, PlannedBatch
+from service.backends.invariant_models import build_forward
+from service.backends.precision import auto_dtype
+from service.grouping import BatchResult, PlannedBatch, prefix_tree_layout, read_rows
 
 log = logging.getLogger("rewardserve.hf")
 
@@ -36,7 +46,7 @@ def pick_dtype(requested: str, device: str) -> Any:
     import torch
 
     if requested == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return auto_dtype(device)
     return getattr(torch, DTYPES[requested])
 
 
@@ -49,19 +59,34 @@ class HFBackend:
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(self.source)
-        self.model = load_reward_model(self.source, self.dtype, self.device)
+        self.invariant = None
+        # padded batches (--packing off) are the transformers forward's; the invariant forward is always packed
+        forward = "transformers" if config.packing == "off" and config.forward == "auto" else config.forward
+        if forward == "invariant" and config.packing == "off":
+            raise ValueError("the invariant forward packs its batches: --packing off needs --forward transformers")
+        weights_dtype = torch.float32 if forward != "transformers" else self.dtype
+        self.model = load_reward_model(self.source, weights_dtype, self.device)
         self.name = config.served_name(self.source.name)
         self.max_length = model_max_length(self.tokenizer, self.model.config, config.max_tokens)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self.head = packing.head_kind(self.model)
-        self.packed = self._want_packing(config.packing)
-        if self.packed:
+        if forward != "transformers":
+            self.invariant = build_forward(self.model, self.dtype, self.max_length)
+            if self.invariant is None and forward == "invariant":
+                raise ValueError(f"the invariant forward does not support {type(self.model).__name__}; "
+                                 "use --forward transformers")
+            if self.invariant is None and self.dtype != torch.float32:
+                self.model = self.model.to(self.dtype)
+        self.packed = True if self.invariant is not None else self._want_packing(config.packing)
+        if self.packed and self.invariant is None:
             self.model.set_attn_implementation(packing.register())
-        # shared prefixes computed once (tree attention in the packed row): causal decoder heads only
+        # shared prefixes computed once (a tree of segments in the pass): causal decoder heads only
         self.prefix_groups = self.packed and self.head == "decoder"
+        self.invariance_checked: bool | None = None  # set by warmup's self-check
         log.info(
-            "loaded %s (%s) on %s as %s, max_length=%d, threads=%d, packing=%s",
-            self.source.path, type(self.model).__name__, self.device, self.dtype, self.max_length,
+            "loaded %s (%s) on %s, compute %s, forward %s, max_length=%d, threads=%d, packing=%s",
+            self.source.path, type(self.model).__name__, self.device, self.dtype,
+            "invariant" if self.invariant is not None else "transformers", self.max_length,
             torch.get_num_threads(), self.packed,
         )
 
@@ -74,15 +99,48 @@ class HFBackend:
             return False
         return mode == "on" or not self.device.startswith("cuda")
 
+    def describe(self) -> dict[str, Any]:
+        """What /v1/models, the startup log and the model-info metric say about how this model computes."""
+        from service.backends.precision import machine
+
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device,
+            "forward": "invariant" if self.invariant is not None else "transformers",
+            "batch_invariant": self.invariance_checked,
+            "machine": machine(),
+        }
+
     def score_batch(self, batch: PlannedBatch) -> BatchResult:
-        return BatchResult(self.rewards(batch))
+        return BatchResult(self.outputs(batch))
 
     def rewards(self, batch: PlannedBatch) -> list[float]:
+        """The first head's reward of each input (its last read)."""
+        return [float(values[-1, 0]) for values in self.outputs(batch)]
+
+    def outputs(self, batch: PlannedBatch) -> list[Any]:
+        """Per input, its head outputs at its read positions: a float32 array (reads, outputs)."""
+        import torch
+
+        if self.invariant is not None:
+            tree = batch.layout if self.head == "decoder" and batch.min_shared > 0 else prefix_tree_layout(batch, 0)
+            custom = any(r is not None for r in batch.reads)
+            reads = read_rows(tree, batch.reads) if custom else None
+            tiles = self.invariant.layout(tree, self.pad_id, reads).to(self.device)
+            with torch.inference_mode():
+                flat = self.invariant(tiles).cpu().numpy()  # (all reads, outputs)
+            counts = [len(rows) for rows in tiles.read]
+            return list(np.split(flat, np.cumsum(counts)[:-1]))
+        if any(r is not None for r in batch.reads):
+            raise ValueError("step reads need the invariant forward (Llama-family or BERT models)")
+        return [row[None, :] for row in self._transformers_outputs(batch)]
+
+    def _transformers_outputs(self, batch: PlannedBatch) -> Any:
         import torch
 
         if self.packed:
             with torch.inference_mode():
-                return packing.packed_reward_forward(self.model, self.head, batch).cpu().tolist()
+                return packing.packed_head_outputs(self.model, self.head, batch).cpu().numpy()
         longest = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)  # (B, T)
         attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)  # (B, T)
@@ -90,17 +148,35 @@ class HFBackend:
             input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
         with torch.inference_mode():
-            rewards = reward_forward(
-                self.model, input_ids.to(self.device), attention_mask.to(self.device)
-            )  # (B,)
-        return rewards.cpu().tolist()
+            outputs = reward_forward(
+                self.model, input_ids.to(self.device), attention_mask.to(self.device), heads=True,
+            )  # (B, outputs)
+        return outputs.cpu().numpy()
 
     def warmup(self) -> None:
-        """Short and full-length passes, so lazy kernel set-up is not paid by the first live batches."""
+        """Short and full-length passes, so lazy kernel set-up is not paid by the first live batches; with the
+        invariant forward, a self-check that an input scores the same bits alone, packed and in a prefix tree."""
         ids = self.tokenizer("warm up the reward model", add_special_tokens=True)["input_ids"]
         long_ids = (ids * (self.max_length // len(ids) + 1))[: self.max_length]
         for batch in ([ids], [ids] * 4, [long_ids], [long_ids, ids]):
             self.score_batch(PlannedBatch(batch))
+        if self.invariant is not None:
+            self.invariance_checked = self.self_check(ids)
+
+    def self_check(self, ids: list[int]) -> bool:
+        other = (ids[::-1] * 3)[: max(2, min(len(ids) * 3, self.max_length))]
+        prefix = (ids * 8)[: min(40, self.max_length - 2)]
+        alone = self.rewards(PlannedBatch([ids]))[0]
+        packed = self.rewards(PlannedBatch([other, ids, other[:7]]))[1]
+        members = [prefix + ids[:1], prefix + other[:2]]
+        grouped = self.rewards(PlannedBatch(members, min_shared=16))[0]
+        single = self.rewards(PlannedBatch(members[:1]))[0]
+        ok = alone == packed and grouped == single
+        if not ok:
+            log.error("batch invariance self-check FAILED on this machine (alone %r, packed %r; grouped %r, alone "
+                      "%r): rewards may differ in the last bits with what shares their batch", alone, packed,
+                      grouped, single)
+        return ok
 
     def close(self) -> None:
         self.model = None

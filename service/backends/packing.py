@@ -135,7 +135,7 @@ def _context_mask(n: int, ctx: int, device: Any) -> torch.Tensor:
 
 
 def tree_reward_forward(model: Any, layout: TreeLayout) -> torch.Tensor:
-    """Rewards (N,) float32 of a decoder RM over a radix-tree layout (service.grouping.prefix_tree_layout):
+    """Head outputs (N, heads) float32 of a decoder RM over a radix-tree layout (service.grouping.prefix_tree_layout):
     every shared segment computed once, each segment attending its ancestors' segments and itself causally."""
     device = next(model.parameters()).device
     tree = []
@@ -149,11 +149,16 @@ def tree_reward_forward(model: Any, layout: TreeLayout) -> torch.Tensor:
         position_ids=torch.tensor([layout.positions], dtype=torch.long, device=device),  # (1, T)
         prefix_tree=tree, use_cache=False,
     ).last_hidden_state[0]  # (T, H)
-    return model.score(hidden[torch.tensor(layout.read, device=device)])[:, 0].float()
+    return model.score(hidden[torch.tensor(layout.read, device=device)]).float()
 
 
 def packed_reward_forward(model: Any, kind: str, batch: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Rewards (N,) float32 for N unpadded sequences in one packed forward pass. A `PlannedBatch` with prefix
+    """Rewards (N,) of the first head; see packed_head_outputs."""
+    return packed_head_outputs(model, kind, batch)[:, 0]
+
+
+def packed_head_outputs(model: Any, kind: str, batch: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Head outputs (N, heads) float32 for N unpadded sequences in one packed forward pass. A `PlannedBatch` with prefix
     prefixes worth sharing goes through `tree_reward_forward` (decoder heads)."""
     layout = batch.layout if kind == "decoder" and getattr(batch, "min_shared", 0) > 0 else None
     if layout is not None and layout.saved > 0:
@@ -165,11 +170,11 @@ def packed_reward_forward(model: Any, kind: str, batch: Sequence[Sequence[int]])
     base = getattr(model, model.base_model_prefix)
     if kind == "decoder":
         hidden = base(input_ids=input_ids, position_ids=positions, **extra).last_hidden_state[0]  # (T, H)
-        return model.score(hidden[cu[1:].long() - 1])[:, 0].float()  # last token of each segment
+        return model.score(hidden[cu[1:].long() - 1]).float()  # last token of each segment
     token_types = torch.zeros_like(input_ids)
     hidden = base.encoder(
         base.embeddings(input_ids=input_ids, position_ids=positions, token_type_ids=token_types),
         attention_mask=None, position_ids=positions, **extra,
     ).last_hidden_state[0]  # (T, H)
     first = hidden[cu[:-1].long()].unsqueeze(1)  # (N, 1, H): the [CLS] of each segment
-    return model.classifier(model.dropout(base.pooler(first)))[:, 0].float()
+    return model.classifier(model.dropout(base.pooler(first))).float()

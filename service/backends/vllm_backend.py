@@ -18,12 +18,19 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from rewardmodel.modeling import load_tokenizer, resolve_model
 from rewardmodel.rendering import model_max_length
 from service.generation.vllm_settings import engine_kwargs, explain_start_failure
 from service.grouping import BatchResult, PlannedBatch
 
 log = logging.getLogger("rewardserve.vllm")
+
+
+def _as_values(rewards: list[float]) -> list[Any]:
+    """One (1, 1) array per input: one read, one head."""
+    return [np.array([[r]], dtype=np.float32) for r in rewards]
 
 
 class VLLMBackend:
@@ -74,15 +81,17 @@ class VLLMBackend:
         return [float(out.outputs.data.reshape(-1)[0]) for out in outputs]
 
     def score_batch(self, batch: PlannedBatch) -> BatchResult:
+        if any(r is not None for r in batch.reads):
+            raise ValueError("the vllm backend reads one reward per input (no step reads)")
         groups = [g for g in batch.groups if g.prefix_len >= self.block_size]
-        if not (groups and self.prefix_groups):
-            return BatchResult(self._encode(batch), saved_tokens=0, shared_inputs=0)  # the hf tree does not apply
+        if not (groups and self.prefix_groups):  # the hf tree does not apply
+            return BatchResult(_as_values(self._encode(batch)), saved_tokens=0, shared_inputs=0)
         self._encode([batch[g.members[0]][: g.prefix_len] for g in groups])  # fills the prefix cache
         # the members read the prefix's whole cached blocks; the priming pass computed the prefix once
         cached = lambda g: g.prefix_len // self.block_size * self.block_size
         saved = sum(max(0, len(g.members) * cached(g) - g.prefix_len) for g in groups)
         shared = sum(len(g.members) for g in groups) if saved else 0
-        return BatchResult(self._encode(batch), saved_tokens=saved, shared_inputs=shared)
+        return BatchResult(_as_values(self._encode(batch)), saved_tokens=saved, shared_inputs=shared)
 
     def warmup(self) -> None:
         ids = self.tokenizer("warm up the reward model", add_special_tokens=True)["input_ids"]

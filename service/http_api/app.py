@@ -92,6 +92,8 @@ def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None, bon: 
                     "owned_by": "rewardserve",
                     "max_model_len": engine.max_length,
                     "normalization": engine.stats.to_json() if engine.stats else None,
+                    "aliases": sorted(engine.aliases - {engine.name}),
+                    **engine.describe(),
                 }
             ],
         }

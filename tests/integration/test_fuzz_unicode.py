@@ -19,7 +19,7 @@ from protos import reward_pb2, reward_pb2_grpc
 from tests.helpers import LiveServer, test_config
 
 ANY_TEXT = st.text(alphabet=st.characters(exclude_categories=()), max_size=24)  # surrogates included
-UTF8_TEXT = st.text(alphabet=st.characters(), max_size=24)  # every code point a protobuf string can carry
+UTF8_TEXT = st.text(alphabet=st.characters(codec="utf-8"), max_size=24)  # every code point a protobuf string can carry
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # (route, body builder): `s` lands in one string field each

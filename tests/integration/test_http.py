@@ -40,8 +40,8 @@ def test_scores_are_raw_logits_in_input_order(bert_server, tiny_bert_dir):
     with torch.inference_mode():
         expected = [model(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
     got = [s["reward"] for s in body["scores"]]
-    assert got[:3] == pytest.approx(expected, abs=1e-5)
-    assert got[0] == pytest.approx(got[3], abs=1e-6)  # same input, another row of the batch
+    assert got[:3] == pytest.approx(expected, rel=1e-4, abs=1e-5)  # our forward vs transformers': float noise
+    assert got[0] == got[3]  # same input, another row of the batch: the same bits
     assert [s["tokens"] for s in body["scores"][:3]] == [len(tok(t)["input_ids"]) for t in texts]
 
 

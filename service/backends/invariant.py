@@ -1,0 +1,309 @@
+"""Batch-invariant building blocks: an input's reward is bit-identical whatever shares its forward pass
+(alone, packed with others, in a shared-prefix tree or not), in fp32 and in bf16.
+
+Why results drift with the batch, and what each rule here removes:
+
+1. A GEMM kernel is chosen by the shape of the whole call (a row alone takes a gemv path; some kernels block
+   differently past a size), so a row's result can depend on how many rows share the call. Rule: every token
+   lives in a TILE of `TILE` rows that holds one segment's absolute positions [kT, (k+1)T); GEMMs run over whole
+   tiles only, as one call when `RowLinear`'s probe shows the kernel gives a row the same bits for any number of
+   tiles, else tile by tile (one fixed shape). The reward head is a GEMM over fixed-size tiles of read rows too.
+2. Elementwise kernels run a vector loop and finish each thread's chunk with a scalar (or masked) tail, and
+   transcendental functions (exp, silu, rsqrt, erf) may round differently there: a value's bits would depend on
+   where its chunk ends, i.e. on the total size. Rule: `aligned_rows` pads every stacked tensor so that each
+   thread's chunk is a whole number of vector blocks (no tail), for this process's thread count.
+3. Attention kernels block queries and keys by sequence length, so the prefix of a shared-prefix group computed
+   alone differs from the same rows computed inside the whole input. Rule: our attention processes queries in
+   tiles and keys in blocks of `TILE` aligned at absolute position 0, in a fixed order, with an online softmax in
+   fp32 whose sums are GEMMs (a ones column appended to V); a block a query cannot see contributes exact zeros.
+   A query row therefore sees the same numbers in the same order whether its prefix was shared or not.
+4. Reductions over a row (norms) see a row of fixed length in a call of fixed-size tiles.
+
+What this gives is checked, not assumed: the backend's start-up self-check scores probe inputs alone, packed and
+in a prefix tree and compares bits, and tests/unit/test_invariance.py draws random compositions (hypothesis).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+TILE = 64
+"""Queries per attention tile and keys per attention block (aligned at absolute position 0), rows per head tile."""
+ROW_TILE = 16
+"""A pass's rows are padded to a multiple of this (GEMM calls see whole tiles; see RowLinear)."""
+VECTOR_BLOCK = 64
+"""Elements one vector-loop step covers at most (2 x 32 bf16 lanes on AVX-512); chunks are aligned to it."""
+GRAIN = 32768
+"""ATen's elementwise grain size (at::internal::GRAIN_SIZE): below it one thread does all."""
+
+
+def thread_chunks_aligned(numel: int, threads: int) -> bool:
+    """Whether ATen's parallel_for over `numel` elements gives every thread a whole number of vector blocks
+    (ParallelOpenMP: one chunk below the grain, else ceil(numel / min(threads, ceil(numel / grain))))."""
+    if numel % VECTOR_BLOCK:
+        return False
+    if numel < GRAIN or threads <= 1:
+        return True
+    workers = min(threads, -(-numel // GRAIN))
+    return (-(-numel // workers)) % VECTOR_BLOCK == 0
+
+
+def aligned_count(count: int, per_item: int | Sequence[int], threads: int | None = None, step: int = 1) -> int:
+    """The smallest count' >= count (a multiple of `step`) whose `count' x per_item` elements split into aligned
+    thread chunks, for every `per_item` given."""
+    threads = threads or torch.get_num_threads()
+    sizes = [per_item] if isinstance(per_item, int) else list(per_item)
+    n = max(step, -(-count // step) * step)
+    for _ in range(4096):
+        if all(thread_chunks_aligned(n * size, threads) for size in sizes):
+            return n
+        n += step
+    raise RuntimeError(f"no aligned size near {count} x {sizes} for {threads} threads")
+
+
+# ---- the layout of one pass ----------------------------------------------------------------------------------
+@dataclass
+class Work:
+    """Attention work items: one query tile of one segment each."""
+
+    q_rows: torch.Tensor  # (W, T) row of each query slot in tile space (-1: not this item's)
+    q_pos: torch.Tensor  # (W, T) absolute position of each query slot
+    kv_rows: torch.Tensor  # (W, L) rows of the keys it attends, in absolute position order (-1: none)
+    kv_pos: torch.Tensor  # (W, L)
+    blocks: torch.Tensor  # (W,) key blocks it needs
+
+
+@dataclass
+class TileLayout:
+    """A pass in tile space: `rows` slots (tiles x TILE, padded for aligned chunks), the token and position of each
+    slot, which slots hold real tokens, where each input's reward is read, and the attention work."""
+
+    ids: torch.Tensor  # (R,)
+    positions: torch.Tensor  # (R,)
+    valid: torch.Tensor  # (R,) bool
+    read: list[list[int]]  # per input: the rows its rewards are read at (last token; or every step end)
+    work: Work
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    def to(self, device: Any) -> "TileLayout":
+        if str(device) == "cpu":
+            return self
+        w = self.work
+        work = Work(*(t.to(device) for t in (w.q_rows, w.q_pos, w.kv_rows, w.kv_pos, w.blocks)))
+        return TileLayout(self.ids.to(device), self.positions.to(device), self.valid.to(device), self.read, work)
+
+
+def tile_layout(layout: Any, pad_id: int, causal: bool, widths: Sequence[int], reads: Sequence[Sequence[int]] | None
+                = None) -> TileLayout:
+    """A service.grouping.TreeLayout (rows in order, positions, segments with their ancestors, read rows) as the
+    rows of one pass: the layout's rows packed as they are, then padding rows up to a whole number of ROW_TILEs and
+    aligned thread chunks for every row width used (rule 2). No row's result depends on where it sits (rule 1), so
+    rows need no other place; attention finds a segment's keys by position (rule 3). `reads` (per input, rows of
+    `layout`) overrides the one read row per input (PRM step ends)."""
+    n = len(layout.ids)
+    widths = [w for w in widths if w]
+    tiles = -(-max(n, 1) // ROW_TILE)
+    while not all(thread_chunks_aligned(tiles * ROW_TILE * w, torch.get_num_threads()) for w in widths):
+        tiles += 1
+    rows = tiles * ROW_TILE
+    ids = torch.full((rows,), pad_id, dtype=torch.long)
+    positions = torch.zeros(rows, dtype=torch.long)
+    valid = torch.zeros(rows, dtype=torch.bool)
+    ids[:n] = torch.as_tensor(layout.ids, dtype=torch.long)
+    positions[:n] = torch.as_tensor(layout.positions, dtype=torch.long)
+    valid[:n] = True
+    read = [list(rs) for rs in (reads if reads is not None else [[r] for r in layout.read])]
+    seg_rows = [torch.arange(seg.start, seg.end) for seg in layout.segments]
+    return TileLayout(ids, positions, valid, read, _work(layout, seg_rows, causal))
+
+
+def _work(layout: Any, seg_dest: list[torch.Tensor], causal: bool) -> Work:
+    by_range = {(seg.start, seg.end): i for i, seg in enumerate(layout.segments)}
+    q_rows, q_pos, kv_rows, kv_pos = [], [], [], []
+    for i, seg in enumerate(layout.segments):
+        path = [seg_dest[by_range[c]] for c in seg.context] + [seg_dest[i]]
+        path_pos = [torch.as_tensor(layout.positions[s:e]) for s, e in seg.context]
+        path_pos.append(torch.as_tensor(layout.positions[seg.start:seg.end]))
+        k_rows, k_pos = torch.cat(path), torch.cat(path_pos)  # absolute positions 0 .. end-1, in order
+        own, own_pos = seg_dest[i], path_pos[-1]
+        first = int(own_pos[0])
+        base = first - first % TILE
+        for t0 in range(base, int(own_pos[-1]) + 1, TILE):
+            slots = torch.full((TILE,), -1, dtype=torch.long)
+            in_tile = (own_pos >= t0) & (own_pos < t0 + TILE)
+            slots[own_pos[in_tile] - t0] = own[in_tile]
+            q_rows.append(slots)
+            q_pos.append(torch.arange(t0, t0 + TILE))
+            end = t0 + TILE if causal else int(k_pos[-1]) + 1  # a decoder's query sees keys up to itself
+            keep = k_pos < end
+            kv_rows.append(k_rows[keep])
+            kv_pos.append(k_pos[keep])
+    longest = max(len(k) for k in kv_rows)
+    length = -(-longest // TILE) * TILE
+    kr = torch.full((len(kv_rows), length), -1, dtype=torch.long)
+    kp = torch.full((len(kv_rows), length), 2**40, dtype=torch.long)
+    for w, (r, p) in enumerate(zip(kv_rows, kv_pos)):
+        kr[w, :len(r)] = r
+        kp[w, :len(p)] = p
+    blocks = torch.tensor([-(-len(r) // TILE) for r in kv_rows])
+    return Work(torch.stack(q_rows), torch.stack(q_pos), kr, kp, blocks)
+
+
+# ---- GEMMs over tiles ---------------------------------------------------------------------------------------
+class RowLinear:
+    """A linear layer computed over whole tiles: one call over all rows when this machine's kernel gives a row the
+    same bits for any number of tiles (probed once per weight shape and dtype), else one call per tile."""
+
+    _one_call: dict[tuple, bool] = {}
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.weight = weight.detach().to(dtype).contiguous()
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+        self.dtype = dtype
+        key = (tuple(self.weight.shape), dtype, self.weight.device.type, torch.get_num_threads())
+        if key not in RowLinear._one_call:
+            RowLinear._one_call[key] = _probe_one_call(self.weight, self.bias)
+        self.one_call = RowLinear._one_call[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (R, K) with R a multiple of TILE -> (R, N)
+        x = x.to(self.dtype)
+        if self.one_call:
+            return F.linear(x, self.weight, self.bias)
+        return torch.cat([F.linear(t, self.weight, self.bias) for t in x.split(ROW_TILE)])
+
+
+def _probe_one_call(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a row's result is the same for any number of tiles in the call (and wherever the row sits)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(ROW_TILE * 67, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
+    tile = F.linear(x[:ROW_TILE], weight, bias)
+    for tiles in (2, 3, 5, 8, 17, 32, 67):
+        out = F.linear(x[:ROW_TILE * tiles], weight, bias)
+        if not torch.equal(out[:ROW_TILE], tile):
+            return False
+    shifted = F.linear(torch.cat([x[ROW_TILE:ROW_TILE * 3], x[:ROW_TILE]]), weight, bias)
+    return torch.equal(shifted[2 * ROW_TILE:], tile)
+
+
+def read_head(hidden: torch.Tensor, rows: Sequence[int], weight: torch.Tensor, bias: torch.Tensor | None,
+              activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              keep_padded: bool = False) -> torch.Tensor:
+    """A head in fp32 on the read rows, as one GEMM per tile of rows (a lone row would take another kernel), then
+    its activation on the padded tiles (aligned chunks): (len(rows), out), or the padded tiles."""
+    picked = hidden[torch.as_tensor(list(rows), dtype=torch.long, device=hidden.device)].float()
+    n = picked.shape[0]
+    tiles = aligned_count(-(-n // TILE), TILE * weight.shape[0])
+    padded = F.pad(picked, (0, 0, 0, tiles * TILE - n))
+    w = weight.float()
+    b = None if bias is None else bias.float()
+    out = torch.cat([F.linear(t, w, b) for t in padded.split(TILE)])
+    if activation is not None:
+        out = activation(out)
+    return out if keep_padded else out[:n]
+
+
+# ---- norms and attention ----------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm in fp32 (x: the fp32 residual stream)."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _gather(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t[rows] with -1 rows as zeros: (R, ...) x (W, L) -> (W, L, ...)."""
+    flat = rows.reshape(-1)
+    out = t.index_select(0, flat.clamp(min=0))
+    out = out * (flat >= 0).to(out.dtype).view(-1, *([1] * (t.dim() - 1)))
+    return out.view(*rows.shape, *t.shape[1:])
+
+
+_BATCH_INVARIANT: dict[tuple, bool] = {}
+
+
+def batched_matmul_invariant(dtype: torch.dtype, device: torch.device, dim: int) -> bool:
+    """Whether a batched matmul gives one entry the same bits for any batch count (probed once): then attention
+    computes each key block only for the query tiles that need it."""
+    key = (dtype, device.type, dim, torch.get_num_threads())
+    if key not in _BATCH_INVARIANT:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(97, 4, TILE, dim, generator=gen).to(device, dtype)
+        b = torch.randn(97, 4, dim, TILE, generator=gen).to(device, dtype)
+        p = torch.rand(97, 4, TILE, TILE, generator=gen).to(device, dtype)
+        c = torch.randn(97, 4, TILE, dim + 1, generator=gen).to(device, dtype)
+        first_ab, first_pc = torch.matmul(a[:1], b[:1]), torch.matmul(p[:1], c[:1])
+        ok = True
+        for n in (2, 3, 7, 16, 33, 97):
+            ok &= torch.equal(torch.matmul(a[:n], b[:n])[:1], first_ab)
+            ok &= torch.equal(torch.matmul(p[:n], c[:n])[:1], first_pc)
+        _BATCH_INVARIANT[key] = bool(ok)
+    return _BATCH_INVARIANT[key]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Work, scale: float,
+              causal: bool = True) -> torch.Tensor:
+    """Attention by fixed tiles and key blocks (rule 3). q: (R, Hq, D); k, v: (R, Hkv, D), fp32. -> (R, Hq, D),
+    rows that are no work item's query left zero."""
+    rows, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    items = work.q_rows.shape[0]
+    sizes = (kv_heads * group * TILE * TILE, kv_heads * group * TILE)  # a score tile; its running max
+    spare = aligned_count(items, sizes) - items + 1  # padding items (all -1): whole-chunk tensors, and a dummy
+    q_rows = F.pad(work.q_rows, (0, 0, 0, spare), value=-1)
+    q_pos = F.pad(work.q_pos, (0, 0, 0, spare))
+    kv_rows = F.pad(work.kv_rows, (0, 0, 0, spare), value=-1)
+    kv_pos = F.pad(work.kv_pos, (0, 0, 0, spare), value=2**40)
+    blocks = F.pad(work.blocks, (0, spare))
+    total = items + spare
+    qt = _gather(q, q_rows).view(total, TILE, kv_heads, group, dim).permute(0, 2, 3, 1, 4)  # (W, Hkv, G, T, D)
+    ones = torch.ones(rows, kv_heads, 1, dtype=v.dtype, device=v.device)
+    v1 = torch.cat([v, ones], dim=-1)  # the softmax's row sums come out of the same GEMM as its output
+    m = torch.full((total, kv_heads, group, TILE, 1), -math.inf, dtype=q.dtype, device=q.device)
+    acc = torch.zeros(total, kv_heads, group, TILE, dim + 1, dtype=q.dtype, device=q.device)
+    subsets = batched_matmul_invariant(q.dtype, q.device, dim)
+    everyone = torch.arange(total, device=q.device)
+    for j in range(int(work.blocks.max())):
+        act = everyone
+        if subsets:  # only the query tiles that see block j; padded with the dummy item to aligned chunks
+            need = (blocks > j).nonzero().squeeze(1)
+            fill = aligned_count(len(need), sizes) - len(need)
+            act = torch.cat([need, torch.full((fill,), total - 1, dtype=torch.long, device=q.device)])
+        cols = slice(j * TILE, (j + 1) * TILE)
+        rows_j = kv_rows[act, cols]
+        kj = _gather(k, rows_j).permute(0, 2, 3, 1).unsqueeze(2)  # (n, Hkv, 1, D, T)
+        vj = _gather(v1, rows_j).permute(0, 2, 1, 3).unsqueeze(2)  # (n, Hkv, 1, T, D+1)
+        s = torch.matmul(qt[act], kj) * scale  # (n, Hkv, G, T, T)
+        visible = (rows_j[:, None, :] >= 0).expand(-1, TILE, -1)  # (n, T, T)
+        if causal:
+            visible = visible & (kv_pos[act, None, cols] <= q_pos[act, :, None])
+        s = s.masked_fill(~visible[:, None, None], -math.inf)
+        m_old = m[act]
+        m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows that saw nothing yet
+        p = torch.exp(s - safe)
+        acc[act] = acc[act] * torch.exp(m_old - safe) + torch.matmul(p, vj)
+        m[act] = m_new
+    out = acc[..., :dim] / acc[..., dim:].clamp(min=torch.finfo(acc.dtype).tiny)  # (W, Hkv, G, T, D)
+    out = out.permute(0, 3, 1, 2, 4).reshape(total * TILE, heads, dim)
+    result = torch.zeros(rows, heads, dim, dtype=q.dtype, device=q.device)
+    flat = q_rows.reshape(-1)
+    keep = flat >= 0
+    result[flat[keep]] = out[keep]
+    return result
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+}

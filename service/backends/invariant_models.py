@@ -1,0 +1,206 @@
+"""Batch-invariant forwards of the two reward-model families we serve natively, built from the weights of a
+loaded transformers model with the rules of service/backends/invariant.py:
+
+- `DecoderForward`: Llama-family decoders (llama, mistral, qwen2: RMSNorm, rotary positions, grouped-query
+  attention, gated MLP, a score head read at the last token of each input, or at each step end for PRMs);
+- `EncoderForward`: BERT-style encoders (embeddings + LayerNorm, bidirectional attention, GELU MLP, pooler on the
+  first token, a classifier).
+
+Precision (`compute`): fp32, or mixed bf16: the matmul weights and inputs in bf16 (fp32 accumulation inside the
+kernels), while the residual stream, norms, rotary positions, attention softmax, activations and the reward head
+stay fp32 (the head reads the fp32 final hidden state, so the reward itself is never rounded to bf16).
+`build_forward` returns None for a model it does not know (the backend then uses its packed or padded path).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from service.backends.invariant import (
+    ACTIVATIONS, TILE, RowLinear, TileLayout, attention, layer_norm, read_head, rms_norm, tile_layout,
+)
+
+log = logging.getLogger("rewardserve.invariant")
+
+DECODERS = {"llama", "mistral", "qwen2"}
+STATIC_ROPE = {None, "default", "linear", "llama3", "yarn"}
+
+
+def _rope_type(config: Any) -> str | None:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type") or params.get("type") if isinstance(params, dict) else None
+
+
+def build_forward(model: Any, compute: torch.dtype, max_length: int) -> "DecoderForward | EncoderForward | None":
+    config = model.config
+    kind = config.model_type
+    if kind in DECODERS and hasattr(model, "score"):
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and window < max_length:
+            log.info("invariant forward: %s uses a sliding window shorter than max_length; not used", kind)
+            return None
+        if _rope_type(config) not in STATIC_ROPE:
+            log.info("invariant forward: rope type %r is not static; not used", _rope_type(config))
+            return None
+        if getattr(config, "hidden_act", "silu") not in ACTIVATIONS:
+            return None
+        return DecoderForward(model, compute, max_length)
+    if kind == "bert" and hasattr(model, "classifier") and getattr(model.bert, "pooler", None) is not None:
+        if getattr(config, "hidden_act", "gelu") not in ACTIVATIONS:
+            return None
+        return EncoderForward(model, compute)
+    return None
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+@dataclass
+class _DecoderLayer:
+    ln1: torch.Tensor
+    q: RowLinear
+    k: RowLinear
+    v: RowLinear
+    o: RowLinear
+    ln2: torch.Tensor
+    gate: RowLinear
+    up: RowLinear
+    down: RowLinear
+
+
+class DecoderForward:
+    causal = True
+
+    def __init__(self, model: Any, compute: torch.dtype, max_length: int):
+        config, base = model.config, model.model
+        self.compute = compute
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim ** -0.5
+        self.eps = config.rms_norm_eps
+        self.act = ACTIVATIONS[getattr(config, "hidden_act", "silu")]
+        self.embed = _fp32(base.embed_tokens.weight)
+        self.layers = []
+        for layer in base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+
+            def lin(m: Any) -> RowLinear:
+                return RowLinear(m.weight, m.bias, compute)
+
+            self.layers.append(_DecoderLayer(
+                _fp32(layer.input_layernorm.weight), lin(attn.q_proj), lin(attn.k_proj), lin(attn.v_proj),
+                lin(attn.o_proj), _fp32(layer.post_attention_layernorm.weight), lin(mlp.gate_proj), lin(mlp.up_proj),
+                lin(mlp.down_proj),
+            ))
+        self.norm = _fp32(base.norm.weight)
+        self.head_weight = _fp32(model.score.weight)
+        self.head_bias = None if getattr(model.score, "bias", None) is None else _fp32(model.score.bias)
+        rotary = base.rotary_emb
+        inv_freq = rotary.inv_freq.detach().float()
+        positions = torch.arange(max(max_length, TILE) + TILE, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        self.cos, self.sin = emb.cos() * scaling, emb.sin() * scaling  # a table: no per-pass transcendentals
+        self.widths = (config.hidden_size, config.intermediate_size, self.heads * self.head_dim,
+                       self.kv_heads * self.head_dim, self.head_dim, 1)
+
+    def layout(self, tree: Any, pad_id: int, reads: Sequence[Sequence[int]] | None = None) -> TileLayout:
+        return tile_layout(tree, pad_id, causal=True, widths=self.widths, reads=reads)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def __call__(self, tl: TileLayout) -> torch.Tensor:
+        """Rewards (or logits) at every read row, fp32: (reads, labels)."""
+        rows = tl.rows
+        h = self.embed.index_select(0, tl.ids)  # (R, H) fp32 residual stream
+        cos = self.cos.index_select(0, tl.positions)[:, None, :]  # (R, 1, D)
+        sin = self.sin.index_select(0, tl.positions)[:, None, :]
+        for layer in self.layers:
+            x = rms_norm(h, layer.ln1, self.eps)
+            q = self._rotate(layer.q(x).float().view(rows, self.heads, self.head_dim), cos, sin)
+            k = self._rotate(layer.k(x).float().view(rows, self.kv_heads, self.head_dim), cos, sin)
+            v = layer.v(x).float().view(rows, self.kv_heads, self.head_dim)
+            a = attention(q, k, v, tl.work, self.scale)  # (R, Hq, D)
+            h = h + layer.o(a.reshape(rows, self.heads * self.head_dim)).float()
+            x = rms_norm(h, layer.ln2, self.eps)
+            h = h + layer.down(self.act(layer.gate(x).float()) * layer.up(x).float()).float()
+        h = rms_norm(h, self.norm, self.eps)
+        flat = [r for rs in tl.read for r in rs]
+        return read_head(h, flat, self.head_weight, self.head_bias)
+
+
+@dataclass
+class _EncoderLayer:
+    q: RowLinear
+    k: RowLinear
+    v: RowLinear
+    o: RowLinear
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    inter: RowLinear
+    out: RowLinear
+    ln2: tuple[torch.Tensor, torch.Tensor]
+
+
+class EncoderForward:
+    causal = False
+
+    def __init__(self, model: Any, compute: torch.dtype):
+        config, base = model.config, model.bert
+        self.compute = compute
+        self.heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.heads
+        self.scale = self.head_dim ** -0.5
+        self.eps = config.layer_norm_eps
+        self.act = ACTIVATIONS[config.hidden_act]
+        emb = base.embeddings
+        self.word = _fp32(emb.word_embeddings.weight)
+        self.position = _fp32(emb.position_embeddings.weight)
+        self.token_type = _fp32(emb.token_type_embeddings.weight[0])
+        self.emb_ln = (_fp32(emb.LayerNorm.weight), _fp32(emb.LayerNorm.bias))
+        self.layers = []
+        for layer in base.encoder.layer:
+            att = layer.attention
+
+            def lin(m: Any) -> RowLinear:
+                return RowLinear(m.weight, m.bias, compute)
+
+            self.layers.append(_EncoderLayer(
+                lin(att.self.query), lin(att.self.key), lin(att.self.value), lin(att.output.dense),
+                (_fp32(att.output.LayerNorm.weight), _fp32(att.output.LayerNorm.bias)),
+                lin(layer.intermediate.dense), lin(layer.output.dense),
+                (_fp32(layer.output.LayerNorm.weight), _fp32(layer.output.LayerNorm.bias)),
+            ))
+        self.pooler = (_fp32(base.pooler.dense.weight), _fp32(base.pooler.dense.bias))
+        self.head_weight = _fp32(model.classifier.weight)
+        self.head_bias = _fp32(model.classifier.bias)
+        self.widths = (config.hidden_size, config.intermediate_size, self.head_dim, 1)
+
+    def layout(self, tree: Any, pad_id: int, reads: Sequence[Sequence[int]] | None = None) -> TileLayout:
+        first = [[seg.start] for seg in tree.segments]  # [CLS]: encoders are never grouped, one segment each
+        return tile_layout(tree, pad_id, causal=False, widths=self.widths, reads=reads or first)
+
+    def __call__(self, tl: TileLayout) -> torch.Tensor:
+        rows = tl.rows
+        h = self.word.index_select(0, tl.ids) + self.position.index_select(0, tl.positions) + self.token_type
+        h = layer_norm(h, *self.emb_ln, self.eps)
+        for layer in self.layers:
+            q = layer.q(h).float().view(rows, self.heads, self.head_dim)
+            k = layer.k(h).float().view(rows, self.heads, self.head_dim)
+            v = layer.v(h).float().view(rows, self.heads, self.head_dim)
+            a = attention(q, k, v, tl.work, self.scale, causal=False).reshape(rows, self.heads * self.head_dim)
+            h = layer_norm(h + layer.o(a).float(), *layer.ln1, self.eps)
+            h = layer_norm(h + layer.out(self.act(layer.inter(h).float())).float(), *layer.ln2, self.eps)
+        flat = [r for rs in tl.read for r in rs]
+        pooled = read_head(h, flat, *self.pooler, activation=torch.tanh, keep_padded=True)  # fp32, fixed tiles
+        return read_head(pooled, range(len(flat)), self.head_weight, self.head_bias)

@@ -1,0 +1,84 @@
+"""Batch invariance, as a property: an input's reward is bit-identical (`==`, not a tolerance) whatever else shares
+its forward pass: alone, packed with random others in random order, in shared-prefix trees of any nesting, in fp32
+and in bf16, for a decoder and an encoder reward model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.backends.hf_backend import HFBackend
+from service.grouping import Group, PlannedBatch
+from tests.helpers import test_config
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module", params=[("llama", "float32"), ("llama", "bfloat16"), ("bert", "float32"),
+                                        ("bert", "bfloat16")], ids=lambda p: "-".join(p))
+def backend(request, tiny_llama_dir, tiny_bert_dir):
+    kind, dtype = request.param
+    model_dir = tiny_llama_dir if kind == "llama" else tiny_bert_dir
+    backend = HFBackend(test_config(model_dir, dtype=dtype))
+    assert backend.invariant is not None
+    return backend
+
+
+def tokens(backend, draw_ids: list[int]) -> list[int]:
+    vocab = backend.invariant.embed.shape[0] if hasattr(backend.invariant, "embed") else backend.invariant.word.shape[0]
+    return [3 + i % (vocab - 3) for i in draw_ids]
+
+
+SEQ = st.lists(st.integers(min_value=0, max_value=10**6), min_size=1, max_size=150)
+
+
+@SETTINGS
+@given(target=SEQ, others=st.lists(SEQ, max_size=6), position=st.integers(0, 6), share=st.sampled_from([0, 1, 16]))
+def test_packed_with_anything_in_any_order(backend, target, others, position, share):
+    target = tokens(backend, target)
+    others = [tokens(backend, o) for o in others]
+    alone = backend.rewards(PlannedBatch([target]))[0]
+    batch = list(others)
+    batch.insert(min(position, len(batch)), target)
+    share = share if backend.head == "decoder" else 0  # encoders attend both ways: never grouped
+    got = backend.rewards(PlannedBatch(batch, min_shared=share))
+    assert got[batch.index(target)] == alone
+
+
+@SETTINGS
+@given(prefix=st.lists(st.integers(0, 10**6), min_size=1, max_size=140),
+       suffixes=st.lists(st.lists(st.integers(0, 10**6), max_size=40), min_size=1, max_size=6),
+       nested=st.lists(st.integers(0, 10**6), max_size=30), min_shared=st.sampled_from([1, 4, 16, 64]))
+def test_shared_prefix_trees_change_no_bit(backend, prefix, suffixes, nested, min_shared):
+    if backend.head != "decoder":
+        pytest.skip("encoders are never grouped")
+    prefix, nested = tokens(backend, prefix), tokens(backend, nested)
+    members = [prefix + tokens(backend, s) for s in suffixes] + [prefix + nested + tokens(backend, s) for s in suffixes]
+    alone = [backend.rewards(PlannedBatch([m]))[0] for m in members]
+    groups = (Group(len(prefix), tuple(range(len(members)))),)
+    grouped = backend.rewards(PlannedBatch(members, groups, min_shared))
+    assert grouped == alone
+
+
+def test_bf16_is_not_fp32(tiny_llama_dir):
+    """The two precisions really differ (a test of the test: bf16 computes in bf16)."""
+    seq = list(range(5, 60))
+    fp32 = HFBackend(test_config(tiny_llama_dir, dtype="float32")).rewards(PlannedBatch([seq]))[0]
+    bf16 = HFBackend(test_config(tiny_llama_dir, dtype="bfloat16")).rewards(PlannedBatch([seq]))[0]
+    assert fp32 != bf16 and abs(fp32 - bf16) < 0.05 * max(1.0, abs(fp32))
+
+
+def test_the_self_check_passes_on_this_machine(backend):
+    backend.warmup()
+    assert backend.invariance_checked is True
+    assert backend.describe()["batch_invariant"] is True
+
+
+def test_auto_precision_follows_the_hardware(tiny_llama_dir):
+    from service.backends.precision import native_bf16
+
+    backend = HFBackend(test_config(tiny_llama_dir, dtype="auto"))
+    assert backend.dtype == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+    assert backend.describe()["machine"]["cpu_capability"]
