@@ -172,8 +172,10 @@ def add_rm(train: Any, handler: Any) -> None:
     rm.add_argument("--l2", type=float, nargs="+", help="--head-only over smollm2: instead of epochs, solve the "
                     "L2-regularised Bradley-Terry fit of the linear head to convergence (L-BFGS) with this penalty "
                     "(e.g. 0.3); several values: one head each (a multi-head overlay), or see --pick-l2")
-    rm.add_argument("--pick-l2", action="store_true", help="--head-only with several --l2: keep only the head with "
-                    "the best eval accuracy (ties: lower eval loss), as a single-head overlay")
+    rm.add_argument("--pick-l2", nargs="?", const="best", choices=("best", "one-se"),
+                    help="--head-only with several --l2: keep one head, chosen on --eval, as a single-head overlay: "
+                    "best = the best eval accuracy (ties: lower eval loss; the default); one-se = the largest l2 "
+                    "within one prompt-clustered bootstrap standard error of the best accuracy")
     rm.add_argument("--bootstrap", type=int, help="--head-only with --l2: K heads per penalty, each fit on a "
                     "bootstrap resample of the training pairs (seed + k; each data file resampled on its own)")
     rm.add_argument("--also-data", action="append", default=[], metavar="FILE",

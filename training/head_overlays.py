@@ -19,7 +19,7 @@ from rewardmodel.normalization import STATS_FILE
 from training.checkpoint import atomic_write_text
 from training.data import PreferencePair
 from training.heads import FittedHead, fit_heads, head_stats, overlay_meta, overlay_rows, pair_metrics, pick_best, \
-    write_tensors
+    pick_one_se, write_tensors
 
 log = logging.getLogger("rewardserve.train.heads")
 
@@ -89,10 +89,13 @@ def _describe(h: FittedHead) -> dict[str, Any]:
 
 
 def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.Tensor | None,
-                       stats_on: dict[str, Any], *, l2s: Sequence[float], bootstrap: int, pick_l2: bool,
+                       stats_on: dict[str, Any], *, l2s: Sequence[float], bootstrap: int, pick_l2: str | None,
                        sizes: Sequence[int], include_heads: Sequence[str], seed: int, common: dict[str, Any],
-                       check_pairs: Sequence[PreferencePair]) -> dict[str, Any]:
-    """Fit, pick, include, export; returns the run summary (training_config.json)."""
+                       check_pairs: Sequence[PreferencePair], dev_groups: torch.Tensor | None = None) -> dict[str, Any]:
+    """Fit, pick, include, export; returns the run summary (training_config.json).
+
+    pick_l2: None (keep every head), "best" (best eval accuracy) or "one-se" (the most regularised head within one
+    prompt-clustered SE of the best; dev_groups (P_eval,) gives each eval pair's prompt)."""
     from training.rm_head import finish_single
 
     if frozen.head.kind != "decoder":
@@ -102,14 +105,18 @@ def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.T
     out.mkdir(parents=True, exist_ok=True)
     fitted = fit_heads(train, dev, l2s=l2s, bootstrap=bootstrap, seed=seed, sizes=sizes)
     candidates = [_describe(h) for h in fitted] if pick_l2 else None
-    if pick_l2:
+    picked: dict[str, Any] = {"rule": pick_l2} if pick_l2 else {}
+    if pick_l2 == "one-se":
+        head, se = pick_one_se(fitted, dev, dev_groups)
+        fitted, picked["clustered_se"] = [head], se
+    elif pick_l2:
         fitted = [pick_best(fitted)]
     heads = [included_head(spec, frozen, train, dev) for spec in include_heads] + fitted
     names = [h.name for h in heads]
     if len(set(names)) != len(names):
         raise ValueError(f"head names must be unique: {names}")
     summary = {**common, "solver": "lbfgs", "l2": l2s[0] if len(l2s) == 1 else l2s, "bootstrap": bootstrap or None,
-               "heads": [_describe(h) for h in heads], "l2_candidates": candidates}
+               "heads": [_describe(h) for h in heads], "l2_candidates": candidates, "pick_l2": picked or None}
     metrics_rows = [{"head": h.name, **h.metrics} for h in heads]
     if len(heads) == 1:
         with torch.no_grad():

@@ -108,6 +108,28 @@ def pick_best(heads: Sequence[FittedHead]) -> FittedHead:
     return max(heads, key=lambda h: (h.metrics["eval/accuracy"], -h.metrics["eval/loss"]))
 
 
+def clustered_se(correct: torch.Tensor, groups: torch.Tensor, draws: int = 2000, seed: int = 0) -> float:
+    """Bootstrap standard error of mean(correct) resampling whole groups (pairs of one prompt move together)."""
+    ids = torch.unique(groups)
+    members = [torch.nonzero(groups == g).flatten() for g in ids]
+    gen = torch.Generator().manual_seed(seed)
+    means = []
+    for _ in range(draws):
+        pick = torch.randint(0, len(ids), (len(ids),), generator=gen).tolist()
+        means.append(float(correct[torch.cat([members[i] for i in pick])].double().mean()))
+    return float(torch.tensor(means).std())
+
+
+def pick_one_se(heads: Sequence[FittedHead], dev: torch.Tensor, groups: torch.Tensor) -> tuple[FittedHead, float]:
+    """The one-standard-error rule (Hastie, Tibshirani & Friedman, ESL 7.10): among heads whose eval accuracy is
+    within one prompt-clustered bootstrap SE of the best, the most regularised (largest l2). Returns (head, SE)."""
+    best = pick_best(heads)
+    r = dev @ best.weight  # (P, 2)
+    se = clustered_se(r[:, 0] > r[:, 1], groups)
+    close = [h for h in heads if h.metrics["eval/accuracy"] >= best.metrics["eval/accuracy"] - se]
+    return max(close, key=lambda h: h.settings["l2"]), se
+
+
 def head_stats(weight: torch.Tensor, feats: torch.Tensor, tokens: torch.Tensor | None, *, fit_on: str,
                max_length: int) -> dict[str, Any]:
     """One head's reward_stats entry: mean/std of its rewards on (P, 2, H) eval features, plus the length fit."""

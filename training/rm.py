@@ -257,7 +257,7 @@ def _main_head_only(args: Any, config: RMConfig) -> int:
                               patience=pick("patience"), command=command,
                               feature_cache=getattr(args, "feature_cache", None),
                               num_layers=getattr(args, "num_layers", None), l2=getattr(args, "l2", None),
-                              bootstrap=getattr(args, "bootstrap", None) or 0, pick_l2=getattr(args, "pick_l2", False),
+                              bootstrap=getattr(args, "bootstrap", None) or 0, pick_l2=getattr(args, "pick_l2", None),
                               also_data=getattr(args, "also_data", None) or (),
                               also_eval=getattr(args, "also_eval", None) or (),
                               include_heads=getattr(args, "include_head", None) or ())

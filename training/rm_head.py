@@ -275,9 +275,15 @@ def sets_features(frozen: Frozen, sets: Sets, store: FeatureStore, progress: Any
     return pair_features(frozen.head, frozen.collate, sets.pairs, store, progress=progress)
 
 
+def prompt_groups(pairs: Sequence[PreferencePair]) -> torch.Tensor:
+    """(P,) an id per distinct prompt: pairs of one prompt are not independent (clustered standard errors)."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(json.dumps(p.prompt_messages), len(ids)) for p in pairs], dtype=torch.long)
+
+
 def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float, patience: int,
                     command: str | None = None, feature_cache: str | None = None, num_layers: int | None = None,
-                    l2: float | Sequence[float] | None = None, bootstrap: int = 0, pick_l2: bool = False,
+                    l2: float | Sequence[float] | None = None, bootstrap: int = 0, pick_l2: str | None = None,
                     also_data: Sequence[str] = (), also_eval: Sequence[str] = (),
                     include_heads: Sequence[str] = ()) -> dict[str, Any]:
     """config: training.rm.RMConfig. Returns the summary also written to training_config.json.
@@ -285,8 +291,8 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
     num_layers: use only the first N layers of a decoder base (then its final norm and the head): an intermediate
     layer of a small LM is often a better feature than its last, and the served model gets cheaper too.
     l2: one or more penalties (linear decoder heads, solved to convergence); with several, one head each, or with
-    pick_l2 only the one with the best eval accuracy. bootstrap: K heads per penalty on resamples of the training
-    pairs. include_heads: "NAME=DIR" rows copied from existing overlays over the same base. More than one head in
+    pick_l2 ("best" | "one-se") only one of them, chosen on the eval pairs. bootstrap: K heads per penalty on
+    resamples of the training pairs. include_heads: "NAME=DIR" rows copied from existing overlays over the same base. More than one head in
     the end: a multi-head overlay (training/heads.py).
     """
     t0 = time.time()
@@ -322,7 +328,8 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
 
         summary = train_linear_heads(frozen, out, train_feats, eval_feats, stats_on, l2s=l2s, bootstrap=bootstrap,
                                      pick_l2=pick_l2, sizes=train_sets.sizes, include_heads=include_heads,
-                                     seed=config.train.seed, common=common, check_pairs=stats_sets.pairs[:8])
+                                     seed=config.train.seed, common=common, check_pairs=stats_sets.pairs[:8],
+                                     dev_groups=prompt_groups(eval_sets.pairs) if eval_sets else None)
     else:
         fit = fit_head(frozen.head, train_feats, eval_feats, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        patience=patience, seed=config.train.seed, log_file=out / "metrics.jsonl")

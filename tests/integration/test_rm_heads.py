@@ -92,6 +92,25 @@ def test_bootstrap_heads_differ_are_reproducible_and_resample_each_file_on_its_o
     assert [h.name for h in plain] == ["l2_0.01", "l2_1"] and all(h.metrics["eval/accuracy"] > 0.6 for h in plain)
 
 
+def test_one_se_rule_picks_the_most_regularised_head_within_one_clustered_se_of_the_best() -> None:
+    from training.heads import clustered_se, fit_heads, pick_best, pick_one_se
+
+    train, dev = _synthetic(n=800)
+    groups = torch.arange(len(dev)) // 10  # 20 "prompts" of 10 pairs
+    heads = fit_heads(train, dev, l2s=[0.001, 0.01, 0.1, 1.0, 100.0])
+    best = pick_best(heads)
+    head, se = pick_one_se(heads, dev, groups)
+    assert 0 < se < 0.2
+    assert head.metrics["eval/accuracy"] >= best.metrics["eval/accuracy"] - se
+    assert all(h.settings["l2"] <= head.settings["l2"] for h in heads
+               if h.metrics["eval/accuracy"] >= best.metrics["eval/accuracy"] - se)
+    ones = torch.ones(100, dtype=torch.bool)
+    assert clustered_se(ones, torch.arange(100) // 10) == 0.0
+    assert clustered_se(torch.arange(100) % 2 == 0, torch.arange(100) // 10, draws=200) == pytest.approx(0.0)
+    halves = torch.arange(100) < 50  # whole groups right or wrong: the SE of 10 clusters, ~0.16
+    assert clustered_se(halves, torch.arange(100) // 10, draws=500) > 0.1
+
+
 def test_length_fit_recovers_a_known_slope_and_removes_the_correlation() -> None:
     from training.length_debias import debias, fit_length, pearson
 
@@ -148,7 +167,7 @@ def _run_heads(frozen, out: Path, **kw):
 
 
 def test_single_head_keeps_todays_format_and_gains_a_length_block(frozen, tmp_path) -> None:
-    summary, _ = _run_heads(frozen, tmp_path / "one", l2s=[0.01, 1.0], pick_l2=True)
+    summary, _ = _run_heads(frozen, tmp_path / "one", l2s=[0.01, 1.0], pick_l2="best")
     meta = json.loads((tmp_path / "one" / OVERLAY_META).read_text())
     assert "heads" not in meta and meta["max_length"] == 64
     assert load_file(str(tmp_path / "one" / OVERLAY_TENSORS))["score.weight"].shape == (1, 32)
