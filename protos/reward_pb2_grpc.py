@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class RewardServiceStub:
-    """Scores inputs with the served reward model. Rewards are raw logits of the reward head (no sigmoid).
+    """Scores inputs with the served reward models. Rewards are raw logits of the reward head (no sigmoid). A request
+    names a served model or ensemble in `model` (empty: the first served model; unknown: NOT_FOUND listing them).
 
     Deadlines: the gRPC deadline of the call is the request's deadline (DEADLINE_EXCEEDED past it); without
     one the server's default_timeout_s applies (if set). Cancelling a call drops its queued inputs.
@@ -72,7 +73,8 @@ class RewardServiceStub:
 
 
 class RewardServiceServicer:
-    """Scores inputs with the served reward model. Rewards are raw logits of the reward head (no sigmoid).
+    """Scores inputs with the served reward models. Rewards are raw logits of the reward head (no sigmoid). A request
+    names a served model or ensemble in `model` (empty: the first served model; unknown: NOT_FOUND listing them).
 
     Deadlines: the gRPC deadline of the call is the request's deadline (DEADLINE_EXCEEDED past it); without
     one the server's default_timeout_s applies (if set). Cancelling a call drops its queued inputs.
@@ -170,7 +172,8 @@ def add_RewardServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RewardService:
-    """Scores inputs with the served reward model. Rewards are raw logits of the reward head (no sigmoid).
+    """Scores inputs with the served reward models. Rewards are raw logits of the reward head (no sigmoid). A request
+    names a served model or ensemble in `model` (empty: the first served model; unknown: NOT_FOUND listing them).
 
     Deadlines: the gRPC deadline of the call is the request's deadline (DEADLINE_EXCEEDED past it); without
     one the server's default_timeout_s applies (if set). Cancelling a call drops its queued inputs.

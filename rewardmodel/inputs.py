@@ -63,17 +63,34 @@ class ChatMessage(Strict):
         return out
 
 
+REFERENCE = Field(default=None, description="A reference answer the request carries, for rule rewards that check "
+                  "the response's final answer against it (GSM8K style: `#### 42`, `\\boxed{42}`, last number).")
+
+
 class PromptResponseInput(Strict):
-    """A single-turn pair: the prompt becomes the user turn, the response the assistant turn."""
+    """A single-turn pair: the prompt becomes the user turn, the response the assistant turn. With
+    `step_separator`, the response is also read as steps (cut at the separator) by a process reward model."""
 
     prompt: Text
     response: Text
+    reference: Text | None = REFERENCE
+    step_separator: Text | None = Field(default=None, min_length=1, description="Process reward models: cut the "
+                                        "response into steps at this text, and score each.")
+
+
+class StepsInput(Strict):
+    """A response given as steps, for process reward models: a score is read at the end of every step."""
+
+    prompt: Text
+    steps: list[Text] = Field(min_length=1, description="The response's steps, in order.")
+    reference: Text | None = REFERENCE
 
 
 class MessagesInput(Strict):
     """A conversation in OpenAI chat format; the last message is the assistant's response being scored."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    reference: Text | None = REFERENCE
 
     @model_validator(mode="after")
     def _last_is_assistant(self) -> "MessagesInput":
@@ -86,6 +103,27 @@ class RawInput(Strict):
     """A pre-rendered string, scored as is (e.g. policy-templated text); special tokens are not added twice."""
 
     raw: Text
+    reference: Text | None = REFERENCE
+
+
+def response_text(inp: Any) -> str | None:
+    """The response being scored (a pair's response, the last assistant message, the steps joined by newlines),
+    or None for raw text, whose response cannot be told apart from its prompt."""
+    if isinstance(inp, dict):
+        if "raw" in inp:
+            return None
+        if "steps" in inp:
+            return "\n".join(inp["steps"])
+        if "messages" in inp:
+            return inp["messages"][-1].get("content") or ""
+        return inp.get("response")
+    if isinstance(inp, PromptResponseInput):
+        return inp.response
+    if isinstance(inp, StepsInput):
+        return "\n".join(inp.steps)
+    if isinstance(inp, MessagesInput):
+        return inp.messages[-1].content or ""
+    return None
 
 
 def _input_tag(value: object) -> str | None:
@@ -99,6 +137,8 @@ def _input_tag(value: object) -> str | None:
         return "raw"
     if "messages" in keys:
         return "messages"
+    if "steps" in keys:
+        return "steps"
     if "prompt" in keys or "response" in keys:
         return "pair"
     return None
@@ -109,10 +149,12 @@ ScoreInput = Annotated[
         Annotated[PromptResponseInput, Tag("pair")],
         Annotated[MessagesInput, Tag("messages")],
         Annotated[RawInput, Tag("raw")],
+        Annotated[StepsInput, Tag("steps")],
     ],
     Discriminator(
         _input_tag,
         custom_error_type="input_form",
-        custom_error_message="an input is an object with 'prompt' and 'response', or 'messages', or 'raw'",
+        custom_error_message="an input is an object with 'prompt' and 'response', or 'messages', or 'raw', or "
+        "'prompt' and 'steps'",
     ),
 ]

@@ -63,6 +63,21 @@ class ModelSource:
     overlay: Path | None = None  # an overlay folder whose tensors replace the base's (see module doc)
     max_length: int | None = None  # an overlay's training-time token cap: served inputs are truncated there too
     num_layers: int | None = None  # an overlay over the first N layers of its base (decoder bases; then the final norm)
+    heads: tuple[str, ...] | None = None  # a multi-head overlay's head names, in row order (None: one head)
+    prm: Any = None  # a process reward model's rewardmodel.steps.PRMSpec (a token-classification checkpoint)
+
+    @property
+    def head_count(self) -> int:
+        if self.prm is not None:
+            return self.prm.num_labels
+        return len(self.heads) if self.heads else 1
+
+    def backbone_key(self) -> tuple:
+        """Sources with the same key share one backbone: overlays that replace only the score head of the same
+        base weights (the same file, layers and token cap). Anything else has a backbone of its own."""
+        if self.overlay is None or self.prm is not None or not head_only_overlay(self.overlay):
+            return ("own", str(self.home.resolve()))
+        return ("base", str(self.path.resolve()), self.gguf_file, self.num_layers, self.max_length)
 
     @property
     def home(self) -> Path:
@@ -79,8 +94,14 @@ class ModelSource:
         raise FileNotFoundError(f"{self.path} holds no single weights file (model.safetensors)")
 
 
+SHIPPED = ("helpful", "ensemble")
+"""Shipped overlays beside models/default, served by name (docs/training.md)."""
+
+
 def resolve_model(spec: str) -> ModelSource:
-    """`default`, `minilm`, `smollm2` or a checkpoint directory -> a ModelSource."""
+    """`default`, `helpful`, `ensemble` (shipped), `minilm`, `smollm2` or a checkpoint directory -> a ModelSource."""
+    if spec in SHIPPED and (default_model_dir().parent / spec / OVERLAY_META).exists():
+        return resolve_overlay(default_model_dir().parent / spec)
     if spec == "default":
         shipped = default_model_dir()
         if (shipped / OVERLAY_META).exists():
@@ -99,10 +120,24 @@ def resolve_model(spec: str) -> ModelSource:
         return resolve_overlay(path)
     if not (path / "config.json").exists() and not any(path.glob("*.gguf")):
         raise FileNotFoundError(f"{spec!r} holds no config.json: not a Hugging Face checkpoint")
-    return ModelSource(path, path.resolve().name)
+    from rewardmodel.steps import load_prm_spec
+
+    return ModelSource(path, path.resolve().name, prm=load_prm_spec(path))
+
+
+_SHA_CACHE: dict[tuple, str] = {}
 
 
 def sha256_file(path: Path) -> str:
+    """The file's sha256 (remembered per path, size and mtime: several overlays check the same base)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = _sha256(path)
+    return _SHA_CACHE[key]
+
+
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -129,8 +164,17 @@ def resolve_overlay(folder: Path) -> ModelSource:
             )
     cap = int(meta["max_length"]) if meta.get("max_length") else None
     layers = int(meta["num_hidden_layers"]) if meta.get("num_hidden_layers") else None
+    heads = tuple(str(h) for h in meta["heads"]) if meta.get("heads") else None
     return replace(base, name=folder.resolve().name, overlay=folder, untrained_head=False, max_length=cap,
-                   num_layers=layers)
+                   num_layers=layers, heads=heads)
+
+
+def head_only_overlay(folder: Path) -> bool:
+    """Whether an overlay replaces only the decoder score head (so several can share one forward pass)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / OVERLAY_TENSORS), framework="pt") as fh:
+        return set(fh.keys()) <= {"score.weight", "score.bias"}
 
 
 def load_overlay(model: Any, folder: Path) -> None:
@@ -199,29 +243,68 @@ def _expected_missing_head(active: bool) -> Iterator[None]:
 
 
 def load_reward_model(source: ModelSource, dtype: Any, device: str) -> Any:
-    """An eval-mode AutoModelForSequenceClassification with one label."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
+    """An eval-mode reward model: AutoModelForSequenceClassification with one label per head (one, or a
+    multi-head overlay's), or AutoModelForTokenClassification for a process reward model."""
+    return load_backbone([source], dtype, device)
 
-    kwargs: dict[str, Any] = {"num_labels": 1, "dtype": dtype, "attn_implementation": "sdpa"}
+
+def load_backbone(sources: list[ModelSource], dtype: Any, device: str) -> Any:
+    """One model whose score head holds every source's heads, in order (the sources share a backbone_key:
+    overlays of only the score head over the same base weights); a single source loads as itself."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    source = sources[0]
+    if len(sources) > 1 and len({s.backbone_key() for s in sources}) != 1:
+        raise ValueError("models that share a backbone must be score-head overlays of the same base")
+    labels = sum(s.head_count for s in sources)
+    auto = AutoModelForTokenClassification if source.prm is not None else AutoModelForSequenceClassification
+    kwargs: dict[str, Any] = {"num_labels": labels, "dtype": dtype, "attn_implementation": "sdpa"}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     if source.num_layers:
         kwargs["num_hidden_layers"] = source.num_layers  # the layers past it are not loaded
+    if source.overlay is not None:  # the overlays supply the head, whatever head the base has
+        kwargs["ignore_mismatched_sizes"] = True
+        kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(labels)}
     with torch.random.fork_rng(devices=[]):  # the caller's RNG (e.g. a trainer's --seed) is left as it was
         if source.untrained_head or source.overlay is not None:
             # The score head is freshly initialised (an overlay then replaces it): seed it so every process
             # serves the same rewards.
             torch.manual_seed(DEFAULT_SEED)
         with _expected_missing_head(source.overlay is not None):
-            model = AutoModelForSequenceClassification.from_pretrained(str(source.path), **kwargs)
-    if model.config.num_labels != 1:
-        raise ValueError(f"{source.path} has num_labels={model.config.num_labels}; a reward model has 1")
+            model = auto.from_pretrained(str(source.path), **kwargs)
+    if model.config.num_labels != labels:
+        raise ValueError(f"{source.path} has num_labels={model.config.num_labels}; expected {labels} "
+                         f"({'a reward model has 1' if labels == 1 else 'its heads'})")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = 0
-    if source.overlay is not None:
-        load_overlay(model, source.overlay)
+    if len(sources) == 1:
+        if source.overlay is not None:
+            load_overlay(model, source.overlay)
+    else:
+        _load_heads(model, sources)
     return model.to(device).eval()
+
+
+def _load_heads(model: Any, sources: list[ModelSource]) -> None:
+    """Each overlay's score rows into its slice of the shared head."""
+    import torch
+    from safetensors.torch import load_file
+
+    offset = 0
+    with torch.no_grad():
+        for source in sources:
+            tensors = load_file(str(source.overlay / OVERLAY_TENSORS))
+            rows = tensors["score.weight"]
+            if rows.shape != (source.head_count, model.score.weight.shape[1]):
+                raise ValueError(f"{source.overlay}: score.weight {tuple(rows.shape)} does not fit the base model")
+            model.score.weight[offset:offset + source.head_count].copy_(rows.to(model.score.weight.dtype))
+            if "score.bias" in tensors:
+                if getattr(model.score, "bias", None) is None:
+                    raise ValueError(f"{source.overlay}: the base's score head has no bias")
+                model.score.bias[offset:offset + source.head_count].copy_(tensors["score.bias"])
+            offset += source.head_count
 
 
 def has_decoder_head(model: Any) -> bool:

@@ -34,7 +34,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = resolve(args)
-    except (ValidationError, ValueError, OSError) as exc:
+    except ValidationError as exc:  # one line, naming each field
+        return _fail("serve", "bad configuration: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()))
+    except (ValueError, OSError) as exc:
         return _fail("serve", f"bad configuration: {exc}")
     _setup_logging(config.log_level)
     from service.errors import RewardServeError

@@ -9,12 +9,12 @@ exactly what /v1/score answers for the same pair.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
-from service.engine import RewardEngine
 from service.errors import ErrorKind, RewardServeError, invalid
 from service.generation.base import Generation, Sampling, generator_error
 from service.schemas import BestOfNRequest, RankedCandidate, RerankRequest, ScoreResult
@@ -42,19 +42,32 @@ def rank(texts: Sequence[str], results: Sequence[ScoreResult], reasons: Sequence
     return [
         RankedCandidate(
             text=texts[i], reward=results[i].reward, rank=r + 1, index=i, truncated=results[i].truncated,
-            tokens=results[i].tokens, finish_reason=reasons[i],
+            tokens=results[i].tokens, finish_reason=reasons[i], step_rewards=results[i].step_rewards,
+            members=results[i].members, std=results[i].std,
         )
         for r, i in enumerate(order)
     ]
 
 
-class BestOfN:
-    """Holds the engine and the (optional) generator; both transports call it."""
+def aggregate_steps(steps: Sequence[float], how: str) -> float:
+    """One number from a process reward model's step scores (raw log-odds): the last, the min, the mean, or
+    `product`: the log of the product of the steps' probabilities, sum(log sigmoid(s)) (ranks as the product)."""
+    if how == "last":
+        return float(steps[-1])
+    if how == "min":
+        return float(min(steps))
+    if how == "mean":
+        return float(sum(steps) / len(steps))
+    return float(sum(-math.log1p(math.exp(-s)) if s > -30 else s for s in steps))
 
-    def __init__(self, engine: RewardEngine, generator: Any = None):
-        self.engine = engine
+
+class BestOfN:
+    """Holds the served models and the (optional) generator; both transports call it."""
+
+    def __init__(self, house: Any, generator: Any = None):
+        self.house = house
         self.generator = generator
-        self.config = engine.config
+        self.config = house.config
 
     def check_limits(self, request: BestOfNRequest) -> None:
         cfg = self.config
@@ -74,7 +87,7 @@ class BestOfN:
                 ErrorKind.NOT_IMPLEMENTED,
                 "best-of-n needs a generator: start the server with --generator vllm:PATH | openai:URL | hf:PATH",
             )
-        self.engine.check_model(request.model)
+        scorer = self.house.resolve(request.model)
         self.check_limits(request)
         sampling = Sampling(
             n=request.n, temperature=request.temperature, top_p=request.top_p, max_tokens=request.max_tokens,
@@ -82,7 +95,7 @@ class BestOfN:
         )
         # the candidates' queue room is taken before generating: generation counts against max_queue, and the
         # drain waits for it
-        with self.engine.admit(request.n, model=request.model, field="n") as reservation:
+        with scorer.admit(request.n, field="n") as reservation:
             start = time.perf_counter()
             generations = await self._generate(request, sampling, deadline)
             generation_s = time.perf_counter() - start
@@ -91,7 +104,7 @@ class BestOfN:
                     ErrorKind.GENERATOR, f"the generator returned {len(generations)} candidates for n={request.n}"
                 )
             texts = [g.text for g in generations]
-            outcome = await self._score(request, texts, [g.finish_reason for g in generations], deadline,
+            outcome = await self._score(scorer, request, texts, [g.finish_reason for g in generations], deadline,
                                         reservation)
         outcome.generation_s = generation_s
         outcome.generator = self.generator.name
@@ -111,13 +124,20 @@ class BestOfN:
             raise generator_error(self.generator.name, exc) from exc
 
     async def rerank(self, request: RerankRequest, deadline: float | None = None) -> RankedOutcome:
-        reservation = self.engine.admit(len(request.candidates), model=request.model, field="candidates")
-        return await self._score(request, request.candidates, [None] * len(request.candidates), deadline,
+        scorer = self.house.resolve(request.model)
+        reservation = scorer.admit(len(request.candidates), field="candidates")
+        return await self._score(scorer, request, request.candidates, [None] * len(request.candidates), deadline,
                                  reservation)
 
-    async def _score(self, request: BestOfNRequest | RerankRequest, texts: Sequence[str],
+    async def _score(self, scorer: Any, request: BestOfNRequest | RerankRequest, texts: Sequence[str],
                      reasons: Sequence[str | None], deadline: float | None, reservation: Any) -> RankedOutcome:
         inputs = [request.scored_input(t) for t in texts]  # one request: the engine groups the shared prompt
         # on the reservation taken at admission: admitted before any drain began, so finished, not refused
-        scored = await self.engine.score(inputs, deadline=deadline, reservation=reservation, field="candidates")
+        scored = await scorer.score(inputs, deadline=deadline, reservation=reservation, field="candidates")
+        if request.aggregate is not None or any(r.step_rewards for r in scored.results):
+            how = request.aggregate or "last"
+            for r in scored.results:
+                if r.step_rewards is None:
+                    raise invalid(f"aggregate: model {scored.model!r} has no step scores to aggregate")
+                r.reward = aggregate_steps(r.step_rewards, how)
         return RankedOutcome(scored.model, rank(texts, scored.results, reasons), 0.0, scored.queue_s, scored.compute_s)

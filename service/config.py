@@ -17,11 +17,80 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 ENV_PREFIX = "REWARDSERVE_"
 
 
+class ModelEntry(BaseModel):
+    """One served model: `{name: harmless, path: default}`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(min_length=1, description="The name it is served under.")
+    path: str = Field(min_length=1, description="default | helpful | ensemble | minilm | smollm2 | a checkpoint or "
+                      "overlay folder.")
+    aliases: list[str] = Field(default_factory=list, description="Other names it answers to.")
+    debias: Literal["length"] | None = Field(default=None, description="`length`: serve the reward with its linear "
+                                             "dependence on response length removed (fit in reward_stats.json).")
+
+
+class RuleEntry(BaseModel):
+    """A rule reward term of an ensemble: `{kind: length, weight: -0.001}`, `{kind: answer, weight: 1}`,
+    `{kind: regex, pattern: '^Answer:', weight: 0.5}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["length", "answer", "regex"]
+    weight: float = Field(allow_inf_nan=False)
+    target: int = Field(default=0, ge=0, description="length: tokens above this are penalized (0: every token).")
+    pattern: str | None = Field(default=None, description="regex: the pattern the response must match.")
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "RuleEntry":
+        if (self.kind == "regex") != (self.pattern is not None):
+            raise ValueError("a regex rule needs `pattern`, and only a regex rule takes one")
+        if self.pattern is not None:
+            from rewardmodel.rules import compile_pattern
+
+            try:
+                compile_pattern(self.pattern)
+            except Exception as exc:  # the safe subset only (no nested repeats, no backreferences, ...)
+                raise ValueError(f"pattern {self.pattern!r}: {exc}") from None
+        return self
+
+
+class EnsembleEntry(BaseModel):
+    """A served combination of models (and rules) under one name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    combine: Literal["mean", "weighted", "min", "mean_minus_std"] = "mean"
+    penalty: float = Field(default=0.5, ge=0, allow_inf_nan=False, description="λ of mean_minus_std.")
+    members: dict[str, float] = Field(min_length=1, description="Member model names and their weights.")
+    normalize: bool = Field(default=False, description="Combine the members' normalized rewards (reward_stats).")
+    rules: list[RuleEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _finite(self) -> "EnsembleEntry":
+        import math
+
+        bad = [name for name, w in self.members.items() if not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"ensemble {self.name!r}: member weight of {bad[0]!r} is not finite")
+        if self.combine == "weighted" and sum(self.members.values()) == 0:
+            raise ValueError(f"ensemble {self.name!r}: weighted combine needs weights that do not sum to 0")
+        return self
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
 
     model: str = "default"
-    """Reward model: a Hugging Face checkpoint directory, or `default` (the shipped default RM) or `minilm`."""
+    """Reward model: a Hugging Face checkpoint directory, or `default` (the shipped default RM), `helpful`,
+    `ensemble` or `minilm`. Repeat `--model [NAME=]SPEC` to serve several (the first is the default)."""
+    models: list[ModelEntry] = []
+    """Several models, each `{name, path, aliases?, debias?}` (config file `models:`; the flag is a repeated
+    `--model NAME=SPEC`); the first is the default. Empty: `model` alone."""
+    ensembles: list[EnsembleEntry] = []
+    """Served ensembles: `{name, combine: mean|weighted|min|mean_minus_std, penalty, members: {model: weight},
+    normalize, rules: [{kind: length|answer|regex, weight, ...}]}` (config file)."""
     model_name: str | None = None
     """Name the model is served under (default: the first `served_model_name`, else the directory's name)."""
     served_model_name: list[str] = []
@@ -121,9 +190,31 @@ class ServeConfig(BaseModel):
     """Most requests of one gRPC ScoreStream being scored at once; the stream reads no more until one is answered
     (backpressure through gRPC flow control)."""
 
+    def model_entries(self) -> list[ModelEntry]:
+        """The models to serve: `models`, or `model` alone under its served name (resolved by the backend)."""
+        if self.models:
+            return list(self.models)
+        # the single model's name may still be unknown (the backend's served name): an unvalidated entry
+        return [ModelEntry.model_construct(name=self.model_name or next(iter(self.served_model_name), None) or "",
+                                           path=self.model, aliases=list(self.served_model_name), debias=None)]
+
     def served_name(self, default: str) -> str:
         """The model's name in answers: model_name, else the first served_model_name, else `default`."""
         return self.model_name or next(iter(self.served_model_name), None) or default
+
+    @model_validator(mode="after")
+    def _names(self) -> "ServeConfig":
+        names = [m.name for m in self.models] + [e.name for e in self.ensembles]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"names must be unique: {dupes[0]!r} is used twice")
+        models = {m.name for m in self.models}
+        for ensemble in self.ensembles:
+            missing = [m for m in ensemble.members if m not in models and not (not self.models)]
+            if missing:
+                raise ValueError(f"ensemble {ensemble.name!r} names a member that is not served: {missing[0]!r} "
+                                 f"(served: {sorted(models)})")
+        return self
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> "ServeConfig":
@@ -171,13 +262,23 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
+CONFIG_FILE_ONLY = ("models", "ensembles")
+"""Fields only a config file sets (lists of objects); `models` also comes from a repeated `--model NAME=SPEC`."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field; defaults are None so that only flags given override env and file."""
-    parser.add_argument("--config", help="YAML or JSON config file (fields as below).")
+    lists = " ".join(f"`{name}`: {ServeConfig.model_fields[name].description}" for name in CONFIG_FILE_ONLY)
+    parser.add_argument("--config", help=f"YAML or JSON config file (fields as below, and: {lists})")
     for name, field in ServeConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         helptext = f"{field.description or ''} (default: {field.default!r}; env {ENV_PREFIX}{name.upper()})"
         flags = [*FLAG_ALIASES.get(name, ()), flag]
+        if name in CONFIG_FILE_ONLY:
+            continue
+        if name == "model":
+            parser.add_argument(flag, dest=name, action="append", default=None, help=helptext)
+            continue
         if field.annotation is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         elif field.annotation == list[str]:  # repeatable; each value may also be comma-separated
@@ -195,6 +296,24 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
     if args is not None:
         for name in ServeConfig.model_fields:
             value = getattr(args, name, None)
-            if value is not None:
-                data[name] = _coerce(value, ServeConfig.model_fields[name].annotation)
+            if value is None:
+                continue
+            if name == "model":
+                data.update(model_flags(value))
+                continue
+            data[name] = _coerce(value, ServeConfig.model_fields[name].annotation)
     return ServeConfig.model_validate(data)
+
+
+def model_flags(values: str | list[str]) -> dict[str, Any]:
+    """`--model SPEC` (one, unnamed): the `model` field; repeated or `NAME=SPEC`: the `models` list."""
+    values = [values] if isinstance(values, str) else list(values)
+    if len(values) == 1 and "=" not in values[0]:
+        return {"model": values[0]}
+    entries = []
+    for value in values:
+        name, sep, spec = value.partition("=")
+        if not sep:
+            name, spec = Path(value).name or value, value
+        entries.append({"name": name, "path": spec})
+    return {"models": entries}

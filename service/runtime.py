@@ -1,4 +1,4 @@
-"""Builds the engine from config and runs HTTP (uvicorn) and gRPC (grpc.aio) on one event loop.
+"""Builds the served models from config and runs HTTP (uvicorn) and gRPC (grpc.aio) on one event loop.
 
 One signal/drain path: SIGTERM or SIGINT -> readiness false (HTTP /ready 503, gRPC health NOT_SERVING) and
 new work refused -> everything already accepted is answered (up to `grace_s`) -> servers stop -> exit 0.
@@ -17,6 +17,7 @@ import uvicorn
 
 from service.config import ServeConfig
 from service.engine import RewardEngine
+from service.house import ModelHouse
 from service.http_api.app import create_app
 
 log = logging.getLogger("rewardserve.runtime")
@@ -40,9 +41,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_best_of_n(engine: RewardEngine, config: ServeConfig) -> Any:
-    """Best-of-N over the engine, with the configured generator started (after the reward model, so that
-    an in-process vLLM's thread settings do not reach the model worker's thread)."""
+async def start_best_of_n(house: ModelHouse, config: ServeConfig) -> Any:
+    """Best-of-N over the served models, with the configured generator started (after the reward models, so
+    that an in-process vLLM's thread settings do not reach the model workers' threads)."""
     from service.bon import BestOfN
 
     generator = None
@@ -52,13 +53,13 @@ async def start_best_of_n(engine: RewardEngine, config: ServeConfig) -> Any:
         generator = create_generator(config.generator, config)
         await generator.start()
         log.info("best-of-n generator: %s", generator.name)
-    return BestOfN(engine, generator)
+    return BestOfN(house, generator)
 
 
 class Runtime:
-    def __init__(self, config: ServeConfig, engine: RewardEngine | None = None):
+    def __init__(self, config: ServeConfig, house: ModelHouse | None = None):
         self.config = config
-        self.engine = engine
+        self.house = house
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._http: _UvicornServer | None = None
@@ -69,32 +70,37 @@ class Runtime:
         self.app: Any = None  # the FastAPI app, once HTTP is up
         self.bon: Any = None  # service.bon.BestOfN, set by start()
 
+    @property
+    def engine(self) -> RewardEngine | None:
+        """The default model's engine."""
+        return self.house.engine if self.house is not None else None
+
     async def start(self) -> None:
-        """Model, generator, gRPC, HTTP, in that order; if any step fails, what was started is stopped again."""
-        if self.engine is None:
-            self.engine = await asyncio.to_thread(RewardEngine.from_config, self.config)
-        await self.engine.start()
+        """Models, generator, gRPC, HTTP, in that order; if any step fails, what was started is stopped again."""
+        if self.house is None:
+            self.house = await asyncio.to_thread(ModelHouse.build, self.config)
+        await self.house.start()
         try:
-            self.bon = await start_best_of_n(self.engine, self.config)
+            self.bon = await start_best_of_n(self.house, self.config)
             if self.config.grpc_port >= 0:
                 from service.grpc_api.server import start_grpc_server
 
                 self._grpc, self.grpc_port, self._health = await start_grpc_server(
-                    self.engine, self.config, bon=self.bon)
+                    self.house, self.config, bon=self.bon)
             await self._start_http()
         except BaseException:
             await self._stop_all()
             raise
         log.info(
             "rewardserve serving %s: HTTP %s://%s:%d  gRPC %s",
-            self.engine.name, "https" if self.config.tls_cert else "http", self.config.host, self.http_port,
-            f"{self.config.host}:{self.grpc_port}" if self.grpc_port else "off",
+            ", ".join(self.house.scorers), "https" if self.config.tls_cert else "http", self.config.host,
+            self.http_port, f"{self.config.host}:{self.grpc_port}" if self.grpc_port else "off",
         )
 
     async def _start_http(self) -> None:
         sock = bind_socket(self.config.host, self.config.port)
         self.http_port = sock.getsockname()[1]
-        self.app = create_app(self.engine, bon=self.bon)
+        self.app = create_app(self.house, bon=self.bon)
         uv_config = uvicorn.Config(
             self.app, log_level=self.config.log_level.lower(), access_log=False, lifespan="off",
             timeout_graceful_shutdown=self.config.drain_timeout_s, ssl_certfile=self.config.tls_cert,
@@ -111,12 +117,12 @@ class Runtime:
         """Work admitted and not yet scored: inputs tokenizing, generating (Best-of-N), queued or computing.
         (Their answers are then written during the servers' own graceful stop, within what is left of the
         drain timeout; requests refused while draining do not count.)"""
-        return self.engine.batcher.depth > 0
+        return self.house.depth > 0
 
     async def drain_and_stop(self, grace_s: float | None = None) -> None:
         """Stop taking work, answer what was accepted (up to drain_timeout_s in all), then stop everything."""
-        assert self.engine is not None
-        self.engine.mark_draining()
+        assert self.house is not None
+        self.house.mark_draining()
         if self._health is not None:
             await self._health.set_all_not_serving()
         loop = asyncio.get_running_loop()
@@ -135,8 +141,8 @@ class Runtime:
             if self._http_task is not None:
                 with contextlib.suppress(Exception):
                     await self._http_task
-        if self.engine is not None:
-            await self.engine.stop()
+        if self.house is not None:
+            await self.house.stop()
         if self.bon is not None and self.bon.generator is not None:
             await asyncio.to_thread(self.bon.generator.close)
         self._stopped.set()
@@ -154,12 +160,17 @@ class Runtime:
 
 
 def configure_process(config: ServeConfig) -> None:
-    """Process-wide settings, made once and in the open: torch's intra-op threads (the model worker's)."""
+    """Process-wide settings, made once and in the open: torch's intra-op threads (the model worker's), and
+    bounded native memory (service/memory.py: shape-keyed kernel caches capped before the first matmul, free
+    pages given back to the system every few seconds)."""
     import torch
 
     from service.backends.hf_backend import available_cores
+    from service.memory import bound_kernel_caches, start_trimmer
 
     torch.set_num_threads(int(config.threads) if config.threads > 0 else available_cores())
+    bound_kernel_caches()
+    start_trimmer()
 
 
 def serve(config: ServeConfig) -> None:

@@ -3,7 +3,7 @@ gRPC converts its protobuf messages into them, so both transports validate the s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
@@ -15,7 +15,7 @@ from service.errors import invalid
 _INPUTS = TypeAdapter(list[ScoreInput])
 
 
-_TAGS = {"pair", "messages", "raw"}
+_TAGS = {"pair", "messages", "raw", "steps"}
 
 
 def _is_tag(loc: tuple, i: int) -> bool:
@@ -48,12 +48,25 @@ def parse_inputs(raw: list[dict]) -> list:
 
 
 class ScoreResult(BaseModel):
-    reward: float = Field(description="Raw logit of the reward head.")
+    reward: float = Field(description="Raw logit of the reward head (an ensemble: its combined reward; a process "
+                          "reward model: the last step's score).")
     truncated: bool = Field(description="True when the input was cut from the left to fit the token limit.")
     tokens: int = Field(description="Tokens scored (after truncation).")
     normalized: float | None = Field(
         default=None, description="(reward - mean) / std with the model's stats; only when asked for."
     )
+    step_rewards: list[float] | None = Field(
+        default=None, description="A process reward model: the raw score at the end of each step.")
+    members: dict[str, float] | None = Field(
+        default=None, description="An ensemble: each member's reward (what the member alone answers).")
+    std: float | None = Field(default=None, description="An ensemble: the std of the values it combined.")
+    rules: dict[str, float] | None = Field(
+        default=None, description="An ensemble with rule terms: each rule's value (before its weight).")
+    advantage: float | None = Field(
+        default=None, description="With `groups`: (reward - group mean) / (group std + 1e-4); 0 for an all-equal "
+        "group.")
+    advantage_centered: float | None = Field(
+        default=None, description="With `groups`: reward - group mean (Dr. GRPO, no std scaling).")
 
 
 # ---- Best-of-N and rerank ------------------------------------------------------------------------------
@@ -64,7 +77,7 @@ class _PromptOrMessages(Strict):
     """The context the candidates answer: a `prompt` (one user turn) or `messages` (not ending with the
     assistant: the candidates are the assistant's reply)."""
 
-    model: str | None = Field(default=None, description="Reward model name; must match the served model if given.")
+    model: str | None = Field(default=None, description="A served model or ensemble (default: the first model).")
     prompt: Text | None = Field(default=None, description="The user's prompt (or give `messages`).")
     messages: list[ChatMessage] | None = Field(
         default=None, min_length=1,
@@ -73,6 +86,9 @@ class _PromptOrMessages(Strict):
     timeout: float | None = Field(
         default=None, gt=0, description="Seconds before the request fails with 504 (also the X-Request-Timeout header)."
     )
+    aggregate: Literal["last", "min", "mean", "product"] | None = Field(
+        default=None, description="A process reward model: how its step scores rank a candidate: the last step's, the "
+        "min, the mean, or `product` (the log of the product of the step probabilities); default `last`.")
 
     @model_validator(mode="after")
     def _one_context(self) -> "_PromptOrMessages":
@@ -112,7 +128,8 @@ class RerankRequest(_PromptOrMessages):
 
 class RankedCandidate(BaseModel):
     text: str = Field(description="The candidate response.")
-    reward: float = Field(description="Raw logit of the reward model for (context, text).")
+    reward: float = Field(description="Raw logit of the reward model for (context, text) (a process reward model: "
+                          "its step scores aggregated as asked).")
     rank: int = Field(description="1 for the highest reward; ties keep request/sample order.")
     index: int = Field(description="Position in the request's candidates (rerank) or in sample order (best-of-n).")
     truncated: bool = Field(description="True when (context, text) was cut from the left to fit the token limit.")
@@ -120,6 +137,9 @@ class RankedCandidate(BaseModel):
     finish_reason: str | None = Field(
         default=None, description="best-of-n: `stop` (the policy ended its turn) or `length` (max_tokens reached)."
     )
+    step_rewards: list[float] | None = Field(default=None, description="A process reward model's step scores.")
+    members: dict[str, float] | None = Field(default=None, description="An ensemble's member rewards.")
+    std: float | None = Field(default=None, description="An ensemble: the std of the values it combined.")
 
 
 class BestCandidate(BaseModel):

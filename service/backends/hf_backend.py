@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from service.backends import packing
-from rewardmodel.modeling import load_reward_model, load_tokenizer, log_untrained, resolve_model, reward_forward
+from rewardmodel.modeling import load_backbone, load_tokenizer, log_untrained, resolve_model, reward_forward
 from rewardmodel.rendering import model_max_length
 from service.backends.invariant_models import build_forward
 from service.backends.precision import auto_dtype
@@ -51,10 +51,11 @@ def pick_dtype(requested: str, device: str) -> Any:
 
 
 class HFBackend:
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, sources: list[Any] | None = None, name: str | None = None):
         import torch
 
-        self.source = resolve_model(config.model)
+        self.sources = sources or [resolve_model(config.model)]
+        self.source = self.sources[0]
         log_untrained(self.source)
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
@@ -65,8 +66,8 @@ class HFBackend:
         if forward == "invariant" and config.packing == "off":
             raise ValueError("the invariant forward packs its batches: --packing off needs --forward transformers")
         weights_dtype = torch.float32 if forward != "transformers" else self.dtype
-        self.model = load_reward_model(self.source, weights_dtype, self.device)
-        self.name = config.served_name(self.source.name)
+        self.model = load_backbone(self.sources, weights_dtype, self.device)
+        self.name = name or config.served_name(self.source.name)
         self.max_length = model_max_length(self.tokenizer, self.model.config, config.max_tokens)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self.head = packing.head_kind(self.model)

@@ -195,16 +195,22 @@ def _probe_one_call(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
 
 def read_head(hidden: torch.Tensor, rows: Sequence[int], weight: torch.Tensor, bias: torch.Tensor | None,
               activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              keep_padded: bool = False) -> torch.Tensor:
-    """A head in fp32 on the read rows, as one GEMM per tile of rows (a lone row would take another kernel), then
-    its activation on the padded tiles (aligned chunks): (len(rows), out), or the padded tiles."""
+              keep_padded: bool = False, per_column: bool = True) -> torch.Tensor:
+    """A head in fp32 on the read rows, as one GEMM per tile of rows (a lone row would take another kernel) and per
+    output (so a head's column has the same bits whatever other heads share the backbone), then its activation on
+    the padded tiles (aligned chunks): (len(rows), out), or the padded tiles."""
     picked = hidden[torch.as_tensor(list(rows), dtype=torch.long, device=hidden.device)].float()
     n = picked.shape[0]
     tiles = aligned_count(-(-n // TILE), TILE * weight.shape[0])
     padded = F.pad(picked, (0, 0, 0, tiles * TILE - n))
     w = weight.float()
     b = None if bias is None else bias.float()
-    out = torch.cat([F.linear(t, w, b) for t in padded.split(TILE)])
+    if per_column:
+        columns = [torch.cat([F.linear(t, w[k:k + 1], None if b is None else b[k:k + 1]) for t in padded.split(TILE)])
+                   for k in range(w.shape[0])]
+        out = torch.cat(columns, dim=1)
+    else:
+        out = torch.cat([F.linear(t, w, b) for t in padded.split(TILE)])
     if activation is not None:
         out = activation(out)
     return out if keep_padded else out[:n]

@@ -49,7 +49,7 @@ def build_forward(model: Any, compute: torch.dtype, max_length: int) -> "Decoder
         if getattr(config, "hidden_act", "silu") not in ACTIVATIONS:
             return None
         return DecoderForward(model, compute, max_length)
-    if kind == "bert" and hasattr(model, "classifier") and getattr(model.bert, "pooler", None) is not None:
+    if kind == "bert" and hasattr(model, "classifier"):
         if getattr(config, "hidden_act", "gelu") not in ACTIVATIONS:
             return None
         return EncoderForward(model, compute)
@@ -181,14 +181,15 @@ class EncoderForward:
                 lin(layer.intermediate.dense), lin(layer.output.dense),
                 (_fp32(layer.output.LayerNorm.weight), _fp32(layer.output.LayerNorm.bias)),
             ))
-        self.pooler = (_fp32(base.pooler.dense.weight), _fp32(base.pooler.dense.bias))
+        pooler = getattr(base, "pooler", None)  # none: a token-classification head (a PRM reads step ends)
+        self.pooler = None if pooler is None else (_fp32(pooler.dense.weight), _fp32(pooler.dense.bias))
         self.head_weight = _fp32(model.classifier.weight)
         self.head_bias = _fp32(model.classifier.bias)
         self.widths = (config.hidden_size, config.intermediate_size, self.head_dim, 1)
 
     def layout(self, tree: Any, pad_id: int, reads: Sequence[Sequence[int]] | None = None) -> TileLayout:
         first = [[seg.start] for seg in tree.segments]  # [CLS]: encoders are never grouped, one segment each
-        return tile_layout(tree, pad_id, causal=False, widths=self.widths, reads=reads or first)
+        return tile_layout(tree, pad_id, causal=False, widths=self.widths, reads=reads if reads is not None else first)
 
     def __call__(self, tl: TileLayout) -> torch.Tensor:
         rows = tl.rows
@@ -202,5 +203,7 @@ class EncoderForward:
             h = layer_norm(h + layer.o(a).float(), *layer.ln1, self.eps)
             h = layer_norm(h + layer.out(self.act(layer.inter(h).float())).float(), *layer.ln2, self.eps)
         flat = [r for rs in tl.read for r in rs]
-        pooled = read_head(h, flat, *self.pooler, activation=torch.tanh, keep_padded=True)  # fp32, fixed tiles
+        if self.pooler is None:
+            return read_head(h, flat, self.head_weight, self.head_bias)
+        pooled = read_head(h, flat, *self.pooler, activation=torch.tanh, keep_padded=True, per_column=False)
         return read_head(pooled, range(len(flat)), self.head_weight, self.head_bias)

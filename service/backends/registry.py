@@ -20,5 +20,9 @@ def backend_class(name: str) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def create_backend(config: Any) -> Any:
-    return backend_class(config.backend)(config)
+def create_backend(config: Any, sources: list[Any] | None = None, name: str | None = None) -> Any:
+    """The configured backend over `sources` (models sharing one backbone; default: `config.model`)."""
+    cls = backend_class(config.backend)
+    if sources is None:
+        return cls(config)
+    return cls(config, sources=sources, name=name)

@@ -34,9 +34,11 @@ def _as_values(rewards: list[float]) -> list[Any]:
 
 
 class VLLMBackend:
-    def __init__(self, config: Any):
-        self.source = resolve_model(config.model)
-        if self.source.gguf_file or self.source.untrained_head:
+    def __init__(self, config: Any, sources: list[Any] | None = None, name: str | None = None):
+        if sources is not None and len(sources) > 1:
+            raise ValueError("the vllm backend serves one model per backbone (no shared heads)")
+        self.source = sources[0] if sources else resolve_model(config.model)
+        if self.source.gguf_file or self.source.untrained_head or self.source.heads or self.source.prm is not None:
             raise ValueError(
                 f"the vllm backend serves reward-model checkpoints (a directory with config.json and a trained "
                 f"one-label head); {config.model!r} is not one: use --backend hf, or pass --model DIR"
@@ -64,7 +66,7 @@ class VLLMBackend:
         self._params = PoolingParams(use_activation=False)
         cache = self.llm.llm_engine.vllm_config.cache_config
         self.block_size = int(cache.block_size)
-        self.name = config.served_name(self.source.name)
+        self.name = name or config.served_name(self.source.name)
         self.packed = True  # vLLM batches without padding: a batch costs its real tokens
         self.prefix_groups = bool(cache.enable_prefix_caching)
         log.info(

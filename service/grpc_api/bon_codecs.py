@@ -28,18 +28,22 @@ def decode_best_of_n(request: reward_pb2.BestOfNRequest) -> BestOfNRequest:
     for name in SAMPLING_FIELDS:  # unset optional fields keep the HTTP defaults
         if request.HasField(name):
             data[name] = getattr(request, name)
+    if request.aggregate:
+        data["aggregate"] = request.aggregate
     return parse_request(BestOfNRequest, data)
 
 
 def decode_rerank(request: reward_pb2.RerankRequest) -> RerankRequest:
     data = {"model": request.model or None, **_context(request), "candidates": list(request.candidates)}
+    if request.aggregate:
+        data["aggregate"] = request.aggregate
     return parse_request(RerankRequest, data)
 
 
 def encode_candidate(c: RankedCandidate) -> reward_pb2.RankedCandidate:
     return reward_pb2.RankedCandidate(
         text=c.text, reward=c.reward, rank=c.rank, index=c.index, truncated=c.truncated, tokens=c.tokens,
-        finish_reason=c.finish_reason or "",
+        finish_reason=c.finish_reason or "", step_rewards=c.step_rewards or [], members=c.members or {}, std=c.std,
     )
 
 

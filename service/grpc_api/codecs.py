@@ -10,7 +10,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from protos import reward_pb2
-from service.engine import RewardEngine, ScoreOutcome
+from service.engine import ScoreOutcome
 from service.error_map import GRPC_STATUS
 from service.errors import RewardServeError, invalid
 from service.schemas import parse_inputs
@@ -39,13 +39,21 @@ def input_to_dict(index: int, inp: reward_pb2.ScoreInput) -> dict[str, Any]:
     """One ScoreInput as the plain dict `parse_inputs` validates (same rules as the HTTP body)."""
     form = inp.WhichOneof("input")
     if form == "pair":
-        return {"prompt": inp.pair.prompt, "response": inp.pair.response}
-    if form == "conversation":
-        return {"messages": [message_to_dict(f"inputs.{index}.conversation.messages.{j}", m)
-                             for j, m in enumerate(inp.conversation.messages)]}
-    if form == "raw":
-        return {"raw": inp.raw}
-    raise invalid(f"inputs.{index}: no input set: set one of pair, conversation or raw")
+        out: dict[str, Any] = {"prompt": inp.pair.prompt, "response": inp.pair.response}
+        if inp.pair.step_separator:
+            out["step_separator"] = inp.pair.step_separator
+    elif form == "conversation":
+        out = {"messages": [message_to_dict(f"inputs.{index}.conversation.messages.{j}", m)
+                            for j, m in enumerate(inp.conversation.messages)]}
+    elif form == "raw":
+        out = {"raw": inp.raw}
+    elif form == "steps":
+        out = {"prompt": inp.steps.prompt, "steps": list(inp.steps.steps)}
+    else:
+        raise invalid(f"inputs.{index}: no input set: set one of pair, conversation, raw or steps")
+    if inp.HasField("reference"):
+        out["reference"] = inp.reference
+    return out
 
 
 class MalformedRequest:
@@ -78,29 +86,46 @@ def decode_inputs(request: reward_pb2.ScoreRequest) -> list:
     return parse_inputs([input_to_dict(i, inp) for i, inp in enumerate(request.inputs)])
 
 
-def engine_deadline(engine: RewardEngine, context: grpc.aio.ServicerContext) -> float | None:
+def decode_groups(request: reward_pb2.ScoreRequest) -> list[list[int]] | None:
+    return [list(g.members) for g in request.groups] if request.groups else None
+
+
+def engine_deadline(house: Any, context: grpc.aio.ServicerContext) -> float | None:
     """The call's gRPC deadline as an engine (monotonic) deadline; without one the configured default."""
     remaining = context.time_remaining()
     if remaining is None:
-        return engine.deadline_from_timeout(None)
+        return house.deadline_from_timeout(None)
     return time.monotonic() + max(0.0, remaining)
 
 
 # ---- engine -> protobuf --------------------------------------------------------------------------------
+def encode_result(r: Any) -> reward_pb2.ScoreResult:
+    return reward_pb2.ScoreResult(
+        reward=r.reward, truncated=r.truncated, tokens=r.tokens, normalized=r.normalized,
+        step_rewards=r.step_rewards or [], members=r.members or {}, std=r.std, rules=r.rules or {},
+        advantage=r.advantage, advantage_centered=r.advantage_centered,
+    )
+
+
 def encode_outcome(outcome: ScoreOutcome, request_id: str, sequence: int = 0) -> reward_pb2.ScoreResponse:
-    scores = [
-        reward_pb2.ScoreResult(reward=r.reward, truncated=r.truncated, tokens=r.tokens, normalized=r.normalized)
-        for r in outcome.results
-    ]
+    scores = [encode_result(r) for r in outcome.results]
     return reward_pb2.ScoreResponse(model=outcome.model, scores=scores, request_id=request_id, sequence=sequence)
 
 
-def encode_error(
-    engine: RewardEngine, exc: RewardServeError, request_id: str, sequence: int
-) -> reward_pb2.ScoreResponse:
+def encode_error(model: str, exc: RewardServeError, request_id: str, sequence: int) -> reward_pb2.ScoreResponse:
     code = GRPC_STATUS[exc.kind].value[0]
     error = reward_pb2.RequestError(code=code, message=exc.message, type=exc.kind.value)
-    return reward_pb2.ScoreResponse(model=engine.name, request_id=request_id, sequence=sequence, error=error)
+    return reward_pb2.ScoreResponse(model=model, request_id=request_id, sequence=sequence, error=error)
+
+
+def encode_model(info: dict[str, Any]) -> reward_pb2.ModelInfo:
+    stats = info.get("normalization")
+    return reward_pb2.ModelInfo(
+        id=info["id"], max_model_len=info.get("max_model_len", 0),
+        normalization=reward_pb2.RewardStats(mean=stats["mean"], std=stats["std"]) if stats else None,
+        kind=info.get("kind", "model"), aliases=info.get("aliases", []), members=info.get("members") or {},
+        dtype=info.get("dtype", ""), forward=info.get("forward", ""),
+    )
 
 
 def timing_metadata(outcome: ScoreOutcome) -> tuple[tuple[str, str], ...]:

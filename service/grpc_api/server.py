@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import reward_pb2, reward_pb2_grpc
 from service.config import ServeConfig
-from service.engine import RewardEngine
+from service.house import ModelHouse
 from service.grpc_api.auth import AuthInterceptor
 from service.grpc_api.codecs import safe_deserializer
 from service.grpc_api.servicer import RewardServicer
@@ -75,7 +75,7 @@ def add_reward_service(servicer: RewardServicer, server: grpc.aio.Server) -> Non
 
 
 async def start_grpc_server(
-    engine: RewardEngine, config: ServeConfig, bon: Any = None
+    house: ModelHouse, config: ServeConfig, bon: Any = None
 ) -> tuple[grpc.aio.Server, int, HealthReporter]:
     """Start RewardService + health + reflection on config.host:config.grpc_port (0: a free port).
     `bon`: the service.bon.BestOfN for BestOfN / Rerank (by default one without a generator)."""
@@ -84,7 +84,7 @@ async def start_grpc_server(
         interceptors=[AuthInterceptor(key_checker(config))],
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
-    add_reward_service(RewardServicer(engine, bon), server)
+    add_reward_service(RewardServicer(house, bon), server)
     health = HealthReporter()
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(

@@ -14,12 +14,13 @@ import grpc
 
 from protos import reward_pb2, reward_pb2_grpc
 from service.bon import BestOfN
-from service.engine import RewardEngine, ScoreOutcome
+from service.engine import ScoreOutcome
+from service.house import ModelHouse
 from service.error_map import GRPC_STATUS
 from service.grpc_api import bon_codecs
 from service.grpc_api.calls import Observed, abort, typed
 from service.grpc_api.codecs import (
-    check_parsed, decode_inputs, encode_outcome, engine_deadline, timing_metadata,
+    check_parsed, decode_groups, decode_inputs, encode_model, encode_outcome, engine_deadline, timing_metadata,
 )
 from service.grpc_api.stream import ScoreStream
 
@@ -27,15 +28,15 @@ log = logging.getLogger("rewardserve.grpc")
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, engine: RewardEngine, bon: Any = None):
-        self.engine = engine
-        self.bon = bon if bon is not None else BestOfN(engine)  # Best-of-N / rerank (generator optional)
+    def __init__(self, house: ModelHouse, bon: Any = None):
+        self.house = house
+        self.config = house.config
+        self.bon = bon if bon is not None else BestOfN(house)  # Best-of-N / rerank (generator optional)
 
     async def _score(self, request: reward_pb2.ScoreRequest, deadline: float | None) -> ScoreOutcome:
         inputs = decode_inputs(request)
-        return await self.engine.score(
-            inputs, model=request.model or None, deadline=deadline, normalize=request.normalize
-        )
+        return await self.house.score(inputs, model=request.model or None, deadline=deadline,
+                                      normalize=request.normalize, groups=decode_groups(request))
 
     async def _call(self, method: str, context: grpc.aio.ServicerContext,
                     work: Callable[[], Awaitable[tuple[Any, tuple]]]) -> Any:
@@ -52,7 +53,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> tuple[Any, tuple]:
-            outcome = await self._score(request, engine_deadline(self.engine, context))
+            outcome = await self._score(request, engine_deadline(self.house, context))
             return encode_outcome(outcome, request.request_id), timing_metadata(outcome)
 
         return await self._call("Score", context, work)
@@ -61,7 +62,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         """BestOfN and Rerank: decode, run through service.bon, encode; errors as Score's."""
         async def work() -> tuple[Any, tuple]:
             check_parsed(request)
-            deadline = engine_deadline(self.engine, context)
+            deadline = engine_deadline(self.house, context)
             if method == "BestOfN":
                 outcome = await self.bon.best_of_n(bon_codecs.decode_best_of_n(request), deadline)
             else:
@@ -83,13 +84,6 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def ListModels(self, request: reward_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> tuple[Any, tuple]:
             check_parsed(request)
-            engine = self.engine
-            stats = engine.stats
-            info = reward_pb2.ModelInfo(
-                id=engine.name,
-                max_model_len=engine.max_length,
-                normalization=reward_pb2.RewardStats(mean=stats.mean, std=stats.std) if stats else None,
-            )
-            return reward_pb2.ListModelsResponse(models=[info]), ()
+            return reward_pb2.ListModelsResponse(models=[encode_model(i) for i in self.house.describe()]), ()
 
         return await self._call("ListModels", context, work)

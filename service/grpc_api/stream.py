@@ -29,13 +29,13 @@ class ScoreStream:
 
     def __init__(self, servicer: Any, context: grpc.aio.ServicerContext):
         self.servicer = servicer
-        self.engine = servicer.engine
+        self.house = servicer.house
         self.context = context
         self.out: asyncio.Queue = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
         # requests being answered at once; past it the reader stops reading (gRPC flow control pushes back), so
         # the answers queued in `out` are bounded by it too
-        self.slots = asyncio.Semaphore(self.engine.config.max_stream_in_flight)
+        self.slots = asyncio.Semaphore(self.house.config.max_stream_in_flight)
 
     async def run(self, request_iterator: AsyncIterator) -> None:
         reader = asyncio.create_task(self._read(request_iterator))
@@ -69,7 +69,7 @@ class ScoreStream:
         try:
             with Observed("ScoreStream", self.context) as obs:
                 try:
-                    outcome = await self.servicer._score(request, engine_deadline(self.engine, self.context))
+                    outcome = await self.servicer._score(request, engine_deadline(self.house, self.context))
                     self.out.put_nowait(encode_outcome(outcome, request.request_id, sequence))
                 except Exception as exc:  # not BaseException: a cancelled stream cancels its requests
                     error = typed(exc, "ScoreStream")
@@ -82,7 +82,7 @@ class ScoreStream:
         if exc.kind in STREAM_FATAL:
             message = f"request_id={request_id} sequence={sequence}: {exc.message}"
             return _StreamAbort(RewardServeError(exc.kind, message))
-        return encode_error(self.engine, exc, request_id, sequence)
+        return encode_error(self.house.default, exc, request_id, sequence)
 
 
 class _StreamAbort(Exception):

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
 from service.bon import BestOfN
-from service.engine import RewardEngine
+from service.house import ModelHouse
 from service.errors import ErrorKind, RewardServeError
 from service.http_api.auth import AuthMiddleware
 from service.http_api.bon_routes import bon_router
@@ -57,14 +57,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(RewardServeError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}"))
 
 
-def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None, bon: Any = None) -> FastAPI:
+def create_app(house: ModelHouse, *, max_body_bytes: int | None = None, bon: Any = None) -> FastAPI:
     """`bon`: a service.bon.BestOfN (with the generator, if any); by default one without a generator."""
     app = FastAPI(
         title="rewardserve",
         version="0.1.0",
         description="Reward-model scoring with cross-request dynamic batching. Rewards are raw logits.",
     )
-    app.state.engine = engine
+    app.state.house = house
+    config = house.config
 
     install_error_handlers(app)
 
@@ -74,47 +75,34 @@ def create_app(engine: RewardEngine, *, max_body_bytes: int | None = None, bon: 
         return {"status": "ok"}
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})
-    async def ready() -> JSONResponse:
-        """Readiness: the model is loaded and warmed, and the server is not draining."""
-        if engine.ready:
-            return JSONResponse({"status": "ready", "model": engine.name})
+    async def ready() -> Response:
+        """Readiness: every model is loaded and warmed, and the server is not draining."""
+        if house.ready:
+            return JSONResponse({"status": "ready", "model": house.default, "models": list(house.scorers)})
         return error_response(RewardServeError(ErrorKind.UNAVAILABLE, "not ready"))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        """The served model (OpenAI-style list)."""
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": engine.name,
-                    "object": "model",
-                    "owned_by": "rewardserve",
-                    "max_model_len": engine.max_length,
-                    "normalization": engine.stats.to_json() if engine.stats else None,
-                    "aliases": sorted(engine.aliases - {engine.name}),
-                    **engine.describe(),
-                }
-            ],
-        }
+        """The served models and ensembles (OpenAI-style list; the first is the default)."""
+        return {"object": "list", "data": house.describe()}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    app.include_router(score_router(engine))  # /v1/score
-    app.include_router(compat_router(engine))  # /get_reward (OpenRLHF), /classify and /pooling (vLLM)
+    app.include_router(score_router(house))  # /v1/score
+    app.include_router(compat_router(house))  # /get_reward (OpenRLHF); /classify, /pooling, /tokenize (vLLM)
 
-    app.state.bon = bon if bon is not None else BestOfN(engine)
+    app.state.bon = bon if bon is not None else BestOfN(house)
     app.include_router(bon_router(app.state.bon))  # /v1/best-of-n, /v1/rerank
 
     known = {route.path for route in app.routes}  # type: ignore[attr-defined]
-    limit = max_body_bytes if max_body_bytes is not None else engine.config.max_body_bytes
+    limit = max_body_bytes if max_body_bytes is not None else config.max_body_bytes
     # added last = outermost: counted and bounded (Edge), then the key (Auth), then the body read (BodyLimit)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limit)
-    app.add_middleware(AuthMiddleware, checker=key_checker(engine.config), open_routes=engine.config.open_routes)
+    app.add_middleware(AuthMiddleware, checker=key_checker(config), open_routes=config.open_routes)
     app.state.in_flight = InFlight()
-    app.add_middleware(EdgeMiddleware, known_routes=known, max_in_flight=engine.config.max_http_in_flight,
+    app.add_middleware(EdgeMiddleware, known_routes=known, max_in_flight=config.max_http_in_flight,
                        in_flight=app.state.in_flight)
     return app

@@ -26,11 +26,11 @@ def _headers(outcome: RankedOutcome) -> dict[str, str]:
 
 def bon_router(bon: BestOfN) -> APIRouter:
     router = APIRouter(tags=["best-of-n"])
-    engine = bon.engine
+    house = bon.house
 
     def deadline_of(body: BestOfNRequest | RerankRequest, header: str | None) -> float | None:
         timeout = body.timeout if body.timeout is not None else parse_timeout_header(header)
-        return engine.deadline_from_timeout(timeout)
+        return house.deadline_from_timeout(timeout)
 
     @router.post("/v1/best-of-n", response_model=BestOfNResponse, responses=RESPONSES)
     async def best_of_n(

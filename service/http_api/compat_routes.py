@@ -1,7 +1,7 @@
 """Compatibility routes: OpenRLHF's remote RM protocol and vLLM's pooling and tokenizer APIs, on the same engine.
 
-Transport only: decode -> `engine.score` (the one way in, with vLLM's tokenization as the encoder for the vLLM
-routes) -> encode.
+Transport only: decode -> the named model's `score` (the one way in, with vLLM's tokenization as the encoder for
+the vLLM routes, which score single models) -> encode.
 
 - `POST /get_reward` (OpenRLHF): `{"query": [...], "prompts": [...], "labels": [...]}` ->
   `{"rewards": [...], "scores": [...], "extra_logs": {}}`; each query is already-templated text, scored raw.
@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -25,6 +25,7 @@ from rewardmodel.inputs import Text
 from rewardmodel.rendering import RenderError, token_ids
 
 from service.engine import RewardEngine
+from service.house import ModelHouse
 from service.errors import invalid
 from service.http_api.common import (
     ERROR_RESPONSES, TIMEOUT_HEADER, parse_timeout_header, run_unless_disconnected, timing_headers,
@@ -95,33 +96,53 @@ def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 # ---- the router -----------------------------------------------------------------------------------------
-def compat_router(engine: RewardEngine) -> APIRouter:
-    router = APIRouter(tags=["compatibility"])
-    info = ModelInfo(engine.backend, engine.tokenizer)
-    truncating = TruncatingTokenizer(engine.tokenizer)
-    errors = {code: v for code, v in ERROR_RESPONSES.items() if code != 422}  # request errors are 400, as in vLLM
+class _Tokenizing:
+    """What the vLLM routes need of one model's backbone, made once: its checkpoint facts and a private
+    truncating tokenizer."""
 
-    async def pooled(request: Request, body: PoolingRequest, timeout: str | None) -> tuple[list, list, dict]:
-        """Token counts per prompt, the values vLLM would return for them, and timing headers."""
-        deadline = engine.deadline_from_timeout(parse_timeout_header(timeout))
+    def __init__(self, engine: RewardEngine):
+        self.info = ModelInfo(engine.backend, engine.tokenizer)
+        self.truncating = TruncatingTokenizer(engine.tokenizer)
+
+
+def compat_router(house: ModelHouse) -> APIRouter:
+    router = APIRouter(tags=["compatibility"])
+    errors = {code: v for code, v in ERROR_RESPONSES.items() if code != 422}  # request errors are 400, as in vLLM
+    tokenizing: dict[int, _Tokenizing] = {}
+
+    def single(name: str | None) -> tuple[Any, _Tokenizing]:
+        """The named model (vLLM's routes read one model's tokenizer and head: not an ensemble)."""
+        scorer = house.resolve(name)
+        if scorer.kind != "model":
+            raise invalid(f"{scorer.name!r} is an ensemble: vLLM's routes score a single model; use /v1/score")
+        engine = scorer.engine
+        if id(engine) not in tokenizing:
+            tokenizing[id(engine)] = _Tokenizing(engine)
+        return scorer, tokenizing[id(engine)]
+
+    async def pooled(request: Request, body: PoolingRequest, timeout: str | None) -> tuple[Any, list, list, dict]:
+        """The model, token counts per prompt, the values vLLM would return for them, and timing headers."""
+        scorer, tk = single(body.model)
+        deadline = house.deadline_from_timeout(parse_timeout_header(timeout))
         prompts = [ChatPrompt(body)] if body.messages is not None else prompts_of(body)  # vLLM prefers the chat
         if not prompts:
             raise invalid("You must pass at least one prompt")
-        encoder = VllmEncoder(engine.tokenizer, truncating, engine.max_length, info.vocab_size, body)
+        encoder = VllmEncoder(scorer.tokenizer, tk.truncating, scorer.max_length, tk.info.vocab_size, body)
         outcome = await run_unless_disconnected(
-            request, engine.score(prompts, model=body.model, deadline=deadline, encoder=encoder, field="input"))
-        act = info.activation if body.wants_activation() else (lambda x: x)
-        return [r.tokens for r in outcome.results], [act(r.reward) for r in outcome.results], timing_headers(outcome)
+            request, scorer.score(prompts, deadline=deadline, encoder=encoder, field="input"))
+        act = tk.info.activation if body.wants_activation() else (lambda x: x)
+        counts = [r.tokens for r in outcome.results]
+        return scorer, counts, [act(r.reward) for r in outcome.results], timing_headers(outcome)
 
     @router.post("/classify", response_model=ClassificationResponse, responses=errors,
                  openapi_extra=_openapi_body(PoolingRequest))
     async def classify(request: Request, timeout: str | None = Header(default=None, alias=TIMEOUT_HEADER)):
         """vLLM's classification API: `probs` is the sigmoid of the reward (raw with `use_activation: false`)."""
         body = await _parse(request, PoolingRequest)
-        counts, values, headers = await pooled(request, body, timeout)
-        label = info.id2label.get(0)
+        scorer, counts, values, headers = await pooled(request, body, timeout)
+        label = tokenizing[id(scorer.engine)].info.id2label.get(0)
         response = ClassificationResponse(
-            id=f"classify-{_request_id(request, body)}", created=int(time.time()), model=engine.name,
+            id=f"classify-{_request_id(request, body)}", created=int(time.time()), model=scorer.name,
             data=[ClassificationData(index=i, label=label, probs=[v], num_classes=1) for i, v in enumerate(values)],
             usage=usage_of(counts),
         )
@@ -136,9 +157,9 @@ def compat_router(engine: RewardEngine) -> APIRouter:
             raise invalid("dimensions is currently not supported")
         if body.task not in (None, "classify"):
             raise invalid(f"Unsupported task: {body.task!r} Supported tasks: ['classify']")
-        counts, values, headers = await pooled(request, body, timeout)
+        scorer, counts, values, headers = await pooled(request, body, timeout)
         response = PoolingResponse(
-            id=f"pooling-{_request_id(request, body)}", created=int(time.time()), model=engine.name,
+            id=f"pooling-{_request_id(request, body)}", created=int(time.time()), model=scorer.name,
             data=[PoolingResponseData(index=i, data=encode_floats([v], body)) for i, v in enumerate(values)],
             usage=usage_of(counts),
         )
@@ -150,16 +171,17 @@ def compat_router(engine: RewardEngine) -> APIRouter:
         """vLLM's tokenizer API: the reward model's token ids for `prompt` (special tokens added by default) or
         for `messages` rendered with its chat template (generation prompt added by default, as vLLM does)."""
         body = await _parse(request, TokenizeRequest)
-        engine.check_model(body.model)
+        scorer, _ = single(body.model)
+        tokenizer = scorer.tokenizer
         try:
             if body.messages is not None:
-                ids = token_ids(engine.tokenizer, render_chat(engine.tokenizer, body), bool(body.add_special_tokens))
+                ids = token_ids(tokenizer, render_chat(tokenizer, body), bool(body.add_special_tokens))
             else:
-                ids = token_ids(engine.tokenizer, body.prompt or "", body.add_special_tokens is not False)
+                ids = token_ids(tokenizer, body.prompt or "", body.add_special_tokens is not False)
         except RenderError as exc:
             raise invalid(str(exc)) from None
-        strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
-        payload = TokenizeResponse(count=len(ids), max_model_len=engine.max_length, tokens=ids, token_strs=strs)
+        strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        payload = TokenizeResponse(count=len(ids), max_model_len=scorer.max_length, tokens=ids, token_strs=strs)
         return JSONResponse(payload.model_dump())
 
     @router.post("/detokenize", response_model=DetokenizeResponse, responses=errors,
@@ -167,22 +189,24 @@ def compat_router(engine: RewardEngine) -> APIRouter:
     async def detokenize(request: Request):
         """vLLM's detokenizer API: the text of token ids (special tokens included, as vLLM decodes)."""
         body = await _parse(request, DetokenizeRequest)
-        engine.check_model(body.model)
-        bad = [t for t in body.tokens if not 0 <= t < info.vocab_size]
+        scorer, tk = single(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < tk.info.vocab_size]
         if bad:
-            raise invalid(f"Token id {bad[0]} is out of vocabulary (ids must be in [0, {info.vocab_size}))")
-        return JSONResponse(DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens)).model_dump())
+            raise invalid(f"Token id {bad[0]} is out of vocabulary (ids must be in [0, {tk.info.vocab_size}))")
+        return JSONResponse(DetokenizeResponse(prompt=scorer.tokenizer.decode(body.tokens)).model_dump())
 
     @router.post("/get_reward", response_model=RewardResponse, responses=ERROR_RESPONSES)
     async def get_reward(
-        body: RewardRequest, request: Request, timeout: str | None = Header(default=None, alias=TIMEOUT_HEADER)
+        body: RewardRequest, request: Request, timeout: str | None = Header(default=None, alias=TIMEOUT_HEADER),
+        model: str | None = Query(default=None, description="A served model or ensemble (OpenRLHF sends no name: "
+                                  "put it in --remote_rm_url, e.g. http://host:8000/get_reward?model=helpful)."),
     ) -> JSONResponse:
         """OpenRLHF's remote reward model protocol: each query (already templated) is scored as raw text."""
         if not body.query:
             return JSONResponse(RewardResponse(rewards=[], scores=[]).model_dump())
-        deadline = engine.deadline_from_timeout(parse_timeout_header(timeout))
+        deadline = house.deadline_from_timeout(parse_timeout_header(timeout))
         outcome = await run_unless_disconnected(
-            request, engine.score([{"raw": q} for q in body.query], deadline=deadline, field="query")
+            request, house.score([{"raw": q} for q in body.query], model=model, deadline=deadline, field="query")
         )
         rewards = [r.reward for r in outcome.results]
         payload = RewardResponse(rewards=rewards, scores=rewards)

@@ -62,7 +62,12 @@ def test_serve_help_documents_every_field():
 
     out = subprocess.run([sys.executable, "-m", "rewardserve.cli", "serve", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
+    from service.config import CONFIG_FILE_ONLY
+
     for name in ServeConfig.model_fields:
+        if name in CONFIG_FILE_ONLY:  # lists of objects: documented under --config
+            assert f"`{name}`:" in " ".join(out.stdout.split())
+            continue
         assert "--" + name.replace("_", "-") in out.stdout
         assert "REWARDSERVE_" + name.upper() in out.stdout.replace("\n", "").replace(" ", "")
 
@@ -72,3 +77,35 @@ def test_unknown_backend_is_a_clear_error(serve_proc, tiny_bert_dir):
                       "--grpc-port", "-1")
     assert proc.wait(timeout=120) == 2
     assert "unknown backend 'nope'" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("ensemble,needle", [
+    ("{name: bad, members: {nope: 1.0}}", "names a member that is not served: 'nope'"),
+    ("{name: bad, members: {one: .nan}}", "not finite"),
+    ("{name: bad, members: {one: 1.0}, rules: [{kind: regex, pattern: '(a+)+$', weight: 1}]}", "pattern"),
+])
+def test_a_bad_ensemble_config_refuses_to_start_with_one_line(tmp_path, tiny_bert_dir, ensemble, needle):
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text(f"models: [{{name: one, path: {tiny_bert_dir}}}]\nensembles: [{ensemble}]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rewardserve.cli", "serve", "--config", str(config_file), "--port", str(free_port()),
+         "--grpc-port", "-1"], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("rewardserve serve: error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_repeated_model_flags_serve_several_models(serve_proc, tiny_bert_dir, tiny_llama_dir):
+    port = free_port()
+    proc = serve_proc("--model", f"bert={tiny_bert_dir}", "--model", f"llama={tiny_llama_dir}", "--port", str(port),
+                      "--grpc-port", "-1", "--log-level", "warning")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
+    assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["bert", "llama"]
+    for name in ("bert", "llama"):
+        r = httpx.post(url + "/v1/score", json={"model": name, "inputs": [{"prompt": "hi", "response": "hello"}]})
+        assert r.status_code == 200 and r.json()["model"] == name
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0

@@ -1,0 +1,204 @@
+"""Many reward models in one server: named models, score heads sharing one backbone, ensembles with rules,
+served length debiasing, GRPO groups; every route by name, members bit-identical to themselves alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from protos import reward_pb2, reward_pb2_grpc
+from rewardmodel.modeling import OVERLAY_META, OVERLAY_TENSORS, sha256_file
+from service.config import ServeConfig
+from tests.helpers import LiveServer, metric_value
+
+PAIRS = [
+    {"prompt": "What is 2 + 2?", "response": "It is 4.", "reference": "4"},
+    {"prompt": "What is 2 + 2?", "response": "I think the answer is 5, or maybe more than that.", "reference": "4"},
+    {"prompt": "Name a colour.", "response": "Blue.", "reference": "blue"},
+    {"prompt": "Name a colour.", "response": "Red, like a ripe tomato in the summer sun.", "reference": "red"},
+]
+
+
+def overlay(out: Path, base: Path, rows: torch.Tensor, heads: list[str] | None = None,
+            stats: dict | None = None) -> Path:
+    out.mkdir(parents=True)
+    meta = {"base": str(Path("..") / base.name), "base_sha256": sha256_file(base / "model.safetensors"),
+            "max_length": 256}
+    if heads:
+        meta["heads"] = heads
+    (out / OVERLAY_META).write_text(json.dumps(meta))
+    save_file({"score.weight": rows.contiguous()}, str(out / OVERLAY_TENSORS))
+    if stats:
+        (out / "reward_stats.json").write_text(json.dumps(stats))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, tiny_llama_dir, tiny_bert_dir):
+    root = tmp_path_factory.mktemp("zoo")
+    base = root / "base"
+    shutil.copytree(tiny_llama_dir, base)
+    gen = torch.Generator().manual_seed(7)
+    hidden = json.loads((base / "config.json").read_text())["hidden_size"]
+    rows = torch.randn(6, hidden, generator=gen) * 0.5
+    length = {"slope": -0.02, "mean_tokens": 9.0, "r_before": -0.3, "r_after": 0.0, "unit": "response_tokens",
+              "fit_on": "test"}
+    return {
+        "harmless": overlay(root / "harmless", base, rows[:1], stats={"mean": 0.1, "std": 0.5, "length": length}),
+        "helpful": overlay(root / "helpful", base, rows[1:2], stats={"mean": -0.2, "std": 2.0}),
+        "trio": overlay(root / "trio", base, rows[2:5], heads=["a", "b", "c"],
+                        stats={"heads": {h: {"mean": 0.0, "std": 1.0} for h in "abc"}}),
+        "mini": tiny_bert_dir,
+    }
+
+
+def config(zoo: dict, **extra) -> ServeConfig:
+    return ServeConfig(
+        models=[{"name": "harmless", "path": str(zoo["harmless"]), "aliases": ["hh"]},
+                {"name": "helpful", "path": str(zoo["helpful"])},
+                {"name": "trio", "path": str(zoo["trio"])},
+                {"name": "mini", "path": str(zoo["mini"])},
+                {"name": "harmless-debiased", "path": str(zoo["harmless"]), "debias": "length"}],
+        ensembles=[
+            {"name": "safe", "combine": "mean_minus_std", "penalty": 0.5, "members": {"harmless": 1.0, "mini": 1.0},
+             "rules": [{"kind": "length", "weight": -0.001}]},
+            {"name": "both", "combine": "weighted", "members": {"harmless": 3.0, "helpful": 1.0}},
+            {"name": "cautious", "combine": "min", "normalize": True, "members": {"harmless": 1.0, "helpful": 1.0},
+             "rules": [{"kind": "answer", "weight": 1.0}]},
+        ],
+        port=0, grpc_port=0, log_level="warning", dtype="float32", **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(zoo):
+    with LiveServer(config(zoo)) as live:
+        yield live
+
+
+def score(server, model: str | None, inputs=PAIRS, **body) -> dict:
+    r = httpx.post(server.http_url + "/v1/score", json={"model": model, "inputs": inputs, **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def rewards(server, model, inputs=PAIRS) -> list[float]:
+    return [s["reward"] for s in score(server, model, inputs)["scores"]]
+
+
+def test_every_model_is_listed_with_its_kind(server):
+    listed = {m["id"]: m for m in httpx.get(server.http_url + "/v1/models").json()["data"]}
+    assert list(listed)[0] == "harmless"  # the first is the default
+    assert {k: listed[k]["kind"] for k in ("harmless", "trio", "trio/a", "mini", "safe")} == {
+        "harmless": "model", "trio": "ensemble", "trio/a": "model", "mini": "model", "safe": "ensemble"}
+    assert listed["safe"]["members"] == {"harmless": 1.0, "mini": 1.0} and "hh" in listed["harmless"]["aliases"]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        models = reward_pb2_grpc.RewardServiceStub(channel).ListModels(reward_pb2.ListModelsRequest(), timeout=30)
+    assert [m.id for m in models.models] == list(listed) and models.models[0].dtype == "float32"
+
+
+def test_heads_over_one_base_share_one_backbone(server):
+    house = server.runtime.house
+    assert len(house.engines) == 2  # the llama base (harmless, helpful, trio's three heads) and the BERT
+    assert house.resolve("harmless").engine is house.resolve("trio/c").engine is house.resolve("helpful").engine
+
+
+def test_members_equal_their_standalone_scores_bitwise(server, zoo):
+    served = {name: rewards(server, name) for name in ("harmless", "helpful", "mini", "trio/b")}
+    safe = score(server, "safe")["scores"]
+    assert [s["members"] for s in safe] == [{"harmless": a, "mini": b}
+                                           for a, b in zip(served["harmless"], served["mini"])]
+    with LiveServer(ServeConfig(model=str(zoo["helpful"]), port=0, grpc_port=-1, log_level="warning",
+                                dtype="float32")) as alone:
+        assert rewards(alone, None) == served["helpful"]  # one head alone, in its own process: the same bits
+    trio = score(server, "trio")["scores"]
+    assert [s["members"]["trio/b"] for s in trio] == served["trio/b"]
+
+
+def test_ensemble_arithmetic(server):
+    h, m, helpful = rewards(server, "harmless"), rewards(server, "mini"), rewards(server, "helpful")
+    tokens = [len(server.engine.tokenizer(p["response"], add_special_tokens=False)["input_ids"]) for p in PAIRS]
+    for i, s in enumerate(score(server, "safe")["scores"]):
+        values = np.array([h[i], m[i]])
+        assert s["std"] == pytest.approx(values.std(), abs=1e-9)
+        expected = values.mean() - 0.5 * values.std() - 0.001 * tokens[i]
+        assert s["reward"] == pytest.approx(expected, abs=1e-9) and s["rules"] == {"length": float(tokens[i])}
+    for i, s in enumerate(score(server, "both")["scores"]):
+        assert s["reward"] == pytest.approx((3 * h[i] + helpful[i]) / 4, abs=1e-9)
+    for i, s in enumerate(score(server, "cautious")["scores"]):
+        normalized = [(h[i] - 0.1) / 0.5, (helpful[i] + 0.2) / 2.0]
+        answer = 1.0 if i == 0 else 0.0  # "It is 4." ends with the reference number; the rest do not
+        assert s["reward"] == pytest.approx(min(normalized) + answer, abs=1e-6), (i, s)
+
+
+def test_length_debiasing_is_served_as_a_named_variant(server):
+    raw = rewards(server, "harmless")
+    tokens = [len(server.engine.tokenizer(p["response"], add_special_tokens=False)["input_ids"]) for p in PAIRS]
+    debiased = rewards(server, "harmless-debiased")
+    assert debiased == pytest.approx([r + 0.02 * (t - 9.0) for r, t in zip(raw, tokens)], abs=1e-6)
+    r = httpx.post(server.http_url + "/v1/score", json={"model": "harmless-debiased", "inputs": [{"raw": "x y"}]})
+    assert r.status_code == 400 and "inputs.0" in r.json()["error"]["message"]
+
+
+def test_grpo_groups_get_advantages_equal_to_numpy(server):
+    body = score(server, "harmless", groups=[[0, 1], [2, 3]])
+    got = [s["reward"] for s in body["scores"]]
+    for group in ([0, 1], [2, 3]):
+        r = np.array([got[i] for i in group])
+        for k, i in enumerate(group):
+            assert body["scores"][i]["advantage"] == pytest.approx((r[k] - r.mean()) / (r.std(ddof=1) + 1e-4))
+            assert body["scores"][i]["advantage_centered"] == pytest.approx(r[k] - r.mean())
+    same = score(server, "harmless", inputs=[PAIRS[0], PAIRS[0], PAIRS[2]], groups=[[0, 1], [2]])["scores"]
+    assert [s["advantage"] for s in same] == [0.0, 0.0, 0.0]  # an all-equal group: zero, no NaN
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        inputs = [reward_pb2.ScoreInput(pair=reward_pb2.PromptResponse(prompt=p["prompt"], response=p["response"]))
+                  for p in PAIRS]
+        reply = stub.Score(reward_pb2.ScoreRequest(model="harmless", inputs=inputs, groups=[
+            reward_pb2.Group(members=[0, 1]), reward_pb2.Group(members=[2, 3])]), timeout=60)
+    assert [s.advantage for s in reply.scores] == pytest.approx([s["advantage"] for s in body["scores"]])
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"model": "nope", "inputs": PAIRS}, 404, "harmless"),
+    ({"model": "cautious", "inputs": [{"prompt": "q", "response": "a"}]}, 400, "inputs.0.reference"),
+    ({"model": "harmless", "inputs": PAIRS, "groups": [[0, 9]]}, 400, "groups.0"),
+    ({"model": "harmless", "inputs": PAIRS, "groups": [[0, 1], [1, 2]]}, 400, "two groups"),
+    ({"model": "safe", "inputs": PAIRS, "normalize": True}, 400, "normalize"),
+    ({"model": "harmless", "inputs": [{"prompt": "q", "steps": ["a"]}]}, 400, "no step head"),
+])
+def test_bad_requests(server, body, status, needle):
+    r = httpx.post(server.http_url + "/v1/score", json=body, timeout=30)
+    assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+
+
+def test_every_route_takes_a_model(server):
+    helpful = rewards(server, "helpful")
+    texts = [f"Human: {p['prompt']} Assistant: {p['response']}" for p in PAIRS]
+    got = httpx.post(server.http_url + "/get_reward?model=helpful", json={"query": texts}).json()["rewards"]
+    assert got == rewards(server, "helpful", [{"raw": t} for t in texts])
+    classify = httpx.post(server.http_url + "/classify", json={"model": "hh", "input": texts[0],
+                                                               "use_activation": False}).json()
+    assert classify["model"] == "harmless"
+    assert httpx.post(server.http_url + "/classify", json={"model": "safe", "input": "x"}).status_code == 400
+    ranked = httpx.post(server.http_url + "/v1/rerank", json={
+        "model": "helpful", "prompt": PAIRS[0]["prompt"], "candidates": [PAIRS[0]["response"], PAIRS[1]["response"]],
+    }).json()
+    assert sorted(c["reward"] for c in ranked["candidates"]) == sorted(helpful[:2])
+    ens = httpx.post(server.http_url + "/v1/rerank", json={"model": "safe", "prompt": "q", "candidates": ["a", "b"]})
+    assert ens.status_code == 200 and set(ens.json()["candidates"][0]["members"]) == {"harmless", "mini"}
+
+
+def test_per_model_metrics(server):
+    rewards(server, "helpful")
+    text = httpx.get(server.http_url + "/metrics").text
+    assert metric_value(text, "rewardserve_inputs_total", model="helpful") >= len(PAIRS)
+    assert metric_value(text, "rewardserve_inputs_total", model="safe") >= len(PAIRS)
