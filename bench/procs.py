@@ -75,9 +75,10 @@ def _http_status(url: str, timeout: float) -> int | None:
 
 
 class ServerProcess:
-    def __init__(self, name: str, argv: list[str], log_dir: Path):
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None):
         self.name = name
         self.argv = argv
+        self.env = env or {}  # on top of bench_env()
         self.log_path = Path(log_dir) / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -89,7 +90,7 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            self.argv, cwd=ROOT, env=bench_env(), stdin=subprocess.DEVNULL, stdout=self._log,
+            self.argv, cwd=ROOT, env={**bench_env(), **self.env}, stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True,  # a terminal's Ctrl-C reaches only the bench
             preexec_fn=_PREEXEC,
         )
