@@ -131,6 +131,15 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def server_allocator(pid: int) -> str | None:
+    """'jemalloc' when the server runs on it (rewardserve re-executes itself under jemalloc where installed)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None
+    return "jemalloc" if "libjemalloc" in maps else "tcmalloc" if "libtcmalloc" in maps else "glibc"
+
+
 def queue_depth(metrics_text: str) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -318,6 +327,8 @@ async def soak(args: argparse.Namespace, spec: str, bodies: list[bytes], tokens:
                 f"for {args.duration:g} s")
             out["target_rps"] = round(rate, 2)
             out["rss_mb_start"] = rss_mb(server.pid)
+            out["server_allocator"] = server_allocator(server.pid)
+            log(f"server allocator: {out['server_allocator']}")
             windows = await open_loop(scorer, rate, args, server.pid)
             out["rss_mb_end"] = rss_mb(server.pid)
             out["windows"] = [w.to_json(args.window) for w in windows]

@@ -10,22 +10,29 @@ Two things grew the server's RSS under steady load while Python's own heap staye
    64 keeps every shape a pass needs and costs ~1 ms to create a primitive for a new row count (against a
    pass of 100s of ms). Both are read once, when the first primitive is made: set before the model runs.
    (0 is not a safe value: ideep crashes with LRU_CACHE_CAPACITY=0.)
-2. The allocator keeping freed memory. Activations of a different size every pass, freed into glibc's arenas
-   (16 on 2 cores), leave holes the arenas keep: mallinfo2 showed bytes in use flat and free-but-kept bytes
-   climbing with RSS. `malloc_trim(0)` gives every whole free page back (all arenas); a daemon thread calls it
-   every `TRIM_INTERVAL_S`. (Fixing glibc's mmap threshold instead, so that every large tensor is mapped and
-   unmapped, kept RSS flat but cut throughput ~3x on 2 cores; MALLOC_ARENA_MAX=2 changed nothing.)
+2. glibc's malloc keeping freed memory. Activations of a different size every pass (the row count changes
+   with every batch), freed into glibc's heaps, leave holes that it keeps: mallinfo2 showed the bytes in use
+   flat (~300 MB for MiniLM) while the bytes free-but-kept climbed with RSS, window after window. Neither
+   MALLOC_ARENA_MAX=2 or 1 nor a periodic malloc_trim(0) stopped it (trim lowered RSS by ~150 MB, the climb
+   went on); a fixed mmap threshold (every large tensor mapped and unmapped) kept RSS flat but cut throughput
+   ~3x. jemalloc (Debian's libjemalloc2) under the same load kept RSS flat at ~640 MB against glibc's
+   1,130 MB and climbing. So `rewardserve serve` runs itself under jemalloc when the library is installed:
+   `use_jemalloc` re-executes the process (same PID, same arguments) with it in LD_PRELOAD, before the model
+   is loaded. Without it the server warns once and trims glibc's free pages every `TRIM_INTERVAL_S`.
 
-Both are process-wide and made once, by `service.runtime.configure_process`; an operator's own environment
-variables win (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, `LRU_CACHE_CAPACITY`, and `REWARDSERVE_MALLOC_TRIM_S`: seconds
-between trims, 0 turns the trimmer off).
+Both are process-wide and made once, by `service.runtime.configure_process`. The operator's environment wins:
+`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, `LRU_CACHE_CAPACITY`; `REWARDSERVE_ALLOCATOR` = `auto` (default: jemalloc if
+found), `system` (glibc, no re-exec) or a library path to preload; `REWARDSERVE_MALLOC_TRIM_S` (seconds between
+trims under glibc; 0: none).
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -45,6 +52,53 @@ def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict[str, str]
     for name in KERNEL_CACHE_VARIABLES:
         os.environ.setdefault(name, str(capacity))
     return {name: os.environ[name] for name in KERNEL_CACHE_VARIABLES}
+
+
+JEMALLOC_PATHS = tuple(f"{d}/libjemalloc.so.2" for d in (
+    "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"))
+_EXEC_MARK = "_REWARDSERVE_ALLOCATOR_EXEC"
+DEFAULT_ALLOCATOR = "system"
+"""REWARDSERVE_ALLOCATOR's default: under measurement (jemalloc's defaults cost throughput, see the docstring)."""
+
+
+def find_jemalloc() -> str | None:
+    for path in JEMALLOC_PATHS:
+        if os.path.exists(path):
+            return path
+    return ctypes.util.find_library("jemalloc")  # a soname the dynamic loader finds, or None
+
+
+def allocator() -> str:
+    """The allocator this process runs on: 'jemalloc' when it is loaded (preloaded), else 'system'."""
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        return "system"
+    return "jemalloc" if "libjemalloc" in maps else "system"
+
+
+def use_jemalloc(execve=os.execve) -> str | None:
+    """Re-execute this process with jemalloc preloaded (Linux, when found, unless REWARDSERVE_ALLOCATOR=system or
+    it is preloaded already). Returns the library it would use, or None; returns at all only if it did not exec.
+    Call it before threads start or the model loads: everything done so far is done again."""
+    choice = os.environ.get("REWARDSERVE_ALLOCATOR", DEFAULT_ALLOCATOR)
+    if choice == "system" or not sys.platform.startswith("linux") or os.environ.get(_EXEC_MARK):
+        return None
+    if allocator() == "jemalloc":
+        return None
+    lib = find_jemalloc() if choice in ("auto", "jemalloc") else choice
+    if lib is None:
+        log.warning("jemalloc not found (Debian: apt-get install libjemalloc2): serving on glibc's malloc, whose RSS "
+                    "creeps under long varied load (docs/operations.md, Soak); REWARDSERVE_ALLOCATOR=system hides this")
+        return None
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    env[_EXEC_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:]]
+    execve(sys.executable, argv, env)
+    return lib
 
 
 def _malloc_trim():
@@ -90,6 +144,8 @@ _trimmer: MallocTrimmer | None = None
 def start_trimmer(interval_s: float | None = None) -> MallocTrimmer | None:
     """Start the process's trimmer once (None where there is no malloc_trim, or the interval is 0)."""
     global _trimmer
+    if allocator() == "jemalloc":  # jemalloc gives pages back itself (dirty pages decay in ~10 s)
+        return None
     if interval_s is None:
         interval_s = float(os.environ.get("REWARDSERVE_MALLOC_TRIM_S", TRIM_INTERVAL_S))
     trim = _malloc_trim()

@@ -116,3 +116,33 @@ def test_soak_slope_finds_growth_and_ignores_noise():
     assert out["slope_mb_per_10min"] == pytest.approx(30.0) and out["slope_ok"] is False
     short = rss_trend(creeping[:60], 60, [None], None, 2.0, 300)
     assert short["slope_ok"] is None  # a 30 s half says nothing about 10 minutes
+
+
+def test_use_jemalloc_reexecutes_with_the_library_preloaded(monkeypatch):
+    calls = []
+    monkeypatch.delenv("_REWARDSERVE_ALLOCATOR_EXEC", raising=False)
+    monkeypatch.setenv("REWARDSERVE_ALLOCATOR", "/opt/lib/libjemalloc.so.2")
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    assert memory.use_jemalloc(execve=lambda *a: calls.append(a)) == "/opt/lib/libjemalloc.so.2"
+    (path, argv, env), = calls
+    assert path == sys.executable and argv[0] == sys.executable and argv[1:] == sys.orig_argv[1:]
+    assert env["LD_PRELOAD"] == "/opt/lib/libjemalloc.so.2 libother.so" and env["_REWARDSERVE_ALLOCATOR_EXEC"] == "1"
+    monkeypatch.setenv("_REWARDSERVE_ALLOCATOR_EXEC", "1")  # the re-executed process does not do it again
+    assert memory.use_jemalloc(execve=lambda *a: calls.append(a)) is None and len(calls) == 1
+
+
+def test_use_jemalloc_system_opts_out(monkeypatch):
+    monkeypatch.delenv("_REWARDSERVE_ALLOCATOR_EXEC", raising=False)
+    monkeypatch.setenv("REWARDSERVE_ALLOCATOR", "system")
+    assert memory.use_jemalloc(execve=lambda *a: pytest.fail("must not exec")) is None
+
+
+def test_a_process_runs_itself_under_jemalloc_when_installed():
+    if memory.find_jemalloc() is None:
+        pytest.skip("jemalloc is not installed here (Debian: libjemalloc2)")
+    env = {k: v for k, v in os.environ.items() if k not in ("REWARDSERVE_ALLOCATOR", "_REWARDSERVE_ALLOCATOR_EXEC")}
+    env.update(PYTHONPATH=str(ROOT), REWARDSERVE_ALLOCATOR="auto")
+    code = "import os; from service import memory; memory.use_jemalloc(); print(memory.allocator(), os.getpid())"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.split() == ["jemalloc", str(proc.pid)]  # same process, now on jemalloc
