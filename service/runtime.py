@@ -161,12 +161,14 @@ class Runtime:
 
 def configure_process(config: ServeConfig) -> None:
     """Process-wide settings, made once and in the open: torch's intra-op threads (the model worker's), and
-    bounded native memory (service/memory.py: shape-keyed kernel caches capped before the first matmul, free
-    pages given back to the system every few seconds)."""
+    bounded native memory (service/memory.py: first, the process re-executes itself under jemalloc when that is
+    installed; shape-keyed kernel caches capped before the first matmul; on glibc, free pages trimmed)."""
+    from service.memory import bound_kernel_caches, start_trimmer, use_jemalloc
+
+    use_jemalloc()
     import torch
 
     from service.backends.hf_backend import available_cores
-    from service.memory import bound_kernel_caches, start_trimmer
 
     torch.set_num_threads(int(config.threads) if config.threads > 0 else available_cores())
     bound_kernel_caches()
