@@ -29,22 +29,28 @@ CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 # ---- requests -----------------------------------------------------------------------------------------
 def to_proto(index: int, item: Mapping[str, Any]) -> reward_pb2.ScoreInput:
-    """One input (server JSON form) as a ScoreInput; a shape protobuf cannot carry is InvalidInputError."""
-    keys = set(item)
+    """One input (server JSON form) as a ScoreInput; a shape protobuf cannot carry is InvalidInputError. Any form
+    may carry a `reference` (for an ensemble's answer rule)."""
+    keys = set(item) - {"reference"}
+    reference = {"reference": item["reference"]} if item.get("reference") is not None else {}
     try:
         if keys == {"raw"}:
-            return reward_pb2.ScoreInput(raw=item["raw"])
-        if keys == {"prompt", "response"}:
-            pair = reward_pb2.PromptResponse(prompt=item["prompt"], response=item["response"])
-            return reward_pb2.ScoreInput(pair=pair)
+            return reward_pb2.ScoreInput(raw=item["raw"], **reference)
+        if keys in ({"prompt", "response"}, {"prompt", "response", "step_separator"}):
+            pair = reward_pb2.PromptResponse(prompt=item["prompt"], response=item["response"],
+                                             step_separator=item.get("step_separator") or "")
+            return reward_pb2.ScoreInput(pair=pair, **reference)
+        if keys == {"prompt", "steps"}:
+            steps = reward_pb2.Steps(prompt=item["prompt"], steps=list(item["steps"]))
+            return reward_pb2.ScoreInput(steps=steps, **reference)
         if keys == {"messages"}:
             messages = [proto_message(message) for message in item["messages"]]
-            return reward_pb2.ScoreInput(conversation=reward_pb2.Conversation(messages=messages))
+            return reward_pb2.ScoreInput(conversation=reward_pb2.Conversation(messages=messages), **reference)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"inputs.{index}: {exc}", type="invalid_argument") from None
     raise InvalidInputError(
-        f"inputs.{index}: an input has the keys 'prompt' and 'response', or 'messages', or 'raw'; got {sorted(keys)}",
-        type="invalid_argument")
+        f"inputs.{index}: an input has the keys 'prompt' and 'response', or 'messages', or 'raw', or 'prompt' and "
+        f"'steps'; got {sorted(keys)}", type="invalid_argument")
 
 
 def score_request(chunk: Sequence[reward_pb2.ScoreInput], request_id: str, normalize: bool,
@@ -86,7 +92,8 @@ def parse_reply(reply: reward_pb2.ScoreResponse, endpoint: str, expected: int) -
     if reply.HasField("error"):  # only ScoreStream answers set it; handled the same way if one does
         raise grpc_error(CODE_NAMES.get(reply.error.code, "UNKNOWN"), reply.error.message, endpoint)
     results = [
-        ScoreResult(s.reward, s.truncated, s.tokens, s.normalized if s.HasField("normalized") else None)
+        ScoreResult(s.reward, s.truncated, s.tokens, s.normalized if s.HasField("normalized") else None,
+                    list(s.step_rewards) or None, dict(s.members) or None, s.std if s.HasField("std") else None)
         for s in reply.scores
     ]
     return check_count(results, expected, endpoint)
@@ -95,7 +102,8 @@ def parse_reply(reply: reward_pb2.ScoreResponse, endpoint: str, expected: int) -
 def parse_models(reply: reward_pb2.ListModelsResponse) -> list[ModelInfo]:
     return [
         ModelInfo(m.id, m.max_model_len,
-                  (m.normalization.mean, m.normalization.std) if m.HasField("normalization") else None)
+                  (m.normalization.mean, m.normalization.std) if m.HasField("normalization") else None,
+                  m.kind or "model", dict(m.members) or None)
         for m in reply.models
     ]
 

@@ -101,7 +101,10 @@ def parse_scores(response: httpx.Response, endpoint: str, expected: int) -> list
     try:
         results = [
             ScoreResult(float(s["reward"]), bool(s["truncated"]), int(s["tokens"]),
-                        None if s.get("normalized") is None else float(s["normalized"]))
+                        None if s.get("normalized") is None else float(s["normalized"]),
+                        None if s.get("step_rewards") is None else [float(x) for x in s["step_rewards"]],
+                        None if s.get("members") is None else {str(k): float(v) for k, v in s["members"].items()},
+                        None if s.get("std") is None else float(s["std"]))
             for s in data["scores"]
         ]
     except (KeyError, TypeError, ValueError) as exc:
@@ -115,7 +118,9 @@ def parse_models(response: httpx.Response, endpoint: str) -> list[ModelInfo]:
         return [
             ModelInfo(m["id"], int(m.get("max_model_len") or 0),
                       None if not m.get("normalization") else
-                      (float(m["normalization"]["mean"]), float(m["normalization"]["std"])))
+                      (float(m["normalization"]["mean"]), float(m["normalization"]["std"])),
+                      str(m.get("kind") or "model"),
+                      None if not m.get("members") else {str(k): float(v) for k, v in m["members"].items()})
             for m in data["data"]
         ]
     except (KeyError, TypeError, ValueError) as exc:

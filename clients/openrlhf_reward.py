@@ -80,15 +80,23 @@ def openrlhf_inputs(queries: Sequence[str], prompts: Sequence[str], mode: str | 
     return inputs
 
 
-def score_queries(queries: Sequence[str], prompts: Sequence[str], **options: Any) -> tuple[list[float], list[bool]]:
-    """(rewards, truncated flags) for OpenRLHF-style queries, without torch. `options`: url, api_key, timeout,
-    transport (else the environment), mode, strip."""
+ENV_MODEL = "REWARDSERVE_MODEL_NAME"
+
+
+def score_full_queries(queries: Sequence[str], prompts: Sequence[str], **options: Any) -> list[Any]:
+    """The ScoreResults for OpenRLHF-style queries, without torch. `options`: url, api_key, timeout, transport,
+    model (a served model or ensemble; else $REWARDSERVE_MODEL_NAME; else the default), mode, strip."""
     if not queries:
-        return [], []
+        return []
     inputs = openrlhf_inputs(queries, prompts, options.get("mode"), options.get("strip"))
     client = client_from_env(options.get("url"), options.get("api_key"), options.get("timeout"),
                              options.get("transport"))
-    results = client.score_full(inputs)
+    return client.score_full(inputs, model=options.get("model") or os.environ.get(ENV_MODEL) or None)
+
+
+def score_queries(queries: Sequence[str], prompts: Sequence[str], **options: Any) -> tuple[list[float], list[bool]]:
+    """(rewards, truncated flags) for OpenRLHF-style queries, without torch (options as score_full_queries)."""
+    results = score_full_queries(queries, prompts, **options)
     return [r.reward for r in results], [r.truncated for r in results]
 
 
@@ -98,10 +106,11 @@ def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence
     tensors with one value per query. Extra keyword arguments (e.g. `metas` in some OpenRLHF forks) are ignored."""
     import torch  # OpenRLHF always has it; imported here so that clients/ imports without torch
 
-    rewards, truncated = score_queries(queries, prompts)
-    values = torch.tensor(rewards, dtype=torch.float32)
-    return {
-        "rewards": values,
-        "scores": values.clone(),
-        "extra_logs": {"rm_truncated": torch.tensor(truncated, dtype=torch.float32)},
-    }
+    results = score_full_queries(queries, prompts)
+    values = torch.tensor([r.reward for r in results], dtype=torch.float32)
+    extra = {"rm_truncated": torch.tensor([r.truncated for r in results], dtype=torch.float32)}
+    if results and results[0].members:  # an ensemble: each member's rewards and the std, logged by OpenRLHF
+        for name in results[0].members:
+            extra[f"rm_{name}"] = torch.tensor([r.members[name] for r in results], dtype=torch.float32)
+        extra["rm_std"] = torch.tensor([r.std or 0.0 for r in results], dtype=torch.float32)
+    return {"rewards": values, "scores": values.clone(), "extra_logs": extra}

@@ -104,6 +104,10 @@ class _RewardFuncBase:
     def _rewards(self, results: list[ScoreResult], log_metric: Any) -> list[float]:
         if self.log_truncation and callable(log_metric) and results:
             log_metric(f"{self.__name__}/truncated", sum(r.truncated for r in results) / len(results))
+        if callable(log_metric) and results and results[0].members:  # an ensemble: its members and std, logged
+            for name in results[0].members:
+                log_metric(f"{self.__name__}/{name}", sum(r.members[name] for r in results) / len(results))
+            log_metric(f"{self.__name__}/std", sum(r.std or 0.0 for r in results) / len(results))
         return [self._value(r) for r in results]
 
     def _lenient_rewards(self, results: list[ScoreResult | None], errors: list[BaseException],

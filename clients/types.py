@@ -15,21 +15,29 @@ InputLike = Union[Mapping[str, Any], tuple, str]
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """The score of one input. `reward` is the raw logit; `normalized` is set only when asked for."""
+    """The score of one input. `reward` is the raw logit (an ensemble's combined reward; a process reward model's
+    last step score); `normalized` is set only when asked for; `step_rewards` for a process reward model;
+    `members` (each member's reward) and `std` for an ensemble."""
 
     reward: float
     truncated: bool
     tokens: int
     normalized: float | None = None
+    step_rewards: list[float] | None = None
+    members: dict[str, float] | None = None
+    std: float | None = None
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A served model; `normalization` is (mean, std) when the model can normalize rewards."""
+    """A served model or ensemble; `normalization` is (mean, std) when the model can normalize rewards; `kind` is
+    "model", "prm" or "ensemble" (with its `members` and their weights)."""
 
     id: str
     max_model_len: int
     normalization: tuple[float, float] | None = None
+    kind: str = "model"
+    members: dict[str, float] | None = None
 
 
 def check_text(value: Any, where: str = "") -> None:

@@ -70,10 +70,18 @@ def _client_and_options(kwargs: Mapping[str, Any]) -> tuple[Any, str, bool]:
     return client, kwargs.get("prompt_key", "prompt"), bool(kwargs.get("normalize", False))
 
 
-def _values(results: list, normalize: bool) -> list[float]:
-    if normalize:
-        return [r.normalized if r.normalized is not None else r.reward for r in results]
-    return [r.reward for r in results]
+def _values(results: list, normalize: bool, members: bool = False) -> list[Any]:
+    """The rewards; with `members` (an ensemble's), verl's dict form: {"score", "std", "<member>": reward, ...}
+    (verl logs the extra keys)."""
+    values = [r.normalized if normalize and r.normalized is not None else r.reward for r in results]
+    if not members:
+        return values
+    return [{"score": v, **({"std": r.std} if r.std is not None else {}), **(r.members or {})}
+            for v, r in zip(values, results)]
+
+
+def _score_kwargs(kwargs: Mapping[str, Any], normalize: bool) -> dict[str, Any]:
+    return {"normalize": normalize, "model": kwargs.get("model") or None}
 
 
 # ---- verl entry points --------------------------------------------------------------------------------
@@ -81,10 +89,11 @@ def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_
                   **kwargs: Any) -> float:
     """verl's per-sample reward function: the reward model's score of `solution_str` (with the prompt from
     `extra_info[prompt_key]` when there is one). `reward_kwargs`: url, api_key, timeout, transport,
-    prompt_key, normalize."""
+    prompt_key, normalize, model (a served model or ensemble), return_members (an ensemble's members and std in
+    verl's dict form)."""
     client, prompt_key, normalize = _client_and_options(kwargs)
-    results = client.score_full([verl_input(solution_str, extra_info, prompt_key)], normalize=normalize)
-    return _values(results, normalize)[0]
+    results = client.score_full([verl_input(solution_str, extra_info, prompt_key)], **_score_kwargs(kwargs, normalize))
+    return _values(results, normalize, bool(kwargs.get("return_members")))[0]
 
 
 def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str], ground_truths: Sequence[Any],
@@ -96,4 +105,5 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
     client, prompt_key, normalize = _client_and_options(kwargs)
     infos = list(extra_infos) if extra_infos is not None else [None] * len(solution_strs)
     inputs = [verl_input(s, info, prompt_key) for s, info in zip(solution_strs, infos, strict=True)]
-    return _values(client.score_full(inputs, normalize=normalize), normalize)
+    results = client.score_full(inputs, **_score_kwargs(kwargs, normalize))
+    return _values(results, normalize, bool(kwargs.get("return_members")))

@@ -71,6 +71,7 @@ def add_ppo(train: Any, handler: Any) -> None:
     reward.add_argument("--reward-model", help="a reward-model folder scored in this process")
     reward.add_argument("--reward-url", help="a rewardserve server: http://host:port or grpc://host:port")
     ppo.add_argument("--reward-api-key", help="API key for the reward server (default: $REWARDSERVE_API_KEY)")
+    ppo.add_argument("--reward-model-name", help="the server's model or ensemble to score with (default: its first)")
     ppo.add_argument("--reward-timeout", type=float, help="seconds per reward call, retries included (default 60)")
     ppo.add_argument("--reward-retries", type=int, help="retries of a failed reward call (default 3)")
     ppo.add_argument("--rollout", choices=("hf", "vllm"), help="generator: transformers generate or in-process vLLM (default hf)")
@@ -109,6 +110,7 @@ def add_grpo(train: Any, handler: Any) -> None:
     reward.add_argument("--reward-url", help="a rewardserve server: http://host:port or grpc://host:port "
                         "(one request per group)")
     grpo.add_argument("--reward-api-key", help="API key for the reward server (default: $REWARDSERVE_API_KEY)")
+    grpo.add_argument("--reward-model-name", help="the server's model or ensemble to score with (default: its first)")
     grpo.add_argument("--reward-timeout", type=float, help="seconds per reward call, retries included (default 60)")
     grpo.add_argument("--reward-retries", type=int, help="retries of a failed reward call (default 3)")
     grpo.add_argument("--reward-metrics-url", help="the server's HTTP address, to log the prefix tokens it saved "

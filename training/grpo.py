@@ -54,6 +54,8 @@ class GRPOConfig(BaseModel):
     reward_model: str | None = Field(None, description="A reward-model folder scored in this process.")
     reward_url: str | None = Field(None, description="A rewardserve server: http://host:port or grpc://host:port.")
     reward_api_key: str | None = Field(None, description="API key for the server (default $REWARDSERVE_API_KEY).")
+    reward_model_name: str | None = Field(None, description="The server's model or ensemble to score with "
+                                          "(default: its first model).")
     reward_timeout: float = Field(60.0, gt=0, description="Seconds per reward call, retries included.")
     reward_retries: int = Field(3, ge=0, description="Retries of a failed reward call (overload, failover).")
     reward_metrics_url: str | None = Field(None, description="The server's HTTP address for /metrics (prefix tokens "
@@ -180,7 +182,8 @@ def train_grpo(config: GRPOConfig) -> GRPOResult:
 # ------------------------------------------------------------------------------------------------------ CLI
 
 _GRPO_FLAGS = (
-    "policy", "ref", "prompts", "reward_model", "reward_url", "reward_api_key", "reward_timeout", "reward_retries",
+    "policy", "ref", "prompts", "reward_model", "reward_url", "reward_api_key", "reward_model_name", "reward_timeout",
+    "reward_retries",
     "reward_metrics_url", "reward_weights", "format_pattern", "rollout", "max_prompt_length", "max_new_tokens",
     "temperature", "top_k", "top_p", "group_size", "num_iterations", "mini_batch_size", "cliprange", "cliprange_high",
     "kl_coef", "scale_rewards", "loss_aggregation", "missing_eos_penalty", "overlong_cache",

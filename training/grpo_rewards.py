@@ -101,7 +101,7 @@ class GroupRewards:
         if "model" in self.weights:
             self.model = (LocalReward(config.reward_model) if config.reward_model else
                           GroupRemoteReward(config.reward_url, config.reward_timeout, config.reward_retries,
-                                            config.reward_api_key))
+                                            config.reward_api_key, getattr(config, "reward_model_name", None)))
         self.metrics_url = metrics_url(config.reward_url, config.reward_metrics_url) if self.model else None
         self.where = ", ".join(f"{k}x{v:g}" + (f" ({self.model.where})" if k == "model" else "")
                                for k, v in self.weights.items())

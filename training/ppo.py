@@ -48,6 +48,8 @@ class PPOConfig(BaseModel):
     reward_model: str | None = Field(None, description="A reward-model folder scored in this process.")
     reward_url: str | None = Field(None, description="A rewardserve server: http://host:port or grpc://host:port.")
     reward_api_key: str | None = Field(None, description="API key for the server (default $REWARDSERVE_API_KEY).")
+    reward_model_name: str | None = Field(None, description="The server's model or ensemble to score with "
+                                          "(default: its first model).")
     reward_timeout: float = Field(60.0, gt=0, description="Seconds per reward call, retries included.")
     reward_retries: int = Field(3, ge=0, description="Retries of a failed reward call (overload, failover).")
     rollout: str = Field("hf", pattern="^(hf|vllm)$", description="hf: transformers generate; vllm: in-process vLLM.")
@@ -147,7 +149,7 @@ def train_ppo(config: PPOConfig) -> PPOResult:
     module, tokenizer, peft_model, policy_path = build(config)
     prompts = tokenize_prompts(tokenizer, load_prompts(config.prompts), config.max_prompt_length)
     scorer = make_scorer(config.reward_model, config.reward_url, config.reward_timeout, config.reward_retries,
-                         config.reward_api_key)
+                         config.reward_api_key, config.reward_model_name)
     generator = make_generator(config, module, tokenizer, out)
     maker = ExperienceMaker(config, generator, scorer, tokenizer)
     log.info("PPO on %d prompts from %s, rewards from %s, rollouts by %s", len(prompts), policy_path, scorer.where,
@@ -175,7 +177,8 @@ def train_ppo(config: PPOConfig) -> PPOResult:
 # ------------------------------------------------------------------------------------------------------ CLI
 
 _PPO_FLAGS = (
-    "policy", "ref", "prompts", "reward_model", "reward_url", "reward_api_key", "reward_timeout", "reward_retries",
+    "policy", "ref", "prompts", "reward_model", "reward_url", "reward_api_key", "reward_model_name", "reward_timeout",
+    "reward_retries",
     "rollout", "max_prompt_length", "max_new_tokens", "temperature", "top_k", "top_p", "ppo_epochs", "mini_batch_size",
     "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", "kl_coef", "kl_estimator", "adaptive_kl", "kl_target",
     "kl_horizon", "whiten_advantages", "missing_eos_penalty", "reward_clip", "normalize_rewards",

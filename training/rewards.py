@@ -73,19 +73,20 @@ class RemoteReward:
     """A rewardserve server: http(s)://host:port or grpc://host:port (grpcs:// for TLS), with the clients' retries
     (overload backoff, failover) inside one deadline per call."""
 
-    def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, api_key: str | None = None):
+    def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, api_key: str | None = None,
+                 model: str | None = None):
         from clients import GrpcRewardClient, RewardClient
 
         parsed = urlparse(url)
         api_key = api_key or os.environ.get("REWARDSERVE_API_KEY") or None
-        options: dict[str, Any] = {"timeout": timeout, "max_retries": retries, "api_key": api_key}
+        options: dict[str, Any] = {"timeout": timeout, "max_retries": retries, "api_key": api_key, "model": model}
         if parsed.scheme in ("http", "https"):
             self.client: Any = RewardClient(url, **options)
         elif parsed.scheme in ("grpc", "grpcs") and parsed.netloc:
             self.client = GrpcRewardClient(parsed.netloc, tls=parsed.scheme == "grpcs", **options)
         else:
             raise ValueError(f"--reward-url {url!r}: use http://host:port, https://…, grpc://host:port or grpcs://…")
-        self.where = f"reward server {url}"
+        self.where = f"reward server {url}" + (f" (model {model})" if model else "")
 
     def score(self, inputs: Sequence[dict], step: int) -> list[float]:
         from clients import RewardClientError
@@ -102,9 +103,9 @@ class RemoteReward:
 
 
 def make_scorer(reward_model: str | None, reward_url: str | None, timeout: float, retries: int,
-                api_key: str | None) -> LocalReward | RemoteReward:
+                api_key: str | None, model_name: str | None = None) -> LocalReward | RemoteReward:
     if (reward_model is None) == (reward_url is None):
         raise ValueError("give exactly one of reward_model (a folder) and reward_url (a server)")
     if reward_model is not None:
         return LocalReward(reward_model)
-    return RemoteReward(reward_url, timeout, retries, api_key)
+    return RemoteReward(reward_url, timeout, retries, api_key, model_name)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import time
+
+import numpy as np
 import uuid
 from typing import Any
 
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rewardmodel.inputs import Text
 from rewardmodel.rendering import RenderError, token_ids
+from rewardmodel.steps import StepEncoded
 
 from service.engine import RewardEngine
 from service.house import ModelHouse
@@ -62,6 +65,20 @@ class RewardResponse(BaseModel):
     rewards: list[float] = Field(description="Raw rewards (logits), in query order.")
     scores: list[float] = Field(description="The same values (OpenRLHF logs them as scores).")
     extra_logs: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepTags:
+    """vLLM's STEP pooling reads a PRM at every position holding the step tag token."""
+
+    def __init__(self, encoder: VllmEncoder, tag: int):
+        self.encoder, self.tag = encoder, tag
+
+    def __call__(self, prompt: Any) -> StepEncoded:
+        enc = self.encoder(prompt)
+        ends = [i for i, t in enumerate(enc.input_ids) if t == self.tag]
+        if not ends:
+            raise invalid(f"no step tag (token id {self.tag}, the end of the model's step separator) in the prompt")
+        return StepEncoded(enc.input_ids, ends, enc.truncated)
 
 
 # ---- request parsing --------------------------------------------------------------------------------------
@@ -155,6 +172,8 @@ def compat_router(house: ModelHouse) -> APIRouter:
         body = await _parse(request, PoolingRequest)
         if body.dimensions is not None:
             raise invalid("dimensions is currently not supported")
+        if house.resolve(body.model).kind == "model" and house.resolve(body.model).prm is not None:
+            return await step_pooling(request, body, timeout)
         if body.task not in (None, "classify"):
             raise invalid(f"Unsupported task: {body.task!r} Supported tasks: ['classify']")
         scorer, counts, values, headers = await pooled(request, body, timeout)
@@ -164,6 +183,37 @@ def compat_router(house: ModelHouse) -> APIRouter:
             usage=usage_of(counts),
         )
         return JSONResponse(response.model_dump(), headers=headers)
+
+    async def step_pooling(request: Request, body: PoolingRequest, timeout: str | None) -> JSONResponse:
+        """A process reward model as vLLM's STEP pooler answers: for each prompt, at every position holding the
+        step tag (the last token of the model's step separator), the labels' softmax ([bad, good]), or the raw
+        logits with `use_activation: false`."""
+        if body.task not in (None, "token_classify"):
+            raise invalid(f"Unsupported task: {body.task!r} Supported tasks: ['token_classify']")
+        scorer, tk = single(body.model)
+        spec = scorer.prm
+        tag = token_ids(scorer.tokenizer, spec.step_separator, add_special_tokens=False)[-1]
+        deadline = house.deadline_from_timeout(parse_timeout_header(timeout))
+        prompts = [ChatPrompt(body)] if body.messages is not None else prompts_of(body)
+        if not prompts:
+            raise invalid("You must pass at least one prompt")
+        encoder = StepTags(VllmEncoder(scorer.tokenizer, tk.truncating, scorer.max_length, tk.info.vocab_size, body),
+                           tag)
+        reservation = scorer.admit(len(prompts), field="input")
+        evaluated = await run_unless_disconnected(request, scorer.engine.evaluate(
+            prompts, deadline=deadline, encoder=encoder, reservation=reservation, field="input"))
+        data = []
+        for i, values in enumerate(evaluated.values):
+            logits = values[:, scorer.column:scorer.column + spec.num_labels].astype(np.float64)
+            if body.wants_activation():
+                logits = np.exp(logits - logits.max(axis=1, keepdims=True))
+                logits = logits / logits.sum(axis=1, keepdims=True)
+            data.append(PoolingResponseData(index=i, data=[[float(x) for x in row] for row in logits]))
+        response = PoolingResponse(
+            id=f"pooling-{_request_id(request, body)}", created=int(time.time()), model=scorer.name, data=data,
+            usage=usage_of([e.tokens for e in evaluated.encoded]),
+        )
+        return JSONResponse(response.model_dump(), headers=timing_headers(evaluated))
 
     @router.post("/tokenize", response_model=TokenizeResponse, responses=errors,
                  openapi_extra=_openapi_body(TokenizeRequest))

@@ -98,7 +98,7 @@ class ClassificationResponse(BaseModel):
 class PoolingResponseData(BaseModel):
     index: int
     object: str = "pooling"
-    data: list[float] | str
+    data: list[float] | list[list[float]] | str
 
 
 class PoolingResponse(BaseModel):

@@ -30,9 +30,15 @@ def _blocks():
 
 
 @pytest.fixture(scope="module")
-def docs_server(tiny_bert_dir, tiny_policy_dir):
-    # with a (tiny) policy, so that the Best-of-N examples run too
-    config = test_config(tiny_bert_dir, model_name="docs-model", generator=f"hf:{tiny_policy_dir}")
+def docs_server(tiny_bert_dir, tiny_llama_dir, tiny_policy_dir):
+    # several models and an ensemble, named as docs/api.md's config shows them (tiny models in their place), and
+    # a (tiny) policy, so that the Best-of-N examples run too
+    config = test_config(
+        tiny_bert_dir, generator=f"hf:{tiny_policy_dir}",
+        models=[{"name": "harmless", "path": str(tiny_bert_dir)}, {"name": "mini", "path": str(tiny_llama_dir)}],
+        ensembles=[{"name": "safe", "combine": "mean_minus_std", "penalty": 0.5,
+                    "members": {"harmless": 1.0, "mini": 1.0}, "rules": [{"kind": "length", "weight": -0.001}]}],
+    )
     with LiveServer(config) as server:
         yield server
 

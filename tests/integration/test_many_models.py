@@ -202,3 +202,32 @@ def test_per_model_metrics(server):
     text = httpx.get(server.http_url + "/metrics").text
     assert metric_value(text, "rewardserve_inputs_total", model="helpful") >= len(PAIRS)
     assert metric_value(text, "rewardserve_inputs_total", model="safe") >= len(PAIRS)
+
+
+def test_clients_and_adapters_name_a_model_and_read_members(server):
+    from clients import GrpcRewardClient, RewardClient, make_trl_reward_func
+    from clients.verl_reward import compute_score_batch
+    from training.rewards import RemoteReward
+
+    helpful = rewards(server, "helpful")
+    with RewardClient(server.http_url, model="helpful") as client:
+        assert client.score(PAIRS) == helpful
+    with GrpcRewardClient(server.grpc_target) as client:
+        full = client.score_full(PAIRS, model="safe")
+        assert set(full[0].members) == {"harmless", "mini"} and full[0].std is not None
+        assert {m.id: m.kind for m in client.models()}["safe"] == "ensemble"
+    logged = {}
+    trl = make_trl_reward_func(server.http_url, model="safe", name="rm")
+    got = trl(prompts=[p["prompt"] for p in PAIRS], completions=[p["response"] for p in PAIRS],
+              log_metric=lambda name, value: logged.__setitem__(name, value))
+    assert got == [s["reward"] for s in score(server, "safe")["scores"]]
+    assert {"rm/harmless", "rm/mini", "rm/std"} <= set(logged)
+    infos = [{"prompt": p["prompt"]} for p in PAIRS]
+    verl = compute_score_batch([None] * 4, [p["response"] for p in PAIRS], [None] * 4, infos, url=server.http_url,
+                               model="safe", return_members=True)
+    assert [v["score"] for v in verl] == got and all({"harmless", "mini", "std"} <= set(v) for v in verl)
+    remote = RemoteReward(server.http_url, model="helpful")
+    try:
+        assert remote.score(PAIRS, step=0) == helpful
+    finally:
+        remote.close()

@@ -73,7 +73,9 @@ def check_storm(results, expected, ok: str, refused: str) -> None:
     outcomes = [r[0] for r in results]
     assert set(outcomes) <= {ok, refused}, sorted(set(outcomes) - {ok, refused})[:5]
     assert outcomes.count(ok) >= 2, "the server kept serving under overload"
-    assert outcomes.count(refused) >= 4 * CLIENTS, "far more callers than capacity: most calls were refused"
+    # far more callers than capacity: most calls were refused (a ratio: how many calls the storm's own process
+    # manages to make depends on how busy the machine is)
+    assert len(outcomes) >= 2 * CLIENTS and outcomes.count(refused) >= 0.8 * len(outcomes), outcomes.count(refused)
     slowest_refusal = max(sec for outcome, sec, _, _ in results if outcome == refused)
     assert slowest_refusal < REFUSAL_BOUND_S, slowest_refusal
     for outcome, _, reward, i in results:

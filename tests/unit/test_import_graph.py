@@ -135,6 +135,6 @@ def test_nothing_imports_the_command(graph):
 
 def test_the_graph_is_read(graph):
     """Guards the reader itself: known arrows are found, relative imports resolve."""
-    assert "service.engine" in graph["service.http_api.score_routes"]
+    assert "service.house" in graph["service.http_api.score_routes"]
     assert "rewardmodel.rendering" in graph["training.data"]
     assert "service.runtime" in graph["rewardserve.cli"]  # a lazy import inside a function counts
