@@ -123,10 +123,12 @@ def test_use_jemalloc_reexecutes_with_the_library_preloaded(monkeypatch):
     monkeypatch.delenv("_REWARDSERVE_ALLOCATOR_EXEC", raising=False)
     monkeypatch.setenv("REWARDSERVE_ALLOCATOR", "/opt/lib/libjemalloc.so.2")
     monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
     assert memory.use_jemalloc(execve=lambda *a: calls.append(a)) == "/opt/lib/libjemalloc.so.2"
     (path, argv, env), = calls
     assert path == sys.executable and argv[0] == sys.executable and argv[1:] == sys.orig_argv[1:]
     assert env["LD_PRELOAD"] == "/opt/lib/libjemalloc.so.2 libother.so" and env["_REWARDSERVE_ALLOCATOR_EXEC"] == "1"
+    assert env["MALLOC_CONF"] == memory.JEMALLOC_CONF  # no oversize arena: see its docstring
     monkeypatch.setenv("_REWARDSERVE_ALLOCATOR_EXEC", "1")  # the re-executed process does not do it again
     assert memory.use_jemalloc(execve=lambda *a: calls.append(a)) is None and len(calls) == 1
 
