@@ -130,22 +130,22 @@ async def sample_and_score(bon: Any, prompts: list[list[dict]], m: int, sampling
 
 async def _run(spec: str, model: str, prompts: list, m: int, sampling: dict, concurrency: int) -> tuple[Any, list]:
     from service.config import ServeConfig
-    from service.engine import RewardEngine
+    from service.house import ModelHouse
     from service.runtime import start_best_of_n
 
     config = ServeConfig(
         model=model, generator=spec, warmup=False, grpc_port=-1, max_n=m, max_new_tokens=sampling["max_tokens"],
         max_inputs_per_request=max(m, 1024), generation_timeout_s=3600.0, log_level="warning",
     )
-    engine = await asyncio.to_thread(RewardEngine.from_config, config)
-    await engine.start()
+    house = await asyncio.to_thread(ModelHouse.build, config)
+    await house.start()
     bon = None
     try:
-        bon = await start_best_of_n(engine, config)
+        bon = await start_best_of_n(house, config)
         outcomes = await sample_and_score(bon, prompts, m, sampling, concurrency)
-        return {"model": engine.name, "generator": bon.generator.name}, outcomes
+        return {"model": house.default, "generator": bon.generator.name}, outcomes
     finally:
-        await engine.stop()
+        await house.stop()
         if bon is not None and bon.generator is not None:
             await asyncio.to_thread(bon.generator.close)
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from training.data import PreferenceCollator, PreferencePair
+from training.frozen import store_key  # noqa: F401  (the store's key, re-exported)
 
 log = logging.getLogger("rewardserve.train.features")
 
@@ -187,10 +188,6 @@ def stored_pair_features(collate: PreferenceCollator, pairs: Sequence[Preference
     return store.lookup(keys)[index]  # (P, 2, H)
 
 
-def store_key(base_sha256: str, max_length: int, num_layers: int | None, kind: str) -> dict[str, Any]:
-    return {"base_sha256": base_sha256, "max_length": max_length, "num_layers": num_layers, "kind": kind}
-
-
 def prompt_order(records: Sequence[Any], seed: int = 0) -> list[str]:
     """The distinct prompts of preference records (JSON of the prompt), in a seeded shuffled order."""
     import json
@@ -273,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.store:
         parser.error("--store is required")
-    from training.rm_head import load_frozen
+    from training.frozen import load_frozen
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -18,8 +18,8 @@ from rewardmodel.modeling import OVERLAY_META, OVERLAY_TENSORS, sha256_file
 from rewardmodel.normalization import STATS_FILE
 from training.checkpoint import atomic_write_text
 from training.data import PreferencePair
-from training.heads import FittedHead, fit_heads, head_stats, overlay_meta, overlay_rows, pair_metrics, pick_best, \
-    pick_one_se, write_tensors
+from training.heads import FittedHead, fit_heads, head_stats, pair_metrics, pick_best, pick_one_se, write_tensors
+from training.overlay_io import overlay_meta, overlay_rows
 
 log = logging.getLogger("rewardserve.train.heads")
 
@@ -91,13 +91,13 @@ def _describe(h: FittedHead) -> dict[str, Any]:
 def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.Tensor | None,
                        stats_on: dict[str, Any], *, l2s: Sequence[float], bootstrap: int, pick_l2: str | None,
                        sizes: Sequence[int], include_heads: Sequence[str], seed: int, common: dict[str, Any],
-                       check_pairs: Sequence[PreferencePair], dev_groups: torch.Tensor | None = None) -> dict[str, Any]:
+                       check_pairs: Sequence[PreferencePair], dev_groups: torch.Tensor | None = None,
+                       finish_single: Callable[..., None] | None = None) -> dict[str, Any]:
     """Fit, pick, include, export; returns the run summary (training_config.json).
 
     pick_l2: None (keep every head), "best" (best eval accuracy) or "one-se" (the most regularised head within one
-    prompt-clustered SE of the best; dev_groups (P_eval,) gives each eval pair's prompt)."""
-    from training.rm_head import finish_single
-
+    prompt-clustered SE of the best; dev_groups (P_eval,) gives each eval pair's prompt). One head left is exported
+    by finish_single (training/rm_head.py's, which the trainer passes) as a single-head overlay."""
     if frozen.head.kind != "decoder":
         raise ValueError("--l2 fits a linear head without bias: it needs a decoder base (smollm2)")
     if pick_l2 and (dev is None or bootstrap):
@@ -124,6 +124,8 @@ def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.T
         summary |= {"l2": heads[0].settings.get("l2"), "best_epoch": None, "best_metrics": heads[0].metrics,
                     "epochs_run": None}
         atomic_write_text(out / "metrics.jsonl", json.dumps(heads[0].metrics) + "\n")
+        if finish_single is None:
+            raise ValueError("one head left: pass finish_single (training.rm_head.finish_single) to export it")
         finish_single(frozen, out, train, dev, stats_on, summary, check_pairs)
         return summary
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in metrics_rows))

@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rewardmodel.modeling import load_tokenizer, resolve_model
     from training.data import PreferenceCollator
     from training.features import FeatureStore, store_key
-    from training.heads import overlay_meta, overlay_rows
+    from training.overlay_io import overlay_meta, overlay_rows
 
     folder = Path(args.overlay)
     meta = overlay_meta(folder)

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rewardmodel.normalization import STATS_FILE
     from training.checkpoint import atomic_write_text
     from training.data import read_records
-    from training.heads import overlay_rows, pair_rewards
+    from training.overlay_io import overlay_rows, pair_rewards
 
     parser = argparse.ArgumentParser(prog="python -m training.length_debias", description=main.__doc__)
     parser.add_argument("--overlay", required=True, help="a single-head overlay folder (e.g. models/default)")

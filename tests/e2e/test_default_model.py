@@ -42,7 +42,9 @@ def test_serve_without_model_flag_serves_the_trained_default():
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, proc, timeout=240)
-        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "rewardserve-default"
+        listed = httpx.get(url + "/v1/models").json()["data"][0]
+        assert listed["id"] == "rewardserve-default"
+        dtype = listed["dtype"]  # --dtype auto: bfloat16 on CPUs with native bf16 (AMX, AVX512-BF16), else float32
         body = httpx.post(url + "/v1/score", json={"inputs": INPUTS, "normalize": True}, timeout=120).json()
         served = [s["reward"] for s in body["scores"]]
         assert all(isinstance(s["normalized"], float) for s in body["scores"])
@@ -55,4 +57,9 @@ def test_serve_without_model_flag_serves_the_trained_default():
     with torch.no_grad():
         rows = [torch.tensor([encode_input(tok, inp, tok.model_max_length).input_ids]) for inp in INPUTS]
         local = [float(reward_forward(model, ids, torch.ones_like(ids))[0]) for ids in rows]
-    assert served == pytest.approx(local, abs=1e-4)
+    if dtype == "float32":
+        assert served == pytest.approx(local, abs=1e-4)
+    else:  # bf16 matmuls (fp32 residual, norms, softmax, head): within the measured bf16 error (docs/benchmarks.md)
+        assert dtype == "bfloat16"
+        assert served == pytest.approx(local, abs=0.05)
+        assert served[0] > served[1]  # the refusal still wins over the harmful answer

@@ -107,14 +107,15 @@ def test_half_written_overlay_is_no_model(head_run: Path, tmp_path: Path) -> Non
 
 
 def test_head_only_refuses_a_checkpoint_folder_base(tmp_path: Path) -> None:
-    from training.rm_head import _overlay_base_spec
+    from training.frozen import overlay_base_spec
 
     with pytest.raises(ValueError, match="packaged base"):
-        _overlay_base_spec(str(tmp_path))
+        overlay_base_spec(str(tmp_path))
 
 
 def test_l2_solve_fits_a_linear_signal_and_shrinks_with_the_penalty(tiny_llama_dir: Path) -> None:
-    from training.rm_head import Head, fit_head_l2
+    from training.frozen import Head
+    from training.rm_head import fit_head_l2
 
     model = load_reward_model(resolve_model(str(tiny_llama_dir)), torch.float32, "cpu")
     head = Head(model)

@@ -25,14 +25,14 @@ def _records() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def frozen(tiny_llama_dir: Path):
-    from training.rm_head import frozen_from_source
+    from training.frozen import frozen_from_source
 
     return frozen_from_source(resolve_model(str(tiny_llama_dir)), 64)
 
 
 def test_dedup_pass_gives_the_undeduplicated_features_and_computes_each_sequence_once(frozen, tmp_path) -> None:
     from training.features import FeatureStore, encode_distinct, pair_features
-    from training.rm_head import cache_features
+    from training.frozen import cache_features
 
     pairs = load_preferences(_records())
     rows, index = encode_distinct(frozen.collate, pairs)
@@ -151,6 +151,7 @@ def test_response_text_is_the_final_assistant_turn_and_tokens_have_no_specials(f
 def _run_heads(frozen, out: Path, **kw):
     from training.features import FeatureStore, pair_features
     from training.head_overlays import train_linear_heads
+    from training.rm_head import finish_single
     from training.length_debias import pair_tokens
 
     records = _records()
@@ -163,7 +164,7 @@ def _run_heads(frozen, out: Path, **kw):
     options = {"l2s": [0.1], "bootstrap": 0, "pick_l2": False, "sizes": [6, 6], "include_heads": (), "seed": 1}
     options.update(kw)
     return train_linear_heads(frozen, out, train, dev, stats_on, common=common, check_pairs=load_preferences(
-        records[12:16]), **options), dev
+        records[12:16]), finish_single=finish_single, **options), dev
 
 
 def test_single_head_keeps_todays_format_and_gains_a_length_block(frozen, tmp_path) -> None:
@@ -178,7 +179,7 @@ def test_single_head_keeps_todays_format_and_gains_a_length_block(frozen, tmp_pa
 
 
 def test_multi_head_writer_names_rows_and_per_head_stats(frozen, tmp_path) -> None:
-    from training.heads import overlay_rows
+    from training.overlay_io import overlay_rows
 
     _run_heads(frozen, tmp_path / "one", l2s=[0.1])
     summary, dev = _run_heads(frozen, tmp_path / "many", bootstrap=3, include_heads=[f"first={tmp_path / 'one'}"])
