@@ -13,10 +13,10 @@ Why results drift with the batch, and what each rule here removes:
    where its chunk ends, i.e. on the total size. Rule: `aligned_rows` pads every stacked tensor so that each
    thread's chunk is a whole number of vector blocks (no tail), for this process's thread count.
 3. Attention kernels block queries and keys by sequence length, so the prefix of a shared-prefix group computed
-   alone differs from the same rows computed inside the whole input. Rule: our attention processes queries in
-   tiles and keys in blocks of `TILE` aligned at absolute position 0, in a fixed order, with an online softmax in
-   fp32 whose sums are GEMMs (a ones column appended to V); a block a query cannot see contributes exact zeros.
-   A query row therefore sees the same numbers in the same order whether its prefix was shared or not.
+   alone differs from the same rows computed inside the whole input. Rule: queries are attended in tiles of
+   `TILE` absolute positions, each against a key buffer whose length depends only on the tile's position (and
+   for an encoder its sequence's length), keys placed by absolute position and masked where unseen: every query
+   row meets the same SDPA call shape, hence the same kernel and the same numbers, shared prefix or not.
 4. Reductions over a row (norms) see a row of fixed length in a call of fixed-size tiles.
 
 What this gives is checked, not assumed: the backend's start-up self-check scores probe inputs alone, packed and
@@ -25,7 +25,6 @@ in a prefix tree and compares bits, and tests/unit/test_invariance.py draws rand
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -234,79 +233,39 @@ def _gather(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return out.view(*rows.shape, *t.shape[1:])
 
 
-_BATCH_INVARIANT: dict[tuple, bool] = {}
-
-
-def batched_matmul_invariant(dtype: torch.dtype, device: torch.device, dim: int) -> bool:
-    """Whether a batched matmul gives one entry the same bits for any batch count (probed once): then attention
-    computes each key block only for the query tiles that need it."""
-    key = (dtype, device.type, dim, torch.get_num_threads())
-    if key not in _BATCH_INVARIANT:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        a = torch.randn(97, 4, TILE, dim, generator=gen).to(device, dtype)
-        b = torch.randn(97, 4, dim, TILE, generator=gen).to(device, dtype)
-        p = torch.rand(97, 4, TILE, TILE, generator=gen).to(device, dtype)
-        c = torch.randn(97, 4, TILE, dim + 1, generator=gen).to(device, dtype)
-        first_ab, first_pc = torch.matmul(a[:1], b[:1]), torch.matmul(p[:1], c[:1])
-        ok = True
-        for n in (2, 3, 7, 16, 33, 97):
-            ok &= torch.equal(torch.matmul(a[:n], b[:n])[:1], first_ab)
-            ok &= torch.equal(torch.matmul(p[:n], c[:n])[:1], first_pc)
-        _BATCH_INVARIANT[key] = bool(ok)
-    return _BATCH_INVARIANT[key]
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Work, scale: float,
               causal: bool = True) -> torch.Tensor:
-    """Attention by fixed tiles and key blocks (rule 3). q: (R, Hq, D); k, v: (R, Hkv, D), fp32. -> (R, Hq, D),
-    rows that are no work item's query left zero."""
+    """Attention by query tiles (rule 3). q: (R, Hq, D); k, v: (R, Hkv, D), fp32 -> (R, Hq, D); rows that are no
+    work item's query are left zero.
+
+    A query tile at absolute positions [aT, (a+1)T) of a decoder always attends a key buffer of exactly (a+1)T
+    slots (an encoder's: its whole sequence, padded to whole tiles), gathered by absolute position from wherever
+    the keys live in this pass (its own rows, or a shared prefix's), slots it may not see masked out. So its SDPA
+    call has the same shape, the same kernel blocking and the same numbers whether the input is alone, packed with
+    others, or under a shared prefix; tiles with the same key length are computed in one batched call (a batch
+    entry's result does not depend on the others)."""
     rows, heads, dim = q.shape
     kv_heads = k.shape[1]
-    group = heads // kv_heads
-    items = work.q_rows.shape[0]
-    sizes = (kv_heads * group * TILE * TILE, kv_heads * group * TILE)  # a score tile; its running max
-    spare = aligned_count(items, sizes) - items + 1  # padding items (all -1): whole-chunk tensors, and a dummy
-    q_rows = F.pad(work.q_rows, (0, 0, 0, spare), value=-1)
-    q_pos = F.pad(work.q_pos, (0, 0, 0, spare))
-    kv_rows = F.pad(work.kv_rows, (0, 0, 0, spare), value=-1)
-    kv_pos = F.pad(work.kv_pos, (0, 0, 0, spare), value=2**40)
-    blocks = F.pad(work.blocks, (0, spare))
-    total = items + spare
-    qt = _gather(q, q_rows).view(total, TILE, kv_heads, group, dim).permute(0, 2, 3, 1, 4)  # (W, Hkv, G, T, D)
-    ones = torch.ones(rows, kv_heads, 1, dtype=v.dtype, device=v.device)
-    v1 = torch.cat([v, ones], dim=-1)  # the softmax's row sums come out of the same GEMM as its output
-    m = torch.full((total, kv_heads, group, TILE, 1), -math.inf, dtype=q.dtype, device=q.device)
-    acc = torch.zeros(total, kv_heads, group, TILE, dim + 1, dtype=q.dtype, device=q.device)
-    subsets = batched_matmul_invariant(q.dtype, q.device, dim)
-    everyone = torch.arange(total, device=q.device)
-    for j in range(int(work.blocks.max())):
-        act = everyone
-        if subsets:  # only the query tiles that see block j; padded with the dummy item to aligned chunks
-            need = (blocks > j).nonzero().squeeze(1)
-            fill = aligned_count(len(need), sizes) - len(need)
-            act = torch.cat([need, torch.full((fill,), total - 1, dtype=torch.long, device=q.device)])
-        cols = slice(j * TILE, (j + 1) * TILE)
-        rows_j = kv_rows[act, cols]
-        kj = _gather(k, rows_j).permute(0, 2, 3, 1).unsqueeze(2)  # (n, Hkv, 1, D, T)
-        vj = _gather(v1, rows_j).permute(0, 2, 1, 3).unsqueeze(2)  # (n, Hkv, 1, T, D+1)
-        s = torch.matmul(qt[act], kj) * scale  # (n, Hkv, G, T, T)
-        visible = (rows_j[:, None, :] >= 0).expand(-1, TILE, -1)  # (n, T, T)
+    out = torch.zeros_like(q)
+    for blocks in torch.unique(work.blocks).tolist():
+        items = (work.blocks == blocks).nonzero().squeeze(1)
+        length = blocks * TILE
+        q_rows = work.q_rows[items]  # (n, T)
+        kv_rows = work.kv_rows[items, :length]  # (n, L)
+        qg = _gather(q, q_rows).permute(0, 2, 1, 3)  # (n, Hq, T, D)
+        kg = _gather(k, kv_rows).permute(0, 2, 1, 3)  # (n, Hkv, L, D)
+        vg = _gather(v, kv_rows).permute(0, 2, 1, 3)
+        visible = (kv_rows >= 0)[:, None, :]  # (n, 1, L)
         if causal:
-            visible = visible & (kv_pos[act, None, cols] <= q_pos[act, :, None])
-        s = s.masked_fill(~visible[:, None, None], -math.inf)
-        m_old = m[act]
-        m_new = torch.maximum(m_old, s.amax(-1, keepdim=True))
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows that saw nothing yet
-        p = torch.exp(s - safe)
-        acc[act] = acc[act] * torch.exp(m_old - safe) + torch.matmul(p, vj)
-        m[act] = m_new
-    out = acc[..., :dim] / acc[..., dim:].clamp(min=torch.finfo(acc.dtype).tiny)  # (W, Hkv, G, T, D)
-    out = out.permute(0, 3, 1, 2, 4).reshape(total * TILE, heads, dim)
-    result = torch.zeros(rows, heads, dim, dtype=q.dtype, device=q.device)
-    flat = q_rows.reshape(-1)
-    keep = flat >= 0
-    result[flat[keep]] = out[keep]
-    return result
+            visible = visible & (work.kv_pos[items, None, :length] <= work.q_pos[items, :, None])  # (n, T, L)
+        else:
+            visible = visible.expand(-1, TILE, -1)
+        attended = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=visible[:, None], scale=scale,
+                                                  enable_gqa=heads != kv_heads)  # (n, Hq, T, D)
+        flat = q_rows.reshape(-1)
+        keep = flat >= 0
+        out[flat[keep]] = attended.permute(0, 2, 1, 3).reshape(-1, heads, dim)[keep]
+    return out
 
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -1,0 +1,142 @@
+"""Precision and speed of the forward paths, side by side, on the HH harmless dev pairs.
+
+Every configuration scores the same chosen/rejected inputs of the first --pairs dev pairs, through the server's
+own backend (service.backends.hf_backend.HFBackend, loaded as `rewardserve serve` loads it), in packed batches of
+at most --batch-tokens tokens (length-sorted, as the batcher fills them):
+
+  transformers/float32   the reference: transformers' own forward, fp32, packed
+  invariant/float32      our batch-invariant forward, fp32
+  transformers/bfloat16  transformers' forward in bf16 (bf16 everywhere, as HF loads it)
+  invariant/bfloat16     our batch-invariant forward: bf16 matmuls, fp32 residual stream, norms, softmax and head
+
+For each: tokens/s (the scoring passes only; tokenizing is not timed), max and mean |reward - reference reward|
+over all 2 x pairs rewards, and pairwise accuracy (chosen > rejected) beside the reference's. The issue's budget
+for bf16: max |diff| <= 5e-3 and accuracy within +-0.5 point of fp32; the JSON says whether each path meets it.
+Prints the machine (CPU, ISA) first and one JSON object last.
+
+    python bench/precision.py [--model default] [--pairs 400] [--batch-tokens 4096] [--paths all]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PATHS = ("transformers/float32", "invariant/float32", "transformers/bfloat16", "invariant/bfloat16")
+BUDGET_MAX_ABS = 5e-3
+BUDGET_ACCURACY_POINTS = 0.5
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--data", default="../shared/data/hh_harmless/dev.jsonl.gz")
+    p.add_argument("--pairs", type=int, default=400)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--max-length", type=int, default=0, help="cap inputs (default: the model's limit)")
+    p.add_argument("--paths", default="all", help=f"comma-separated subset of {','.join(PATHS)} (the first is the "
+                                                  "reference)")
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Length-sorted index batches of at most `budget` tokens each (a longer input rides alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = [[]]
+    used = 0
+    for i in order:
+        if out[-1] and used + lengths[i] > budget:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += lengths[i]
+    return [b for b in out if b]
+
+
+def load_backend(model: str, path: str, device: str, max_length: int) -> Any:
+    from service.backends.hf_backend import HFBackend
+    from service.config import ServeConfig
+
+    forward, dtype = path.split("/")
+    config = ServeConfig(model=model, dtype=dtype, forward=forward, device=device, warmup=False,
+                         max_tokens=max_length)
+    return HFBackend(config)
+
+
+def score_all(backend: Any, rows: list[list[int]], budget: int) -> tuple[list[float], float]:
+    from service.grouping import PlannedBatch
+
+    plan = batches([len(r) for r in rows], budget)
+    rewards: list[float] = [0.0] * len(rows)
+    backend.rewards(PlannedBatch([rows[plan[0][0]]]))  # warm-up: kernel set-up outside the clock
+    t0 = time.perf_counter()
+    for idx in plan:
+        for i, r in zip(idx, backend.rewards(PlannedBatch([rows[i] for i in idx]))):
+            rewards[i] = r
+    return rewards, time.perf_counter() - t0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    from rewardmodel.rendering import encode_input
+    from service.backends.precision import machine
+    from training.data import load_preferences, read_records
+
+    args = parse_args(argv)
+    paths = list(PATHS) if args.paths == "all" else args.paths.split(",")
+    info = machine()
+    print(f"machine: {json.dumps(info)}", flush=True)
+    pairs = load_preferences(read_records(args.data))[: args.pairs]
+    inputs = [inp for p in pairs for inp in (p.chosen_input(), p.rejected_input())]
+    results: dict[str, Any] = {}
+    reference: list[float] | None = None
+    rows: list[list[int]] | None = None
+    for path in paths:
+        backend = load_backend(args.model, path, args.device, args.max_length)
+        if rows is None:
+            rows = [encode_input(backend.tokenizer, inp, backend.max_length).input_ids for inp in inputs]
+        rewards, seconds = score_all(backend, rows, args.batch_tokens)
+        r = torch.tensor(rewards, dtype=torch.float64).view(-1, 2)
+        entry: dict[str, Any] = {
+            "tokens_per_s": round(sum(map(len, rows)) / seconds, 1), "seconds": round(seconds, 2),
+            "accuracy": round(float((r[:, 0] > r[:, 1]).double().mean()) * 100, 2),
+            "dtype": backend.describe()["dtype"], "forward": backend.describe()["forward"],
+        }
+        if reference is None:
+            reference = rewards
+        else:
+            diff = (torch.tensor(rewards, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)).abs()
+            entry |= {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                      "accuracy_points_vs_reference": round(entry["accuracy"] - results[paths[0]]["accuracy"], 2)}
+            entry["within_budget"] = (entry["max_abs_diff"] <= BUDGET_MAX_ABS
+                                      and abs(entry["accuracy_points_vs_reference"]) <= BUDGET_ACCURACY_POINTS)
+        results[path] = entry
+        print(f"{path:24s} {json.dumps(entry)}", flush=True)
+        backend.close()
+        del backend
+    base = results[paths[0]]["tokens_per_s"]
+    for path in paths[1:]:
+        results[path]["speed_vs_reference"] = round(results[path]["tokens_per_s"] / base, 3)
+    summary = {"bench": "precision", "model": args.model, "pairs": len(pairs), "rewards": len(rows or []),
+               "tokens": sum(map(len, rows or [])), "reference": paths[0], "budget": {
+                   "max_abs_diff": BUDGET_MAX_ABS, "accuracy_points": BUDGET_ACCURACY_POINTS},
+               "paths": results, "machine": info}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
