@@ -80,8 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-slope-pct", type=float, default=2.0,
                    help="fail when the server's RSS grows faster than this, in %% per 10 minutes, over the second "
                         "half of the soak (default 2; see docs/operations.md)")
-    p.add_argument("--slope-min-s", type=float, default=300.0,
-                   help="judge the slope only when the second half spans at least this many seconds (default 300)")
+    p.add_argument("--slope-min-s", type=float, default=600.0,
+                   help="judge the slope only when the second half lasts at least this many seconds (default 600: "
+                        "over shorter halves, RSS swings alone gave flat servers slopes of +-3 %%)")
     p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for the server only (repeatable): compare allocator settings")
     p.add_argument("--probe-out", help="run the server under bench/memprobe.py, writing its samples (JSON lines) "
