@@ -67,14 +67,31 @@ def aligned_count(count: int, per_item: int | Sequence[int], threads: int | None
 
 # ---- the layout of one pass ----------------------------------------------------------------------------------
 @dataclass
-class Work:
-    """Attention work items: one query tile of one segment each."""
+class AttentionGroup:
+    """The query tiles of one pass whose key buffers have the same length L (one SDPA call), with every index
+    and mask the attention needs precomputed once per pass (the same for every layer, and no device syncs)."""
 
-    q_rows: torch.Tensor  # (W, T) row of each query slot in tile space (-1: not this item's)
-    q_pos: torch.Tensor  # (W, T) absolute position of each query slot
-    kv_rows: torch.Tensor  # (W, L) rows of the keys it attends, in absolute position order (-1: none)
-    kv_pos: torch.Tensor  # (W, L)
-    blocks: torch.Tensor  # (W,) key blocks it needs
+    q_index: torch.Tensor  # (n*T,) the row of each query slot (empty slots read row 0; their results are dropped)
+    kv_index: torch.Tensor  # (n*L,) the row of each key slot, in absolute position order (empty slots: row 0)
+    mask: torch.Tensor  # (n, 1, T, L) bool: the key slot holds a key this query may see
+    dest: torch.Tensor  # (m,) the rows the real query slots write
+    src: torch.Tensor  # (m,) which of the n*T query slots each comes from
+    tiles: int
+    length: int
+
+    def to(self, device: Any) -> "AttentionGroup":
+        return AttentionGroup(self.q_index.to(device), self.kv_index.to(device), self.mask.to(device),
+                              self.dest.to(device), self.src.to(device), self.tiles, self.length)
+
+
+@dataclass
+class Work:
+    """Attention work: one item per query tile of one segment, gathered into groups by key length."""
+
+    groups: list[AttentionGroup]
+
+    def to(self, device: Any) -> "Work":
+        return Work([g.to(device) for g in self.groups])
 
 
 @dataclass
@@ -95,9 +112,8 @@ class TileLayout:
     def to(self, device: Any) -> "TileLayout":
         if str(device) == "cpu":
             return self
-        w = self.work
-        work = Work(*(t.to(device) for t in (w.q_rows, w.q_pos, w.kv_rows, w.kv_pos, w.blocks)))
-        return TileLayout(self.ids.to(device), self.positions.to(device), self.valid.to(device), self.read, work)
+        return TileLayout(self.ids.to(device), self.positions.to(device), self.valid.to(device), self.read,
+                          self.work.to(device))
 
 
 def tile_layout(layout: Any, pad_id: int, causal: bool, widths: Sequence[int], reads: Sequence[Sequence[int]] | None
@@ -145,15 +161,25 @@ def _work(layout: Any, seg_dest: list[torch.Tensor], causal: bool) -> Work:
             keep = k_pos < end
             kv_rows.append(k_rows[keep])
             kv_pos.append(k_pos[keep])
-    longest = max(len(k) for k in kv_rows)
-    length = -(-longest // TILE) * TILE
-    kr = torch.full((len(kv_rows), length), -1, dtype=torch.long)
-    kp = torch.full((len(kv_rows), length), 2**40, dtype=torch.long)
-    for w, (r, p) in enumerate(zip(kv_rows, kv_pos)):
-        kr[w, :len(r)] = r
-        kp[w, :len(p)] = p
-    blocks = torch.tensor([-(-len(r) // TILE) for r in kv_rows])
-    return Work(torch.stack(q_rows), torch.stack(q_pos), kr, kp, blocks)
+    by_length: dict[int, list[int]] = {}
+    for w, r in enumerate(kv_rows):
+        by_length.setdefault(-(-len(r) // TILE) * TILE, []).append(w)
+    groups = []
+    for length, items in sorted(by_length.items()):
+        kr = torch.full((len(items), length), -1, dtype=torch.long)
+        kp = torch.full((len(items), length), 2**40, dtype=torch.long)
+        for j, w in enumerate(items):
+            kr[j, :len(kv_rows[w])] = kv_rows[w]
+            kp[j, :len(kv_pos[w])] = kv_pos[w]
+        qr = torch.stack([q_rows[w] for w in items])  # (n, T)
+        qp = torch.stack([q_pos[w] for w in items])
+        mask = (kr >= 0)[:, None, :]  # (n, 1, L)
+        mask = mask & (kp[:, None, :] <= qp[:, :, None]) if causal else mask.expand(-1, TILE, -1)  # (n, T, L)
+        flat = qr.reshape(-1)
+        src = (flat >= 0).nonzero().squeeze(1)
+        groups.append(AttentionGroup(flat.clamp(min=0), kr.reshape(-1).clamp(min=0), mask[:, None].contiguous(),
+                                     flat[src], src, len(items), length))
+    return Work(groups)
 
 
 # ---- GEMMs over tiles ---------------------------------------------------------------------------------------
@@ -225,14 +251,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def _gather(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """t[rows] with -1 rows as zeros: (R, ...) x (W, L) -> (W, L, ...)."""
-    flat = rows.reshape(-1)
-    out = t.index_select(0, flat.clamp(min=0))
-    out = out * (flat >= 0).to(out.dtype).view(-1, *([1] * (t.dim() - 1)))
-    return out.view(*rows.shape, *t.shape[1:])
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Work, scale: float,
               causal: bool = True) -> torch.Tensor:
     """Attention by query tiles (rule 3). q: (R, Hq, D); k, v: (R, Hkv, D), fp32 -> (R, Hq, D); rows that are no
@@ -240,31 +258,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Work, sca
 
     A query tile at absolute positions [aT, (a+1)T) of a decoder always attends a key buffer of exactly (a+1)T
     slots (an encoder's: its whole sequence, padded to whole tiles), gathered by absolute position from wherever
-    the keys live in this pass (its own rows, or a shared prefix's), slots it may not see masked out. So its SDPA
-    call has the same shape, the same kernel blocking and the same numbers whether the input is alone, packed with
-    others, or under a shared prefix; tiles with the same key length are computed in one batched call (a batch
-    entry's result does not depend on the others)."""
+    the keys live in this pass (its own rows, or a shared prefix's), slots it may not see masked out (they get an
+    exact zero weight, whatever they hold). So its SDPA call has the same shape, the same kernel blocking and the
+    same numbers whether the input is alone, packed with others, or under a shared prefix; tiles with the same
+    key length are computed in one batched call (a batch entry's result does not depend on the others). `causal`
+    is carried by the masks (built with the layout)."""
     rows, heads, dim = q.shape
     kv_heads = k.shape[1]
     out = torch.zeros_like(q)
-    for blocks in torch.unique(work.blocks).tolist():
-        items = (work.blocks == blocks).nonzero().squeeze(1)
-        length = blocks * TILE
-        q_rows = work.q_rows[items]  # (n, T)
-        kv_rows = work.kv_rows[items, :length]  # (n, L)
-        qg = _gather(q, q_rows).permute(0, 2, 1, 3)  # (n, Hq, T, D)
-        kg = _gather(k, kv_rows).permute(0, 2, 1, 3)  # (n, Hkv, L, D)
-        vg = _gather(v, kv_rows).permute(0, 2, 1, 3)
-        visible = (kv_rows >= 0)[:, None, :]  # (n, 1, L)
-        if causal:
-            visible = visible & (work.kv_pos[items, None, :length] <= work.q_pos[items, :, None])  # (n, T, L)
-        else:
-            visible = visible.expand(-1, TILE, -1)
-        attended = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=visible[:, None], scale=scale,
-                                                  enable_gqa=heads != kv_heads)  # (n, Hq, T, D)
-        flat = q_rows.reshape(-1)
-        keep = flat >= 0
-        out[flat[keep]] = attended.permute(0, 2, 1, 3).reshape(-1, heads, dim)[keep]
+    for g in work.groups:
+        n, length = g.tiles, g.length
+        qg = q.index_select(0, g.q_index).view(n, TILE, heads, dim).transpose(1, 2)  # (n, Hq, T, D)
+        kg = k.index_select(0, g.kv_index).view(n, length, kv_heads, dim).transpose(1, 2)  # (n, Hkv, L, D)
+        vg = v.index_select(0, g.kv_index).view(n, length, kv_heads, dim).transpose(1, 2)
+        gqa = heads != kv_heads
+        if gqa and q.is_cuda:  # CUDA's masked (memory-efficient) kernel takes no GQA; the math fallback is slow
+            kg, vg = kg.repeat_interleave(heads // kv_heads, dim=1), vg.repeat_interleave(heads // kv_heads, dim=1)
+            gqa = False
+        attended = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
+                                                  enable_gqa=gqa)  # (n, Hq, T, D)
+        flat = attended.transpose(1, 2).reshape(n * TILE, heads, dim)
+        out.index_copy_(0, g.dest, flat.index_select(0, g.src))
     return out
 
 

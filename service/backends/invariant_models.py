@@ -102,12 +102,13 @@ class DecoderForward:
         self.head_weight = _fp32(model.score.weight)
         self.head_bias = None if getattr(model.score, "bias", None) is None else _fp32(model.score.bias)
         rotary = base.rotary_emb
-        inv_freq = rotary.inv_freq.detach().float()
+        inv_freq = rotary.inv_freq.detach().float().cpu()
         positions = torch.arange(max(max_length, TILE) + TILE, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        self.cos, self.sin = emb.cos() * scaling, emb.sin() * scaling  # a table: no per-pass transcendentals
+        device = self.embed.device  # the table lives where the weights do (CUDA too)
+        self.cos, self.sin = (emb.cos() * scaling).to(device), (emb.sin() * scaling).to(device)  # no per-pass exp/sin
         self.widths = (config.hidden_size, config.intermediate_size, self.heads * self.head_dim,
                        self.kv_heads * self.head_dim, self.head_dim, 1)
 

@@ -1,0 +1,308 @@
+"""The GPU check: batch invariance, precision and speed of the scoring forward on a CUDA device, in one short run.
+
+Needs only torch and transformers (the GPU machine has no pydantic/fastapi/vllm and no model hub), so the models
+are built from configs with seeded random weights in the shapes of the shipped bases: a SmolLM2-135M-shaped Llama
+decoder with a score head (30 layers, 576 wide, GQA 9/3 heads) and an all-MiniLM-L6-shaped BERT encoder with a
+classifier. Inputs are seeded random token ids of 16..--max-len tokens. For each model and precision:
+
+  invariance   every input scored alone, packed with others (random batches, shuffled), and for the decoder as
+               GRPO-style groups (G answers under one prompt, the prompt computed once): mismatches must be 0
+               (`==`, bits). The same for transformers' own padded forward, where drift is expected (reported).
+  precision    max / mean |bf16 - fp32| of the rewards, for our forward and transformers'.
+  speed        tokens/s of our invariant forward (packed batches up to --batch-tokens) beside transformers'
+               padded forward on the same inputs (length-sorted batches of --padded-batch), both on the device.
+
+Prints the machine, one line per measurement, and one JSON object last (also written to $OUT/gpu_check.json when
+OUT is set). `--device cpu --size tiny` runs the same code on the CPU in seconds (tests/unit/test_gpu_check.py).
+
+    python bench/gpu_check.py [--device cuda] [--size base|tiny] [--inputs 96] [--max-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from service.backends.invariant_models import build_forward  # noqa: E402
+from service.backends.precision import machine  # noqa: E402
+from service.grouping import Group, PlannedBatch, prefix_tree_layout  # noqa: E402
+
+SIZES = {
+    "base": {
+        "llama": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rope_theta=100000.0),
+        "bert": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+                     vocab_size=30522, max_position_embeddings=512),
+    },
+    "tiny": {
+        "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rope_theta=10000.0),
+        "bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=512, max_position_embeddings=512),
+    },
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", choices=sorted(SIZES), default="base")
+    p.add_argument("--models", default="llama,bert")
+    p.add_argument("--inputs", type=int, default=96)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch-tokens", type=int, default=8192, help="our forward: tokens per packed pass")
+    p.add_argument("--padded-batch", type=int, default=32, help="transformers' padded forward: inputs per batch")
+    p.add_argument("--group", type=int, default=8, help="answers per prompt in the grouped check")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over all inputs (best kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=12, help="profile one bf16 pass of our forward per model: the top "
+                                                          "N ops by self time (0: none)")
+    return p.parse_args(argv)
+
+
+def build_model(kind: str, size: str, device: str) -> Any:
+    """A reward model from a config, seeded random weights, fp32, on the device."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig(**SIZES[size]["llama"], num_labels=1, pad_token_id=0, tie_word_embeddings=True)
+        model = LlamaForSequenceClassification(config)
+    else:
+        config = BertConfig(**SIZES[size]["bert"], num_labels=1, pad_token_id=0)
+        model = BertForSequenceClassification(config)
+    return model.eval().to(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Ours:
+    """Our batch-invariant forward (service/backends/invariant*.py), called as the server's backend calls it."""
+
+    def __init__(self, model: Any, dtype: torch.dtype, max_len: int, device: str):
+        self.fwd = build_forward(model, dtype, max_len)
+        if self.fwd is None:
+            raise RuntimeError(f"no invariant forward for {type(model).__name__}")
+        self.decoder = self.fwd.causal
+        self.device = device
+
+    def rewards(self, seqs: Sequence[Sequence[int]], groups: Sequence[Group] = ()) -> list[float]:
+        batch = PlannedBatch(seqs, groups)
+        tree = batch.layout if self.decoder and batch.min_shared > 0 else prefix_tree_layout(batch, 0)
+        tiles = self.fwd.layout(tree, 0).to(self.device)
+        with torch.inference_mode():
+            flat = self.fwd(tiles)[:, 0].float().cpu()
+        ends = torch.tensor([len(r) for r in tiles.read]).cumsum(0) - 1
+        return [float(flat[i]) for i in ends]
+
+
+class Padded:
+    """transformers' own forward over right-padded batches (the usual GPU serving path), in the given dtype."""
+
+    def __init__(self, model: Any, dtype: torch.dtype, device: str):
+        self.model = model.to(dtype)
+        self.device = device
+        self.decoder = hasattr(model, "score")
+
+    def rewards(self, seqs: Sequence[Sequence[int]], groups: Sequence[Group] = ()) -> list[float]:
+        longest = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), longest, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return [float(x) for x in logits[:, 0].float().cpu()]
+
+
+def make_inputs(n: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(16, max_len))] for _ in range(n)]
+
+
+def make_groups(n_groups: int, g: int, max_len: int, vocab: int, seed: int) -> list[list[list[int]]]:
+    rng = random.Random(seed + 1)
+    out = []
+    for _ in range(n_groups):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(32, max_len // 2))]
+        out.append([prompt + [rng.randrange(3, vocab) for _ in range(rng.randint(1, max_len // 2))]
+                    for _ in range(g)])
+    return out
+
+
+def packed_batches(seqs: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: list[list[int]] = [[]]
+    used = 0
+    for i in order:
+        if out[-1] and used + len(seqs[i]) > budget:
+            out.append([])
+            used = 0
+        out[-1].append(i)
+        used += len(seqs[i])
+    return out
+
+
+def score_in(scorer: Any, seqs: Sequence[Sequence[int]], plan: Sequence[Sequence[int]]) -> list[float]:
+    out = [0.0] * len(seqs)
+    for idx in plan:
+        for i, r in zip(idx, scorer.rewards([seqs[i] for i in idx])):
+            out[i] = r
+    return out
+
+
+def drift(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    d = [abs(x - y) for x, y in zip(a, b)]
+    return {"mismatches": sum(x != y for x, y in zip(a, b)), "of": len(d), "max_abs": max(d), "mean_abs":
+            sum(d) / len(d)}
+
+
+def timed(fn: Callable[[], Any], device: str, repeats: int) -> float:
+    fn()  # warm-up (kernel selection, allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def profile_pass(ours: Ours, batch: Sequence[Sequence[int]], device: str, top: int) -> dict[str, Any]:
+    """Where one packed pass of our forward spends its time: building the layout (CPU) vs the forward, and the top
+    ops by self time on the device (CUDA) or the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    tree = prefix_tree_layout(PlannedBatch(batch), 0)
+    tiles = ours.fwd.layout(tree, 0).to(device)
+    sync(device)
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        ours.fwd(tiles)
+    sync(device)
+    t2 = time.perf_counter()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof, torch.inference_mode():
+        ours.fwd(tiles)
+        sync(device)
+    cuda = device.startswith("cuda")
+    events = sorted(prof.key_averages(), key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))
+    ops = [{"op": e.key[:80], "calls": e.count, "self_device_ms": round(e.self_device_time_total / 1e3, 2) if cuda else None,
+            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in events[:top]]
+    return {"tokens": sum(map(len, batch)), "layout_ms": round((t1 - t0) * 1e3, 1),
+            "forward_ms": round((t2 - t1) * 1e3, 1),
+            "device_ms": round(sum(e.self_device_time_total for e in prof.key_averages()) / 1e3, 1) if cuda else None,
+            "top": ops}
+
+
+def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict], None]) -> dict[str, Any]:
+    model = build_model(kind, args.size, args.device)
+    vocab = model.config.vocab_size
+    max_len = min(args.max_len, model.config.max_position_embeddings)
+    seqs = make_inputs(args.inputs, max_len, vocab, args.seed)
+    tokens = sum(map(len, seqs))
+    rng = random.Random(args.seed + 2)
+    shuffled = list(range(len(seqs)))
+    rng.shuffle(shuffled)
+    random_plan = [shuffled[i:i + 12] for i in range(0, len(shuffled), 12)]
+    sorted_plan = packed_batches(seqs, args.batch_tokens)
+    padded_plan = [sorted(range(len(seqs)), key=lambda i: len(seqs[i]))[i:i + args.padded_batch]
+                   for i in range(0, len(seqs), args.padded_batch)]
+    result: dict[str, Any] = {"inputs": len(seqs), "tokens": tokens}
+    rewards: dict[str, list[float]] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        ours = Ours(model, dtype, max_len, args.device)
+        alone = [ours.rewards([s])[0] for s in seqs]
+        entry: dict[str, Any] = {
+            "one_call_gemms": sorted({lin.one_call for layer in ours.fwd.layers for lin in vars(layer).values()
+                                      if hasattr(lin, "one_call")}),
+            "packed_random": drift(alone, score_in(ours, seqs, random_plan)),
+            "packed_sorted": drift(alone, score_in(ours, seqs, sorted_plan)),
+        }
+        if ours.decoder:
+            groups = make_groups(max(2, args.inputs // (4 * args.group)), args.group, max_len, vocab, args.seed)
+            members = [m for g in groups for m in g]
+            solo = [ours.rewards([m])[0] for m in members]
+            grouped = []
+            for g in groups:
+                prefix = len(os.path.commonprefix(g))
+                grouped += ours.rewards(g, (Group(prefix, tuple(range(len(g)))),))
+            entry["grouped"] = drift(solo, grouped)
+        seconds = timed(lambda: score_in(ours, seqs, sorted_plan), args.device, args.repeats)
+        entry["tokens_per_s"] = round(tokens / seconds, 1)
+        if args.profile and dtype == torch.bfloat16:
+            biggest = max(sorted_plan, key=lambda idx: sum(len(seqs[i]) for i in idx))
+            entry["profile"] = profile_pass(ours, [seqs[i] for i in biggest], args.device, args.profile)
+        rewards[f"ours/{name}"] = alone
+        report(f"{kind} ours {name}", entry)
+        result[f"ours/{name}"] = entry
+        del ours
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        hf = Padded(model, dtype, args.device)
+        alone = [hf.rewards([s])[0] for s in seqs]
+        batched = score_in(hf, seqs, padded_plan)
+        seconds = timed(lambda: score_in(hf, seqs, padded_plan), args.device, args.repeats)
+        computed = sum(len(idx) * max(len(seqs[i]) for i in idx) for idx in padded_plan)
+        entry = {"padded_batch_vs_alone": drift(alone, batched), "tokens_per_s": round(tokens / seconds, 1),
+                 "padding_share": round(1 - tokens / computed, 3)}
+        rewards[f"transformers/{name}"] = alone
+        report(f"{kind} transformers {name}", entry)
+        result[f"transformers/{name}"] = entry
+    ref = rewards["transformers/float32"]
+    result["precision_vs_transformers_fp32"] = {k: {kk: v for kk, v in drift(ref, r).items() if kk != "mismatches"}
+                                                for k, r in rewards.items() if k != "transformers/float32"}
+    report(f"{kind} precision", result["precision_vs_transformers_fp32"])
+    ours_bf16 = result["ours/bfloat16"]["tokens_per_s"]
+    result["speed"] = {
+        "ours_bf16_vs_transformers_bf16_padded": round(ours_bf16 / result["transformers/bfloat16"]["tokens_per_s"], 3),
+        "ours_bf16_vs_ours_fp32": round(ours_bf16 / result["ours/float32"]["tokens_per_s"], 3),
+    }
+    report(f"{kind} speed", result["speed"])
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu")
+    info = machine()
+    print(f"machine: {json.dumps(info)}", flush=True)
+    t0 = time.time()
+
+    def report(what: str, entry: dict) -> None:
+        print(f"{what:28s} {json.dumps(entry)}", flush=True)
+
+    out: dict[str, Any] = {"bench": "gpu_check", "device": args.device, "size": args.size, "machine": info}
+    for kind in args.models.split(","):
+        out[kind] = check_model(kind, args, report)
+    checks = [e for kind in args.models.split(",") for key, e in out[kind].items() if key.startswith("ours/")]
+    out["invariant_everywhere"] = all(e[k]["mismatches"] == 0 for e in checks
+                                      for k in ("packed_random", "packed_sorted", "grouped") if k in e)
+    out["seconds"] = round(time.time() - t0, 1)
+    line = json.dumps(out)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(line + "\n")
+    print(line)
+    return 0 if out["invariant_everywhere"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
