@@ -126,17 +126,18 @@ def cmd_eval_bon(args: argparse.Namespace) -> int:
 
 
 def _add_train_and_eval(sub: argparse._SubParsersAction) -> None:
-    """`train rm|dpo|ppo` and `eval rm|bon`: the flags live beside the trainers (training/cli_args.py), the
+    """`train rm|dpo|ppo|grpo|prm` and `eval rm|bon|prm`: the flags live beside the trainers (training/cli_args.py), the
     handlers here; flags left out keep the defaults of the trainers' config objects."""
     from training import cli_args  # argparse only
 
-    train = sub.add_parser("train", help="Train a model (rm, dpo, ppo).").add_subparsers(dest="trainer", required=True)
+    train = sub.add_parser("train", help="Train a model (rm, dpo, ppo, grpo, prm).")
+    train = train.add_subparsers(dest="trainer", required=True)
     cli_args.add_rm(train, cmd_train_rm)
     cli_args.add_dpo(train, cmd_train_dpo)
     cli_args.add_ppo(train, cmd_train_ppo)
     cli_args.add_grpo(train, cmd_train_grpo)
     cli_args.add_prm(train, cmd_train_prm)
-    evaluate = sub.add_parser("eval", help="Evaluate a model (rm) or Best-of-N (bon).")
+    evaluate = sub.add_parser("eval", help="Evaluate a reward model (rm), a process reward model (prm) or Best-of-N (bon).")
     evaluate = evaluate.add_subparsers(dest="evaluator", required=True)
     cli_args.add_eval_rm(evaluate, cmd_eval_rm)
     cli_args.add_eval_bon(evaluate, cmd_eval_bon)
