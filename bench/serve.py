@@ -198,8 +198,14 @@ async def bench_server(kind: str, args: argparse.Namespace, dtype: str, inputs: 
         server.start()
         startup = await asyncio.to_thread(server.wait_ready, base + "/ready", args.start_timeout)
         log(f"{server.name} ready in {startup:.1f} s (pid {server.pid})")
+        served = None
+        if kind == "rewardserve":  # how the server computes: dtype (auto may pick bf16), forward, invariance
+            import httpx
+
+            listed = (await asyncio.to_thread(httpx.get, base + "/v1/models", timeout=30)).json()["data"][0]
+            served = {k: listed.get(k) for k in ("dtype", "forward", "batch_invariant")}
         async with HttpScorer(base, http_bodies(inputs), args.request_timeout) as http:
-            out[names[0]] = {"startup_s": round(startup, 1),
+            out[names[0]] = {"startup_s": round(startup, 1), "served": served,
                              "check_max_abs_diff": await check_rewards(http, args.check_pairs, raw)}
             out[names[0]]["runs"] = await measure(f"{dtype} {names[0]}", http, http, tokens, args,
                                                   with_metrics=kind == "rewardserve")
@@ -316,9 +322,12 @@ def summarize(results: dict[str, Any], args: argparse.Namespace, argv: list[str]
             errors += sum(run["errors"] for run in (s.get("runs") or {}).values())
             if "error" in s:
                 failures.append(f"{name} {sys_name}: {s['error'].splitlines()[0]}")
-    headline = {k: results[head].get(k) for k in ("server_vs_raw", "server_vs_naive", "grpc_vs_raw", "grpc_vs_naive")}
+    headline = {k: results[head].get(k) for k in ("server_vs_raw", "server_vs_naive", "grpc_vs_raw", "grpc_vs_naive",
+                                                  "idle_latency_vs_forward")}
+    served = (results[head]["systems"].get("rewardserve-http") or {}).get("served") or {}
     return {
         **headline,
+        "dtype": served.get("dtype"), "forward": served.get("forward"),
         "mean_batch_size_http": results[head].get("mean_batch_size_http"),
         "headline_dtype": head, "ratio_concurrency": results[head].get("ratio_concurrency"),
         **{name: results[name] for name in args.dtype_list},
