@@ -1,6 +1,6 @@
 """The figures of docs/training.md ("Helpfulness, ensembles and length debiasing") from a feature store.
 
-    python -m training.heads_report --overlay models/ensemble --store runs/features/smollm2-512.pt
+    python -m training.heads_report --overlay models/default models/helpful --store runs/features/smollm2-512.pt
 
 reads the heads of a (multi-head) overlay and their reward_stats.json, the features of each preference file from the
 store (filled by `python -m training.features`; no base model is loaded), and prints markdown tables computed with
@@ -131,7 +131,9 @@ def uncertainty_table(combined: dict[str, dict[str, torch.Tensor]], keys: Sequen
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.heads_report", description=__doc__.split("\n")[0])
-    parser.add_argument("--overlay", required=True, help="an overlay folder (single or multi-head)")
+    parser.add_argument("--overlay", required=True, nargs="+",
+                        help="overlay folders (single or multi-head, over the same base and max length): their heads "
+                             "are the members, in order")
     parser.add_argument("--store", required=True, help="the feature store holding every set's sequences")
     parser.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), help="NAME=FILE preference files")
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0], help="lambda of mean - lambda std")
@@ -143,16 +145,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.features import FeatureStore, store_key
     from training.overlay_io import overlay_meta, overlay_rows
 
-    folder = Path(args.overlay)
-    meta = overlay_meta(folder)
-    names, weights, _ = overlay_rows(folder)
+    folders = [Path(f) for f in args.overlay]
+    metas = [overlay_meta(f) for f in folders]
+    meta = metas[0]
+    same = ("base_sha256", "max_length", "num_hidden_layers")
+    for f, m in zip(folders[1:], metas[1:]):
+        if any(m.get(k) != meta.get(k) for k in same):
+            parser.error(f"{f} is over another base or max length than {folders[0]}")
+    names, rows, stats = [], [], {}
+    for f in folders:
+        n, w, _ = overlay_rows(f)
+        names += n
+        rows.append(w)
+        stats |= head_stats_of(f, n)
+    if len(set(names)) != len(names):
+        parser.error(f"head names repeat across the overlays: {names}")
+    weights = torch.cat(rows)  # (K, H)
     tokenizer = load_tokenizer(resolve_model(meta["base"]))
     collate = PreferenceCollator(tokenizer, int(meta["max_length"]))
     key = store_key(meta["base_sha256"], int(meta["max_length"]), meta.get("num_hidden_layers"), "decoder")
     store = FeatureStore.open(args.store, key)
     sets = load_sets(args.sets, collate, store)
     rewards = {s: torch.einsum("pch,kh->kpc", d["feats"], weights) for s, d in sets.items()}  # (K, P, 2)
-    stats = head_stats_of(folder, names)
     print("\n".join(member_table(names, rewards, sets, stats)) + "\n")
     if len(names) > 1:
         lines, combined = ensemble_table(rewards, names, stats, args.lambdas)

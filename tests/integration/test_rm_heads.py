@@ -235,3 +235,25 @@ def test_cli_writes_a_picked_single_head_then_a_multi_head_overlay_over_smollm2(
     assert meta["base_sha256"] == json.loads((tmp_path / "one" / OVERLAY_META).read_text())["base_sha256"]
     many = json.loads((tmp_path / "many" / "training_config.json").read_text())
     assert many["heads"][1]["resample_sizes"] == [8, 6]
+
+
+def test_heads_report_reads_the_heads_of_several_overlays_as_members(frozen, tmp_path, capsys) -> None:
+    from training.features import FeatureStore, pair_features
+    from training.heads_report import main as report
+
+    _run_heads(frozen, tmp_path / "one", l2s=[0.1])
+    _run_heads(frozen, tmp_path / "two", l2s=[10.0])
+    records = _records()
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in records))
+    store = FeatureStore.open(tmp_path / "f.pt", frozen.store_key)
+    pair_features(frozen.head, frozen.collate, load_preferences(records), store)
+    store.save()
+    assert report(["--overlay", str(tmp_path / "one"), str(tmp_path / "two"), "--store", str(tmp_path / "f.pt"),
+                   "--sets", f"dev={dev}"]) == 0
+    out = capsys.readouterr().out
+    assert "| one | dev |" in out and "| two | dev |" in out  # one row per member head
+    assert "| normalized | mean - 0.5 std |" in out and "AUROC" in out  # the ensemble and its uncertainty
+    with pytest.raises(SystemExit):
+        report(["--overlay", str(tmp_path / "one"), str(tmp_path / "one"), "--store", str(tmp_path / "f.pt"),
+                "--sets", f"dev={dev}"])
