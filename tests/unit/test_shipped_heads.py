@@ -1,0 +1,56 @@
+"""The shipped overlays agree with each other: models/helpful over models/default's base, same token cap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+LENGTH_KEYS = {"slope", "mean_tokens", "r_before", "r_after", "unit", "fit_on"}
+
+pytestmark = pytest.mark.skipif(not (MODELS / "helpful" / "rewardserve_overlay.json").exists(),
+                                reason="no shipped helpful head")
+
+
+def _meta(name: str) -> dict:
+    return json.loads((MODELS / name / "rewardserve_overlay.json").read_text())
+
+
+def _stats(name: str) -> dict:
+    return json.loads((MODELS / name / "reward_stats.json").read_text())
+
+
+def _rows(name: str) -> torch.Tensor:
+    return load_file(str(MODELS / name / "overlay.safetensors"))["score.weight"]
+
+
+def _check_length(block: dict) -> None:
+    assert LENGTH_KEYS <= set(block) and block["unit"] == "response_tokens"
+    assert all(isinstance(block[k], float) for k in ("slope", "mean_tokens", "r_before", "r_after"))
+    assert abs(block["r_after"]) < 1e-6 and block["mean_tokens"] > 0
+
+
+def test_every_shipped_overlay_is_over_the_defaults_base_and_token_cap() -> None:
+    default = _meta("default")
+    for name in ("helpful",):
+        meta = _meta(name)
+        assert meta["base"] == "smollm2" and meta["base_sha256"] == default["base_sha256"]
+        assert meta["max_length"] == default["max_length"] == 512 and not meta.get("num_hidden_layers")
+        assert "--head-only" in meta["trained_with"]
+
+
+def test_single_head_overlays_keep_the_single_head_format_with_a_length_block() -> None:
+    for name in ("default", "helpful"):
+        assert "heads" not in _meta(name) and _rows(name).shape == (1, 576)
+        stats = _stats(name)
+        assert "heads" not in stats and stats["std"] > 0 and stats["max_length"] == 512
+        _check_length(stats["length"])
+    default = _stats("default")  # the keys it shipped with are unchanged
+    assert (default["mean"], default["std"], default["split"], default["rewards"]) == (
+        0.1444859355688095, 0.6932157278060913, "eval", 800)
+    assert default["length"]["fit_on"].endswith("hh_harmless/dev.jsonl.gz")
+    assert _stats("helpful")["length"]["fit_on"].endswith("helpful/dev.jsonl.gz")
