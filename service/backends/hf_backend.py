@@ -165,10 +165,16 @@ class HFBackend:
             self.invariance_checked = self.self_check(ids)
 
     def self_check(self, ids: list[int]) -> bool:
+        """An input scored alone, packed among others in a pass longer than one GEMM call (invariant.CALL_TILES
+        tiles), and a prefix-group member scored alone and grouped: the same bits, or the log says so."""
+        from service.backends.invariant import CALL_TILES, ROW_TILE
+
         other = (ids[::-1] * 3)[: max(2, min(len(ids) * 3, self.max_length))]
         prefix = (ids * 8)[: min(40, self.max_length - 2)]
+        long_ids = (other * (self.max_length // len(other) + 1))[: self.max_length]
+        fill = [long_ids] * (-(-(CALL_TILES * ROW_TILE + 100) // len(long_ids)))
         alone = self.rewards(PlannedBatch([ids]))[0]
-        packed = self.rewards(PlannedBatch([other, ids, other[:7]]))[1]
+        packed = self.rewards(PlannedBatch([other, ids, other[:7], *fill]))[1]
         members = [prefix + ids[:1], prefix + other[:2]]
         grouped = self.rewards(PlannedBatch(members, min_shared=16))[0]
         single = self.rewards(PlannedBatch(members[:1]))[0]

@@ -82,3 +82,23 @@ def test_auto_precision_follows_the_hardware(tiny_llama_dir):
     backend = HFBackend(test_config(tiny_llama_dir, dtype="auto"))
     assert backend.dtype == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
     assert backend.describe()["machine"]["cpu_capability"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_gemm_call_is_bigger_than_the_probe_checked(dtype, monkeypatch):
+    """A pass longer than CALL_TILES tiles is cut into calls the probe verified: every row gets the bits of its
+    tile computed alone (on an AMX Xeon, one bf16 call over ~2,300 rows did not)."""
+    import torch.nn.functional as F
+
+    from service.backends import invariant
+
+    gen = torch.Generator().manual_seed(0)
+    lin = invariant.RowLinear(torch.randn(96, 80, generator=gen), torch.randn(96, generator=gen), dtype)
+    x = torch.randn(invariant.ROW_TILE * (2 * invariant.CALL_TILES + 5), 80, generator=gen)
+    sizes = []
+    real = F.linear
+    monkeypatch.setattr(invariant.F, "linear", lambda a, *rest: sizes.append(a.shape[0]) or real(a, *rest))
+    got = lin(x)
+    assert max(sizes) <= invariant.CALL_TILES * invariant.ROW_TILE and sum(sizes) == x.shape[0]
+    per_tile = torch.cat([real(t.to(dtype), lin.weight, lin.bias) for t in x.split(invariant.ROW_TILE)])
+    assert torch.equal(got, per_tile)
