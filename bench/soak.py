@@ -315,6 +315,8 @@ async def soak(args: argparse.Namespace, spec: str, bodies: list[bytes], tokens:
         out["startup_s"] = round(await asyncio.to_thread(server.wait_ready, base + "/ready", args.start_timeout), 1)
         log(f"server ready in {out['startup_s']} s (pid {server.pid})")
         async with Poster(base, bodies, args.request_timeout) as scorer:
+            listed = json.loads(await scorer.get_text("/v1/models"))["data"][0]
+            out["served"] = {k: listed.get(k) for k in ("dtype", "forward", "batch_invariant")}
             before = await probe(scorer)
             cap = await closed_loop(scorer, tokens, args.clients, warmup_s=2.0, duration_s=args.capacity_s)
             out["capacity"] = {"requests_per_s": round(cap.pairs_per_s, 2),

@@ -84,7 +84,8 @@ class ServeConfig(BaseModel):
 
     model: str = "default"
     """Reward model: a Hugging Face checkpoint directory, or `default` (the shipped default RM), `helpful`,
-    `ensemble` or `minilm`. Repeat `--model [NAME=]SPEC` to serve several (the first is the default)."""
+    `ensemble` or `minilm`. Repeat `--model [NAME=]SPEC` to serve several (the first is the default). On the
+    command line it replaces a config file's models and the ensembles over them."""
     models: list[ModelEntry] = []
     """Several models, each `{name, path, aliases?, debias?}` (config file `models:`; the flag is a repeated
     `--model NAME=SPEC`); the first is the default. Empty: `model` alone."""
@@ -298,7 +299,9 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
             value = getattr(args, name, None)
             if value is None:
                 continue
-            if name == "model":
+            if name == "model":  # the command line's models replace the file's, with the ensembles over them
+                for key in ("model", "models", "ensembles"):
+                    data.pop(key, None)
                 data.update(model_flags(value))
                 continue
             data[name] = _coerce(value, ServeConfig.model_fields[name].annotation)

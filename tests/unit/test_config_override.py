@@ -1,0 +1,36 @@
+"""A config file's models and ensembles, and what the command line's --model does to them."""
+
+import argparse
+
+from service.config import add_arguments, resolve
+
+CONFIG = """
+models:
+  - {name: harmless, path: default}
+  - {name: helpful, path: helpful}
+ensembles:
+  - {name: program, combine: mean, normalize: true, members: {harmless: 1.0, helpful: 1.0}}
+max_queue: 128
+"""
+
+
+def _resolve(tmp_path, *argv):
+    path = tmp_path / "serve.yaml"
+    path.write_text(CONFIG)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return resolve(parser.parse_args(["--config", str(path), *argv]), environ={})
+
+
+def test_the_file_serves_its_models_and_ensembles(tmp_path):
+    config = _resolve(tmp_path)
+    assert [m.name for m in config.model_entries()] == ["harmless", "helpful"]
+    assert [e.name for e in config.ensembles] == ["program"] and config.max_queue == 128
+
+
+def test_a_command_line_model_replaces_the_files_models_and_their_ensembles(tmp_path):
+    config = _resolve(tmp_path, "--model", "minilm")
+    assert [m.path for m in config.model_entries()] == ["minilm"] and config.ensembles == []
+    assert config.max_queue == 128  # the file's other fields stay
+    config = _resolve(tmp_path, "--model", "a=minilm", "--model", "b=default")
+    assert [m.name for m in config.model_entries()] == ["a", "b"] and config.ensembles == []
