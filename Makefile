@@ -2,7 +2,7 @@
 #
 #   make setup         build .venv (idempotent: a no-op once done, redone when pyproject.toml or this file change)
 #   make test          run the test suite            (PYTEST_ARGS='-k batcher -x' to narrow it)
-#   make serve         serve the default reward model (ARGS='--port 9000' for more flags)
+#   make serve         serve the default reward model, plus the helpful head and the ensemble (ARGS='--port 9000')
 #   make protos        regenerate protos/reward_pb2*.py from protos/reward.proto
 #   make bench-serve   quick serving benchmark       (ARGS='...' for more flags)
 #   make clean         remove caches and build outputs (keeps .venv)
@@ -67,8 +67,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, transformers, vllm, service; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	@touch $@
 
+# the shipped heads over one SmolLM2 backbone (one forward pass reads all 8): the harmless default (first: what a
+# request naming no model gets), the helpfulness head, and the 6-head ensemble (docs/training.md)
+SERVE_MODELS = --model rewardserve-default=default --model helpful=helpful --model ensemble=ensemble
+
 serve: setup
-	$(BIN)/rewardserve serve --model default --host 127.0.0.1 $(ARGS)
+	$(BIN)/rewardserve serve $(SERVE_MODELS) --host 127.0.0.1 $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests $(PYTEST_ARGS)

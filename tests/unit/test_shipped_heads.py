@@ -1,4 +1,4 @@
-"""The shipped overlays agree with each other: models/helpful over models/default's base, same token cap."""
+"""The shipped overlays agree with each other: models/helpful and models/ensemble over models/default's base."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _check_length(block: dict) -> None:
 
 def test_every_shipped_overlay_is_over_the_defaults_base_and_token_cap() -> None:
     default = _meta("default")
-    for name in ("helpful",):
+    for name in ("helpful", "ensemble"):
         meta = _meta(name)
         assert meta["base"] == "smollm2" and meta["base_sha256"] == default["base_sha256"]
         assert meta["max_length"] == default["max_length"] == 512 and not meta.get("num_hidden_layers")
@@ -54,3 +54,18 @@ def test_single_head_overlays_keep_the_single_head_format_with_a_length_block() 
         0.1444859355688095, 0.6932157278060913, "eval", 800)
     assert default["length"]["fit_on"].endswith("hh_harmless/dev.jsonl.gz")
     assert _stats("helpful")["length"]["fit_on"].endswith("helpful/dev.jsonl.gz")
+
+
+def test_the_ensemble_names_its_rows_and_copies_the_single_heads_exactly() -> None:
+    heads = _meta("ensemble")["heads"]
+    rows = _rows("ensemble")
+    assert rows.shape == (len(heads), 576) and rows.dtype == torch.float32 and len(set(heads)) == len(heads)
+    assert heads[:2] == ["harmless", "helpful"] and sum(h.startswith("boot") for h in heads) >= 4
+    assert torch.equal(rows[0], _rows("default")[0]) and torch.equal(rows[1], _rows("helpful")[0])
+    for a in range(2, len(heads)):
+        assert not any(torch.equal(rows[a], rows[b]) for b in range(len(heads)) if b != a)
+    stats = _stats("ensemble")
+    assert list(stats) == ["heads"] and list(stats["heads"]) == heads
+    for entry in stats["heads"].values():
+        assert entry["std"] > 0 and entry["max_length"] == 512
+        _check_length(entry["length"])
