@@ -68,11 +68,12 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 # the shipped heads over one SmolLM2 backbone (one forward pass reads all 8): the harmless default (first: what a
-# request naming no model gets), the helpfulness head, and the 6-head ensemble (docs/training.md)
+# request naming no model gets), the helpfulness head, and the 6-head ensemble (docs/training.md); a --model in
+# ARGS serves that instead
 SERVE_MODELS = --model rewardserve-default=default --model helpful=helpful --model ensemble=ensemble
 
 serve: setup
-	$(BIN)/rewardserve serve $(SERVE_MODELS) --host 127.0.0.1 $(ARGS)
+	$(BIN)/rewardserve serve $(if $(findstring --model,$(ARGS)),,$(SERVE_MODELS)) --host 127.0.0.1 $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests $(PYTEST_ARGS)
