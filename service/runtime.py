@@ -32,9 +32,16 @@ class _UvicornServer(uvicorn.Server):
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound here so a failed bind stops everything before serving starts.
+
+    It is made with proto IPPROTO_TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on accepted sockets
+    whose proto says TCP, and a socket made with proto 0 kept it on, so a response's body waited behind its headers
+    for the client's delayed ACK: 40 ms added to every HTTP answer (/health took 44 ms). TCP_NODELAY is also set on
+    the listener, which Linux passes on to accepted sockets."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)
