@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.batching import packed_batches  # noqa: E402
 from service.backends.invariant_models import build_forward  # noqa: E402
 from service.backends.precision import machine  # noqa: E402
 from service.grouping import Group, PlannedBatch, prefix_tree_layout  # noqa: E402
@@ -144,19 +145,6 @@ def make_groups(n_groups: int, g: int, max_len: int, vocab: int, seed: int) -> l
     return out
 
 
-def packed_batches(seqs: Sequence[Sequence[int]], budget: int) -> list[list[int]]:
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out: list[list[int]] = [[]]
-    used = 0
-    for i in order:
-        if out[-1] and used + len(seqs[i]) > budget:
-            out.append([])
-            used = 0
-        out[-1].append(i)
-        used += len(seqs[i])
-    return out
-
-
 def score_in(scorer: Any, seqs: Sequence[Sequence[int]], plan: Sequence[Sequence[int]]) -> list[float]:
     out = [0.0] * len(seqs)
     for idx in plan:
@@ -221,7 +209,7 @@ def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict
     shuffled = list(range(len(seqs)))
     rng.shuffle(shuffled)
     random_plan = [shuffled[i:i + 12] for i in range(0, len(shuffled), 12)]
-    sorted_plan = packed_batches(seqs, args.batch_tokens)
+    sorted_plan = packed_batches([len(s) for s in seqs], args.batch_tokens)
     padded_plan = [sorted(range(len(seqs)), key=lambda i: len(seqs[i]))[i:i + args.padded_batch]
                    for i in range(0, len(seqs), args.padded_batch)]
     result: dict[str, Any] = {"inputs": len(seqs), "tokens": tokens}

@@ -68,6 +68,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     """Run one configuration in this process."""
     import torch
 
+    from bench.batching import packed_batches
     from rewardmodel.rendering import encode_input
     from service.backends.hf_backend import HFBackend
     from service.config import ServeConfig
@@ -84,14 +85,7 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     inputs = [p.chosen_input() for p in pairs][: args.inputs]
     tok = backends[0].tokenizer
     rows = [encode_input(tok, inp, backends[0].max_length).input_ids for inp in inputs]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    plan, used = [[]], 0
-    for i in order:
-        if plan[-1] and used + len(rows[i]) > 4096:
-            plan.append([])
-            used = 0
-        plan[-1].append(i)
-        used += len(rows[i])
+    plan = packed_batches([len(r) for r in rows], 4096)
 
     def run() -> list[float]:
         first = [0.0] * len(rows)

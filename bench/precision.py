@@ -33,6 +33,8 @@ from typing import Any, Sequence  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.batching import packed_batches  # noqa: E402
+
 PATHS = ("transformers/float32", "invariant/float32", "transformers/bfloat16", "invariant/bfloat16")
 BUDGET_MAX_ABS = 5e-3
 BUDGET_ACCURACY_POINTS = 0.5
@@ -51,20 +53,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Length-sorted index batches of at most `budget` tokens each (a longer input rides alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    out: list[list[int]] = [[]]
-    used = 0
-    for i in order:
-        if out[-1] and used + lengths[i] > budget:
-            out.append([])
-            used = 0
-        out[-1].append(i)
-        used += lengths[i]
-    return [b for b in out if b]
-
-
 def load_backend(model: str, path: str, device: str, max_length: int) -> Any:
     from service.backends.hf_backend import HFBackend
     from service.config import ServeConfig
@@ -78,7 +66,7 @@ def load_backend(model: str, path: str, device: str, max_length: int) -> Any:
 def score_all(backend: Any, rows: list[list[int]], budget: int) -> tuple[list[float], float]:
     from service.grouping import PlannedBatch
 
-    plan = batches([len(r) for r in rows], budget)
+    plan = packed_batches([len(r) for r in rows], budget)
     rewards: list[float] = [0.0] * len(rows)
     backend.rewards(PlannedBatch([rows[plan[0][0]]]))  # warm-up: kernel set-up outside the clock
     t0 = time.perf_counter()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -153,16 +152,6 @@ class RewardEngine:
     def check_model(self, model: str | None) -> None:
         if model and model not in self.aliases:
             raise RewardServeError(ErrorKind.NOT_FOUND, f"unknown model {model!r}; this server serves {self.name!r}")
-
-    def deadline_from_timeout(self, timeout_s: float | None) -> float | None:
-        """An absolute (monotonic) deadline from a relative timeout; the configured default applies."""
-        if timeout_s is None or timeout_s == 0:
-            timeout_s = self.config.default_timeout_s or None
-        if timeout_s is None:
-            return None
-        if not math.isfinite(timeout_s) or timeout_s < 0:
-            raise invalid(f"timeout must be a positive number of seconds, got {timeout_s}")
-        return time.monotonic() + timeout_s
 
     def admit(self, count: int, *, model: str | None = None, normalize: bool = False,
               field: str = "inputs") -> Reservation:
