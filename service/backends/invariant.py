@@ -258,8 +258,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Work, scale: float,
-              causal: bool = True) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Work, scale: float) -> torch.Tensor:
     """Attention by query tiles (rule 3). q: (R, Hq, D); k, v: (R, Hkv, D), fp32 -> (R, Hq, D); rows that are no
     work item's query are left zero.
 
@@ -268,8 +267,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Work, sca
     the keys live in this pass (its own rows, or a shared prefix's), slots it may not see masked out (they get an
     exact zero weight, whatever they hold). So its SDPA call has the same shape, the same kernel blocking and the
     same numbers whether the input is alone, packed with others, or under a shared prefix; tiles with the same
-    key length are computed in one batched call (a batch entry's result does not depend on the others). `causal`
-    is carried by the masks (built with the layout)."""
+    key length are computed in one batched call (a batch entry's result does not depend on the others). Causality
+    is in the masks, built with the layout (`tile_layout(causal=...)`)."""
     rows, heads, dim = q.shape
     kv_heads = k.shape[1]
     out = torch.zeros_like(q)

@@ -200,7 +200,7 @@ class EncoderForward:
             q = layer.q(h).float().view(rows, self.heads, self.head_dim)
             k = layer.k(h).float().view(rows, self.heads, self.head_dim)
             v = layer.v(h).float().view(rows, self.heads, self.head_dim)
-            a = attention(q, k, v, tl.work, self.scale, causal=False).reshape(rows, self.heads * self.head_dim)
+            a = attention(q, k, v, tl.work, self.scale).reshape(rows, self.heads * self.head_dim)
             h = layer_norm(h + layer.o(a).float(), *layer.ln1, self.eps)
             h = layer_norm(h + layer.out(self.act(layer.inter(h).float())).float(), *layer.ln2, self.eps)
         flat = [r for rs in tl.read for r in rs]
