@@ -150,6 +150,40 @@ class inject_latency:
         self.batcher._compute = self.original
 
 
+class hold_forward:
+    """Fault injection: every forward pass of a live server's engine blocks until `release()` (or `hold_s`).
+
+    For "answered without waiting for the model" checks that do not depend on the machine's speed: the answer
+    must come back while `released` is still False; were it to wait for the forward pass, it would only come
+    after the safety release at `hold_s`, and `released` would say so."""
+
+    def __init__(self, server: LiveServer, hold_s: float = 30.0):
+        self.batcher = server.engine.batcher
+        self.hold_s = hold_s
+        self.original = self.batcher._compute
+        self.gate = threading.Event()
+        self.entered = threading.Event()  # a forward pass has started and is being held
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
+        self.gate.set()
+
+    def __enter__(self) -> "hold_forward":
+        def held(batch: Any) -> Any:
+            self.entered.set()
+            if not self.gate.wait(self.hold_s):
+                self.released = True  # the safety release: whoever waited for this pass shows it
+            return self.original(batch)
+
+        self.batcher._compute = held
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+        self.batcher._compute = self.original
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of a metric in Prometheus text whose labels include `labels`."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.helpers import LiveServer, inject_latency, metric_value, test_config
+from tests.helpers import LiveServer, hold_forward, inject_latency, metric_value, test_config
 
 PAIR = {"prompt": "How do I boil an egg?", "response": "Put it in boiling water for nine minutes."}
 MSGS = {"messages": [
@@ -145,28 +145,37 @@ def test_limits(limited_server):
 
 
 async def test_full_queue_answers_429_at_once(limited_server):
-    async with httpx.AsyncClient(base_url=limited_server.http_url, timeout=30) as client:
-        with inject_latency(limited_server, 0.3):
-            tasks = [client.post("/v1/score", json={"inputs": [PAIR] * 4}) for _ in range(6)]
-            responses = await asyncio.gather(*tasks)
-    codes = sorted(r.status_code for r in responses)
-    assert set(codes) == {200, 429}, codes
-    assert codes.count(200) >= 2
-    for r in responses:
-        if r.status_code == 429:
-            assert "queue full" in r.json()["error"]["message"]
-            assert r.elapsed.total_seconds() < 0.5
+    """Refusals do not wait for queued work: with the model held, the queue (8 inputs, 2 requests of 4) fills,
+    and the other 4 requests are answered 429 while the admitted ones are still in the held forward pass."""
+    async with httpx.AsyncClient(base_url=limited_server.http_url, timeout=60) as client:
+        with hold_forward(limited_server) as held:
+            tasks = [asyncio.ensure_future(client.post("/v1/score", json={"inputs": [PAIR] * 4})) for _ in range(6)]
+            refused: set = set()
+            while len(refused) < 4:
+                done, _ = await asyncio.wait([t for t in tasks if t not in refused], timeout=60,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                assert done, "no answer while the model was held"
+                refused |= done
+            assert not held.released, "a refusal waited for the forward pass"
+            assert len(refused) == 4
+            for t in refused:
+                r = t.result()
+                assert r.status_code == 429, r.text
+                assert "queue full" in r.json()["error"]["message"]
+            held.release()
+            admitted = [await t for t in tasks if t not in refused]
+    assert [r.status_code for r in admitted] == [200, 200]
 
 
 @pytest.mark.parametrize("how", ["body", "header"])
 def test_deadline_gives_504(limited_server, how):
     kwargs = {"json": {"inputs": [PAIR], "timeout": 0.05}} if how == "body" else {
         "json": {"inputs": [PAIR]}, "headers": {"X-Request-Timeout": "0.05"}}
-    with inject_latency(limited_server, 0.5):
-        r = httpx.post(limited_server.http_url + "/v1/score", timeout=10, **kwargs)
+    with hold_forward(limited_server) as held:
+        r = httpx.post(limited_server.http_url + "/v1/score", timeout=60, **kwargs)
+        assert not held.released, "the 504 waited for the forward pass"
     assert r.status_code == 504, r.text
     assert r.json()["error"]["type"] == "deadline_exceeded"
-    assert r.elapsed.total_seconds() < 0.45
 
 
 async def test_client_gone_is_dropped_before_compute(limited_server):
