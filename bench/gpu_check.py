@@ -12,6 +12,12 @@ classifier. Inputs are seeded random token ids of 16..--max-len tokens. For each
   speed        tokens/s of our invariant forward (packed batches up to --batch-tokens) beside transformers'
                padded forward on the same inputs (length-sorted batches of --padded-batch), both on the device.
 
+  bf16x3       the GEMM that would give fp32-grade rewards at bf16 speed (docs/benchmarks.md, "Where bf16's error
+               comes from"): x·W as x_hi·W_hi + x_hi·W_lo + x_lo·W_hi, three bf16 GEMMs with fp32 results
+               (`torch.mm(..., out_dtype=torch.float32)`, CUDA only in torch 2.11-2.13): its error against fp64,
+               its speed beside bf16 and fp32, and whether a row gets the same bits alone, among 16 and among
+               all rows. Reported as unavailable where the device has no such GEMM (a CPU).
+
 Prints the machine, one line per measurement, and one JSON object last (also written to $OUT/gpu_check.json when
 OUT is set). `--device cpu --size tiny` runs the same code on the CPU in seconds (tests/unit/test_gpu_check.py).
 
@@ -199,6 +205,48 @@ def profile_pass(ours: Ours, batch: Sequence[Sequence[int]], device: str, top: i
             "top": ops}
 
 
+def split_bf16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = t.to(torch.bfloat16)
+    return hi, (t - hi.float()).to(torch.bfloat16)
+
+
+def bf16x3_probe(device: str, rows: int, repeats: int) -> dict[str, Any]:
+    """A SmolLM2 MLP-shaped GEMM (rows x 576 @ 576 x 1536) four ways: fp32, bf16 (bf16 result), bf16 with an fp32
+    result, and bf16x3 with fp32 results."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(rows, 576, generator=gen).to(device)
+    w = (torch.randn(576, 1536, generator=gen) / 24).to(device)
+    exact = (x.double() @ w.double())
+    (x_hi, x_lo), (w_hi, w_lo) = split_bf16(x), split_bf16(w)
+
+    def mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.mm(a, b, out_dtype=torch.float32)
+
+    ways: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "fp32": lambda xh, xl, wh, wl: None,  # filled below: it needs the fp32 operands
+        "bf16": lambda xh, xl, wh, wl: torch.mm(xh, wh).float(),
+        "bf16_fp32_out": lambda xh, xl, wh, wl: mm32(xh, wh),
+        "bf16x3": lambda xh, xl, wh, wl: mm32(xh, wh) + (mm32(xh, wl) + mm32(xl, wh)),
+    }
+    out: dict[str, Any] = {"shape": [rows, 576, 1536]}
+    for name, fn in ways.items():
+        def run(lo: int = 0, hi: int = rows, fn: Any = fn, name: str = name) -> torch.Tensor:
+            if name == "fp32":
+                return torch.mm(x[lo:hi], w)
+            return fn(x_hi[lo:hi], x_lo[lo:hi], w_hi, w_lo)
+        try:
+            full = run()
+        except (RuntimeError, NotImplementedError) as exc:
+            out[name] = {"available": False, "why": str(exc).splitlines()[0][:160]}
+            continue
+        seconds = timed(run, device, repeats)
+        row = 7  # a row alone, among its 16-row tile, and among every row
+        same = bool(torch.equal(run(row, row + 1)[0], full[row]) and torch.equal(run(0, 16)[row], full[row]))
+        out[name] = {"available": True, "max_abs_err": float((full.double() - exact).abs().max()),
+                     "tflops": round(2 * rows * 576 * 1536 / seconds / 1e12, 3), "row_invariant": same}
+    return out
+
+
 def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict], None]) -> dict[str, Any]:
     model = build_model(kind, args.size, args.device)
     vocab = model.config.vocab_size
@@ -281,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: dict[str, Any] = {"bench": "gpu_check", "device": args.device, "size": args.size, "machine": info}
     for kind in args.models.split(","):
         out[kind] = check_model(kind, args, report)
+    out["bf16x3"] = bf16x3_probe(args.device, 16 * 64 if args.size == "base" else 64, args.repeats)
+    report("bf16x3 gemm", out["bf16x3"])
     checks = [e for kind in args.models.split(",") for key, e in out[kind].items() if key.startswith("ours/")]
     out["invariant_everywhere"] = all(e[k]["mismatches"] == 0 for e in checks
                                       for k in ("packed_random", "packed_sorted", "grouped") if k in e)

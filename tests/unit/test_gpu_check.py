@@ -30,4 +30,9 @@ def test_gpu_check_on_cpu(tmp_path):
         assert "padded_batch_vs_alone" in llama[f"transformers/{dtype}"]
     assert llama["ours/bfloat16"]["profile"]["top"]
     assert 0 < llama["precision_vs_transformers_fp32"]["ours/bfloat16"]["max_abs"] < 0.1
+    probe = result["bf16x3"]  # the split-bf16 GEMM: measured where the device has fp32-result bf16 GEMMs
+    assert probe["bf16"]["available"] and probe["fp32"]["max_abs_err"] < probe["bf16"]["max_abs_err"]
+    x3 = probe["bf16x3"]  # CPU torch has no bf16 GEMM with an fp32 result (yet): then it says why
+    assert (x3["available"] and x3["max_abs_err"] < probe["bf16"]["max_abs_err"] / 10) or (
+        not x3["available"] and "dtype" in x3["why"]), x3
     assert "grouped" not in result["bert"]["ours/float32"]  # encoders attend both ways: never grouped
