@@ -71,17 +71,18 @@ class AttentionGroup:
     """The query tiles of one pass whose key buffers have the same length L (one SDPA call), with every index
     and mask the attention needs precomputed once per pass (the same for every layer, and no device syncs)."""
 
-    q_index: torch.Tensor  # (n*T,) the row of each query slot (empty slots read row 0; their results are dropped)
+    q_index: torch.Tensor  # (n*Q,) the row of each query slot (empty slots read row 0; their results are dropped)
     kv_index: torch.Tensor  # (n*L,) the row of each key slot, in absolute position order (empty slots: row 0)
-    mask: torch.Tensor  # (n, 1, T, L) bool: the key slot holds a key this query may see
+    mask: torch.Tensor  # (n, 1, Q, L) bool (an encoder's: (n, 1, 1, L)): the key slot holds a key this query sees
     dest: torch.Tensor  # (m,) the rows the real query slots write
-    src: torch.Tensor  # (m,) which of the n*T query slots each comes from
-    tiles: int
-    length: int
+    src: torch.Tensor  # (m,) which of the n*Q query slots each comes from
+    tiles: int  # n: work items (batch entries of the SDPA call)
+    length: int  # L
+    queries: int = TILE  # Q: query slots per item (a decoder's tile; an encoder's whole padded sequence)
 
     def to(self, device: Any) -> "AttentionGroup":
         return AttentionGroup(self.q_index.to(device), self.kv_index.to(device), self.mask.to(device),
-                              self.dest.to(device), self.src.to(device), self.tiles, self.length)
+                              self.dest.to(device), self.src.to(device), self.tiles, self.length, self.queries)
 
 
 @dataclass
@@ -150,6 +151,15 @@ def _work(layout: Any, seg_dest: list[torch.Tensor], causal: bool) -> Work:
         k_rows, k_pos = torch.cat(path), torch.cat(path_pos)  # absolute positions 0 .. end-1, in order
         own, own_pos = seg_dest[i], path_pos[-1]
         first = int(own_pos[0])
+        if not causal:  # an encoder's queries all see the same keys: one item holds the whole sequence
+            length = -(-len(own) // ROW_TILE) * ROW_TILE  # a function of its own length only
+            slots = torch.full((length,), -1, dtype=torch.long)
+            slots[own_pos] = own
+            q_rows.append(slots)
+            q_pos.append(torch.arange(length))
+            kv_rows.append(k_rows)
+            kv_pos.append(k_pos)
+            continue
         base = first - first % TILE
         for t0 in range(base, int(own_pos[-1]) + 1, TILE):
             slots = torch.full((TILE,), -1, dtype=torch.long)
@@ -157,28 +167,29 @@ def _work(layout: Any, seg_dest: list[torch.Tensor], causal: bool) -> Work:
             slots[own_pos[in_tile] - t0] = own[in_tile]
             q_rows.append(slots)
             q_pos.append(torch.arange(t0, t0 + TILE))
-            end = t0 + TILE if causal else int(k_pos[-1]) + 1  # a decoder's query sees keys up to itself
-            keep = k_pos < end
+            keep = k_pos < t0 + TILE  # a decoder's query sees keys up to itself
             kv_rows.append(k_rows[keep])
             kv_pos.append(k_pos[keep])
-    by_length: dict[int, list[int]] = {}
+    by_shape: dict[tuple[int, int], list[int]] = {}
     for w, r in enumerate(kv_rows):
-        by_length.setdefault(-(-len(r) // TILE) * TILE, []).append(w)
+        by_shape.setdefault((len(q_rows[w]), -(-len(r) // len(q_rows[w])) * len(q_rows[w]) if causal
+                             else len(q_rows[w])), []).append(w)
     groups = []
-    for length, items in sorted(by_length.items()):
+    for (queries, length), items in sorted(by_shape.items()):
         kr = torch.full((len(items), length), -1, dtype=torch.long)
         kp = torch.full((len(items), length), 2**40, dtype=torch.long)
         for j, w in enumerate(items):
             kr[j, :len(kv_rows[w])] = kv_rows[w]
             kp[j, :len(kv_pos[w])] = kv_pos[w]
-        qr = torch.stack([q_rows[w] for w in items])  # (n, T)
+        qr = torch.stack([q_rows[w] for w in items])  # (n, Q)
         qp = torch.stack([q_pos[w] for w in items])
-        mask = (kr >= 0)[:, None, :]  # (n, 1, L)
-        mask = mask & (kp[:, None, :] <= qp[:, :, None]) if causal else mask.expand(-1, TILE, -1)  # (n, T, L)
+        mask = (kr >= 0)[:, None, :]  # (n, 1, L): the key slot holds a key
+        if causal:
+            mask = mask & (kp[:, None, :] <= qp[:, :, None])  # (n, T, L)
         flat = qr.reshape(-1)
         src = (flat >= 0).nonzero().squeeze(1)
         groups.append(AttentionGroup(flat.clamp(min=0), kr.reshape(-1).clamp(min=0), mask[:, None].contiguous(),
-                                     flat[src], src, len(items), length))
+                                     flat[src], src, len(items), length, queries))
     return Work(groups)
 
 
@@ -250,8 +261,13 @@ def read_head(hidden: torch.Tensor, rows: Sequence[int], weight: torch.Tensor, b
 
 # ---- norms and attention ----------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm in fp32 (x: the fp32 residual stream)."""
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    """Llama's RMSNorm in fp32 (x: the fp32 residual stream). The one transcendental step runs over one value per
+    row; it is computed on a copy padded to aligned thread chunks (rule 2), so the pass's row count needs no
+    alignment of its own (which would round every pass up to 64 rows)."""
+    mean_square = x.pow(2).mean(-1)  # (R,): one reduction per row, of a fixed length
+    rows = mean_square.shape[0]
+    padded = F.pad(mean_square, (0, aligned_count(rows, 1) - rows), value=1.0)
+    return weight * (x * torch.rsqrt(padded + eps)[:rows, None])
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -263,18 +279,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Work, sca
     work item's query are left zero.
 
     A query tile at absolute positions [aT, (a+1)T) of a decoder always attends a key buffer of exactly (a+1)T
-    slots (an encoder's: its whole sequence, padded to whole tiles), gathered by absolute position from wherever
-    the keys live in this pass (its own rows, or a shared prefix's), slots it may not see masked out (they get an
-    exact zero weight, whatever they hold). So its SDPA call has the same shape, the same kernel blocking and the
-    same numbers whether the input is alone, packed with others, or under a shared prefix; tiles with the same
-    key length are computed in one batched call (a batch entry's result does not depend on the others). Causality
-    is in the masks, built with the layout (`tile_layout(causal=...)`)."""
+    slots, gathered by absolute position from wherever the keys live in this pass (its own rows, or a shared
+    prefix's), slots it may not see masked out (they get an exact zero weight, whatever they hold). So its SDPA
+    call has the same shape, the same kernel blocking and the same numbers whether the input is alone, packed
+    with others, or under a shared prefix. An encoder's sequence (never grouped) is one item: all its queries,
+    its length padded to whole ROW_TILEs, against its keys, so its keys are gathered once, not once per tile. Items
+    of the same shape are computed in one batched call (a batch entry's result does not depend on the others).
+    Causality is in the masks, built with the layout (`tile_layout(causal=...)`)."""
     rows, heads, dim = q.shape
     kv_heads = k.shape[1]
     out = torch.zeros_like(q)
     for g in work.groups:
         n, length = g.tiles, g.length
-        qg = q.index_select(0, g.q_index).view(n, TILE, heads, dim).transpose(1, 2)  # (n, Hq, T, D)
+        qg = q.index_select(0, g.q_index).view(n, g.queries, heads, dim).transpose(1, 2)  # (n, Hq, Q, D)
         kg = k.index_select(0, g.kv_index).view(n, length, kv_heads, dim).transpose(1, 2)  # (n, Hkv, L, D)
         vg = v.index_select(0, g.kv_index).view(n, length, kv_heads, dim).transpose(1, 2)
         gqa = heads != kv_heads
@@ -282,8 +299,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work: Work, sca
             kg, vg = kg.repeat_interleave(heads // kv_heads, dim=1), vg.repeat_interleave(heads // kv_heads, dim=1)
             gqa = False
         attended = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
-                                                  enable_gqa=gqa)  # (n, Hq, T, D)
-        flat = attended.transpose(1, 2).reshape(n * TILE, heads, dim)
+                                                  enable_gqa=gqa)  # (n, Hq, Q, D)
+        flat = attended.transpose(1, 2).reshape(n * g.queries, heads, dim)
         out.index_copy_(0, g.dest, flat.index_select(0, g.src))
     return out
 

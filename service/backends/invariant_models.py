@@ -110,7 +110,7 @@ class DecoderForward:
         device = self.embed.device  # the table lives where the weights do (CUDA too)
         self.cos, self.sin = (emb.cos() * scaling).to(device), (emb.sin() * scaling).to(device)  # no per-pass exp/sin
         self.widths = (config.hidden_size, config.intermediate_size, self.heads * self.head_dim,
-                       self.kv_heads * self.head_dim, self.head_dim, 1)
+                       self.kv_heads * self.head_dim, self.head_dim)
 
     def layout(self, tree: Any, pad_id: int, reads: Sequence[Sequence[int]] | None = None) -> TileLayout:
         return tile_layout(tree, pad_id, causal=True, widths=self.widths, reads=reads)
@@ -186,7 +186,7 @@ class EncoderForward:
         self.pooler = None if pooler is None else (_fp32(pooler.dense.weight), _fp32(pooler.dense.bias))
         self.head_weight = _fp32(model.classifier.weight)
         self.head_bias = _fp32(model.classifier.bias)
-        self.widths = (config.hidden_size, config.intermediate_size, self.head_dim, 1)
+        self.widths = (config.hidden_size, config.intermediate_size, self.head_dim)
 
     def layout(self, tree: Any, pad_id: int, reads: Sequence[Sequence[int]] | None = None) -> TileLayout:
         first = [[seg.start] for seg in tree.segments]  # [CLS]: encoders are never grouped, one segment each
