@@ -176,6 +176,7 @@ class DynamicBatcher:
         self._queue: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._pending = 0  # queued + being computed
+        self._idle_since = float("-inf")  # when the worker last finished a window (monotonic)
         self._running = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -250,7 +251,11 @@ class DynamicBatcher:
             if not self._queue:
                 return None  # stopped and drained
             oldest = self._queue[0].enqueued
-            while len(self._queue) < self.max_batch_size and self._running:
+            # Waiting for company pays only under load: an input that found the worker idle for longer than
+            # max_wait (a lone caller, an RL step's first request) is computed at once; under load, answers
+            # and the callers' next requests come within max_wait of each other and windows form as before.
+            lone = oldest - self._idle_since >= self.max_wait_s
+            while len(self._queue) < self.max_batch_size and self._running and not lone:
                 remaining = oldest + self.max_wait_s - time.monotonic()
                 if remaining <= 0:
                     break
@@ -268,6 +273,8 @@ class DynamicBatcher:
             except BaseException as exc:  # never let the worker die with callers waiting
                 log.exception("batcher window failed")
                 self._finish(window, error=RewardServeError(ErrorKind.BACKEND, f"internal error: {exc}"))
+            finally:
+                self._idle_since = time.monotonic()
 
     def _finish(
         self, items: list[WorkItem], values: list[Any] | None = None, error: BaseException | None = None

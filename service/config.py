@@ -129,7 +129,8 @@ class ServeConfig(BaseModel):
     max_batch_tokens: int = Field(4096, ge=1)
     """Token budget of one forward pass: padded cost (longest x inputs), or real tokens when packing."""
     max_wait_ms: float = Field(2.0, ge=0, le=60_000, allow_inf_nan=False)
-    """Longest time the first queued input waits for others to join its batch."""
+    """Longest time the first queued input waits for others to join its batch (under load: an input that finds
+    the worker idle for longer than this is computed at once)."""
     max_padding_ratio: float = Field(0.25, ge=0, le=1, allow_inf_nan=False)
     """A batch is cut before an input whose addition would make padding exceed this share of its tokens."""
     max_queue: int = Field(2048, ge=1)

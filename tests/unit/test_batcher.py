@@ -162,6 +162,36 @@ async def test_stop_drains_what_was_accepted_then_refuses():
     assert err.value.kind == ErrorKind.UNAVAILABLE
 
 
+async def test_a_lone_request_on_an_idle_worker_does_not_wait_for_company():
+    rec = Recorder()
+    b = DynamicBatcher(rec, max_batch_size=64, max_wait_s=30.0)  # were it to wait, the timeout below would fire
+    b.start()
+    try:
+        for _ in range(2):  # the first request ever, and one after the worker has been idle for a minute
+            assert await asyncio.wait_for(_run(b, [[1, 1], [2]]), timeout=10) == [2.0, 2.0]
+            b._idle_since = time.monotonic() - 60
+        assert rec.batches == [[2, 1], [2, 1]] or rec.batches == [[1, 2], [1, 2]]
+    finally:
+        b.stop()
+
+
+async def test_under_load_the_oldest_input_waits_for_company():
+    """Inputs arriving while the worker computes, or within max_wait of its last answer, share a window."""
+    rec = Recorder()
+    b = DynamicBatcher(rec, max_batch_size=64, max_wait_s=0.3, max_padding_ratio=1.0)
+    b.start()
+    try:
+        first = asyncio.ensure_future(_run(b, [[1]]))
+        await first  # the worker has just finished: a caller's next request and a second caller's come now
+        tasks = [asyncio.ensure_future(_run(b, [[i]])) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.ensure_future(_run(b, [[4]])))
+        await asyncio.gather(*tasks)
+        assert rec.batches[1:] == [[1, 1, 1]]
+    finally:
+        b.stop()
+
+
 async def test_max_wait_bounds_latency_of_a_lone_request():
     b = DynamicBatcher(Recorder(), max_batch_size=64, max_wait_s=0.02)
     b.start()
