@@ -115,11 +115,36 @@ def measure(model_spec: str, dtype: str, threads: int, inputs: Sequence[dict[str
                         lambda bs: _padded_batches(torch, ids, bs, pad_id), batch_sizes, duration_s)
         result.update({"threads": torch.get_num_threads(), "check_rewards": check, "model_path": str(source.path),
                        "model_name": source.name})
+        if 1 in batch_sizes:
+            result["served_forward_bs1"] = _served_forward_bs1(model_spec, dtype, ids, duration_s)
         if packed:
             result["packed"] = _packed_sweep(torch, model, ids, dtype, batch_sizes, duration_s)
         return result
     finally:
         torch.set_num_threads(before)
+
+
+def _served_forward_bs1(model_spec: str, dtype: str, ids: list[list[int]], duration_s: float) -> dict[str, Any]:
+    """The forward the server runs (its own backend, loaded as `rewardserve serve` loads it: the batch-invariant
+    forward where the model has one), called directly on one input at a time: the bare cost of a lone request,
+    without HTTP, tokenizing or the batcher."""
+    from service.backends.hf_backend import HFBackend
+    from service.config import ServeConfig
+    from service.grouping import PlannedBatch
+
+    backend = HFBackend(ServeConfig(model=model_spec, dtype=dtype, device="cpu", warmup=False))
+    try:
+        for x in (ids[0], ids[-1]):
+            backend.rewards(PlannedBatch([x]))
+        n = 0
+        start = time.perf_counter()
+        while n < len(ids) or time.perf_counter() - start < duration_s:
+            backend.rewards(PlannedBatch([ids[n % len(ids)]]))
+            n += 1
+        seconds = time.perf_counter() - start
+        return {"forward": backend.describe()["forward"], "inputs": n, "ms_per_input": round(1000 * seconds / n, 2)}
+    finally:
+        backend.close()
 
 
 def _packed_sweep(torch: Any, model: Any, ids: list[list[int]], dtype: str, batch_sizes: Sequence[int],

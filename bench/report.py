@@ -31,10 +31,13 @@ def ratios(dres: dict[str, Any], c: int) -> dict[str, Any]:
     idle_run = ((systems.get("rewardserve-http") or {}).get("runs") or {}).get("1") or {}
     bs1 = next((r for r in (dres.get("raw") or {}).get("by_batch_size") or [] if r["batch_size"] == 1), None)
     forward_ms = 1000.0 / bs1["pairs_per_s"] if bs1 and bs1.get("pairs_per_s") else None
+    served_ms = ((dres.get("raw") or {}).get("served_forward_bs1") or {}).get("ms_per_input")
     return {
         **extra,
         # HTTP p50 at 1 client / the bare forward's mean time per input at batch size 1, same workload
         "idle_latency_vs_forward": _ratio(idle_run.get("p50_ms"), forward_ms),
+        # the same p50 / the server's own forward (its backend called directly, one input at a time)
+        "idle_latency_vs_served_forward": _ratio(idle_run.get("p50_ms"), served_ms),
         "server_vs_raw": _ratio(http, raw),
         "server_vs_naive": _ratio(http, known.get(best_naive)),
         "grpc_vs_raw": _ratio(grpc, raw),

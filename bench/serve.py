@@ -323,7 +323,7 @@ def summarize(results: dict[str, Any], args: argparse.Namespace, argv: list[str]
             if "error" in s:
                 failures.append(f"{name} {sys_name}: {s['error'].splitlines()[0]}")
     headline = {k: results[head].get(k) for k in ("server_vs_raw", "server_vs_naive", "grpc_vs_raw", "grpc_vs_naive",
-                                                  "idle_latency_vs_forward")}
+                                                  "idle_latency_vs_forward", "idle_latency_vs_served_forward")}
     served = (results[head]["systems"].get("rewardserve-http") or {}).get("served") or {}
     return {
         **headline,
