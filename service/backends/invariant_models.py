@@ -117,9 +117,14 @@ class DecoderForward:
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin, without building rotate_half(x): the same bits (a + (-b)c == a - bc
+        exactly), written per half into one output."""
         half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        x1, x2 = x[..., :half], x[..., half:]
+        out = x * cos
+        out[..., :half] -= x2 * sin[..., :half]
+        out[..., half:] += x1 * sin[..., half:]
+        return out
 
     def __call__(self, tl: TileLayout) -> torch.Tensor:
         """Rewards (or logits) at every read row, fp32: (reads, labels)."""
@@ -128,13 +133,13 @@ class DecoderForward:
         cos = self.cos.index_select(0, tl.positions)[:, None, :]  # (R, 1, D)
         sin = self.sin.index_select(0, tl.positions)[:, None, :]
         for layer in self.layers:
-            x = rms_norm(h, layer.ln1, self.eps)
+            x = rms_norm(h, layer.ln1, self.eps).to(self.compute)  # rounded once for the three GEMMs that read it
             q = self._rotate(layer.q(x).float().view(rows, self.heads, self.head_dim), cos, sin)
             k = self._rotate(layer.k(x).float().view(rows, self.kv_heads, self.head_dim), cos, sin)
             v = layer.v(x).float().view(rows, self.kv_heads, self.head_dim)
             a = attention(q, k, v, tl.work, self.scale)  # (R, Hq, D)
             h = h + layer.o(a.reshape(rows, self.heads * self.head_dim)).float()
-            x = rms_norm(h, layer.ln2, self.eps)
+            x = rms_norm(h, layer.ln2, self.eps).to(self.compute)
             h = h + layer.down(self.act(layer.gate(x).float()) * layer.up(x).float()).float()
         h = rms_norm(h, self.norm, self.eps)
         flat = [r for rs in tl.read for r in rs]
