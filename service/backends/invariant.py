@@ -267,7 +267,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     mean_square = x.pow(2).mean(-1)  # (R,): one reduction per row, of a fixed length
     rows = mean_square.shape[0]
     padded = F.pad(mean_square, (0, aligned_count(rows, 1) - rows), value=1.0)
-    return weight * (x * torch.rsqrt(padded + eps)[:rows, None])
+    normed = x * torch.rsqrt(padded + eps)[:rows, None]
+    normed *= weight
+    return normed
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

@@ -138,9 +138,11 @@ class DecoderForward:
             k = self._rotate(layer.k(x).float().view(rows, self.kv_heads, self.head_dim), cos, sin)
             v = layer.v(x).float().view(rows, self.kv_heads, self.head_dim)
             a = attention(q, k, v, tl.work, self.scale)  # (R, Hq, D)
-            h = h + layer.o(a.reshape(rows, self.heads * self.head_dim)).float()
+            h += layer.o(a.reshape(rows, self.heads * self.head_dim))  # in place; a bf16 term is added in fp32
             x = rms_norm(h, layer.ln2, self.eps).to(self.compute)
-            h = h + layer.down(self.act(layer.gate(x).float()) * layer.up(x).float()).float()
+            gated = self.act(layer.gate(x).float())
+            gated *= layer.up(x)  # act(gate) * up in fp32, in place
+            h += layer.down(gated)
         h = rms_norm(h, self.norm, self.eps)
         flat = [r for rs in tl.read for r in rs]
         return read_head(h, flat, self.head_weight, self.head_bias)
