@@ -204,9 +204,10 @@ class EncoderForward:
         h = self.word.index_select(0, tl.ids) + self.position.index_select(0, tl.positions) + self.token_type
         h = layer_norm(h, *self.emb_ln, self.eps)
         for layer in self.layers:
-            q = layer.q(h).float().view(rows, self.heads, self.head_dim)
-            k = layer.k(h).float().view(rows, self.heads, self.head_dim)
-            v = layer.v(h).float().view(rows, self.heads, self.head_dim)
+            x = h.to(self.compute)  # rounded once for the three GEMMs that read it
+            q = layer.q(x).float().view(rows, self.heads, self.head_dim)
+            k = layer.k(x).float().view(rows, self.heads, self.head_dim)
+            v = layer.v(x).float().view(rows, self.heads, self.head_dim)
             a = attention(q, k, v, tl.work, self.scale).reshape(rows, self.heads * self.head_dim)
             h = layer_norm(h + layer.o(a).float(), *layer.ln1, self.eps)
             h = layer_norm(h + layer.out(self.act(layer.inter(h).float())).float(), *layer.ln2, self.eps)
