@@ -10,13 +10,15 @@ Why results drift with the batch, and what each rule here removes:
    row the bits of its tile computed alone, else tile by tile (one fixed shape). The reward head is a GEMM over fixed-size tiles of read rows too.
 2. Elementwise kernels run a vector loop and finish each thread's chunk with a scalar (or masked) tail, and
    transcendental functions (exp, silu, rsqrt, erf) may round differently there: a value's bits would depend on
-   where its chunk ends, i.e. on the total size. Rule: `aligned_rows` pads every stacked tensor so that each
-   thread's chunk is a whole number of vector blocks (no tail), for this process's thread count.
+   where its chunk ends, i.e. on the total size. Rule: `tile_layout` pads a pass's rows so that each thread's
+   chunk of every row-stacked tensor is a whole number of vector blocks (no tail), for this process's thread
+   count; a step over one value per row (RMSNorm's rsqrt) runs on a copy padded by `aligned_count`.
 3. Attention kernels block queries and keys by sequence length, so the prefix of a shared-prefix group computed
    alone differs from the same rows computed inside the whole input. Rule: queries are attended in tiles of
-   `TILE` absolute positions, each against a key buffer whose length depends only on the tile's position (and
-   for an encoder its sequence's length), keys placed by absolute position and masked where unseen: every query
-   row meets the same SDPA call shape, hence the same kernel and the same numbers, shared prefix or not.
+   `TILE` absolute positions, each against a key buffer whose length depends only on the tile's position (an
+   encoder's whole sequence is one item, its shape a function of its own length), keys placed by absolute
+   position and masked where unseen: every query row meets the same SDPA call shape, hence the same kernel and
+   the same numbers, shared prefix or not.
 4. Reductions over a row (norms) see a row of fixed length in a call of fixed-size tiles.
 
 What this gives is checked, not assumed: the backend's start-up self-check scores probe inputs alone, packed and
