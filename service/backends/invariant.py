@@ -70,8 +70,8 @@ def aligned_count(count: int, per_item: int | Sequence[int], threads: int | None
 # ---- the layout of one pass ----------------------------------------------------------------------------------
 @dataclass
 class AttentionGroup:
-    """The query tiles of one pass whose key buffers have the same length L (one SDPA call), with every index
-    and mask the attention needs precomputed once per pass (the same for every layer, and no device syncs)."""
+    """The attention items of one pass with one shape (Q queries, L keys: one SDPA call), with every index and
+    mask the attention needs precomputed once per pass (the same for every layer, and no device syncs)."""
 
     q_index: torch.Tensor  # (n*Q,) the row of each query slot (empty slots read row 0; their results are dropped)
     kv_index: torch.Tensor  # (n*L,) the row of each key slot, in absolute position order (empty slots: row 0)
@@ -152,7 +152,6 @@ def _work(layout: Any, seg_dest: list[torch.Tensor], causal: bool) -> Work:
         path_pos.append(torch.as_tensor(layout.positions[seg.start:seg.end]))
         k_rows, k_pos = torch.cat(path), torch.cat(path_pos)  # absolute positions 0 .. end-1, in order
         own, own_pos = seg_dest[i], path_pos[-1]
-        first = int(own_pos[0])
         if not causal:  # an encoder's queries all see the same keys: one item holds the whole sequence
             length = -(-len(own) // ROW_TILE) * ROW_TILE  # a function of its own length only
             slots = torch.full((length,), -1, dtype=torch.long)
@@ -162,6 +161,7 @@ def _work(layout: Any, seg_dest: list[torch.Tensor], causal: bool) -> Work:
             kv_rows.append(k_rows)
             kv_pos.append(k_pos)
             continue
+        first = int(own_pos[0])
         base = first - first % TILE
         for t0 in range(base, int(own_pos[-1]) + 1, TILE):
             slots = torch.full((TILE,), -1, dtype=torch.long)
@@ -172,10 +172,10 @@ def _work(layout: Any, seg_dest: list[torch.Tensor], causal: bool) -> Work:
             keep = k_pos < t0 + TILE  # a decoder's query sees keys up to itself
             kv_rows.append(k_rows[keep])
             kv_pos.append(k_pos[keep])
-    by_shape: dict[tuple[int, int], list[int]] = {}
+    by_shape: dict[tuple[int, int], list[int]] = {}  # (Q, L): a decoder's keys in whole tiles; an encoder's Q
     for w, r in enumerate(kv_rows):
-        by_shape.setdefault((len(q_rows[w]), -(-len(r) // len(q_rows[w])) * len(q_rows[w]) if causal
-                             else len(q_rows[w])), []).append(w)
+        queries = len(q_rows[w])
+        by_shape.setdefault((queries, -(-len(r) // TILE) * TILE if causal else queries), []).append(w)
     groups = []
     for (queries, length), items in sorted(by_shape.items()):
         kr = torch.full((len(items), length), -1, dtype=torch.long)
@@ -268,7 +268,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     alignment of its own (which would round every pass up to 64 rows)."""
     mean_square = x.pow(2).mean(-1)  # (R,): one reduction per row, of a fixed length
     rows = mean_square.shape[0]
-    padded = F.pad(mean_square, (0, aligned_count(rows, 1) - rows), value=1.0)
+    padded = F.pad(mean_square, (0, aligned_count(rows, 1, step=VECTOR_BLOCK) - rows), value=1.0)
     normed = x * torch.rsqrt(padded + eps)[:rows, None]
     normed *= weight
     return normed
