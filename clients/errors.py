@@ -59,8 +59,9 @@ class OverloadedError(RewardClientError):
 
 
 class UnavailableError(RewardClientError):
-    """No answer (connection refused or reset), server draining (HTTP 503, UNAVAILABLE) or a gateway error
-    (502, a proxy's 504). Fails over to the next endpoint, then backs off."""
+    """No answer (connection refused or reset), server draining (HTTP 503, UNAVAILABLE), a call the server cut
+    off (CANCELLED while it shuts down) or a gateway error (502, a proxy's 504). Fails over to the next endpoint,
+    then backs off."""
 
     retry = FAILOVER
 
@@ -86,6 +87,9 @@ GRPC_ERRORS: dict[str, type[RewardClientError]] = {
     "FAILED_PRECONDITION": InvalidInputError, "NOT_FOUND": NotFoundError,
     "UNAUTHENTICATED": AuthenticationError, "PERMISSION_DENIED": AuthenticationError,
     "RESOURCE_EXHAUSTED": OverloadedError, "UNAVAILABLE": UnavailableError,
+    # a call the caller cancels ends in asyncio.CancelledError / grpc.FutureCancelledError, never in a status:
+    # a CANCELLED status means the server (shutting down) or the transport cut the call before it was answered
+    "CANCELLED": UnavailableError,
     "DEADLINE_EXCEEDED": DeadlineExceededError,
 }
 

@@ -176,6 +176,7 @@ def test_http_error_table(status, payload, cls):
     ("RESOURCE_EXHAUSTED", "queue is full", OverloadedError),
     ("RESOURCE_EXHAUSTED", "Received message larger than max (9 vs. 4)", PayloadTooLargeError),
     ("UNAVAILABLE", "draining", UnavailableError), ("DEADLINE_EXCEEDED", "", DeadlineExceededError),
+    ("CANCELLED", "", UnavailableError),  # cut off by a server that shuts down: another endpoint may answer
     ("INTERNAL", "NaN", ServerError), ("UNAUTHENTICATED", "key", AuthenticationError),
 ])
 def test_grpc_error_table(code, details, cls):
