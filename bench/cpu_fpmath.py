@@ -1,12 +1,15 @@
 """Does this CPU give bf16 speed with fp32 inputs and outputs? oneDNN's "fpmath mode" (torch:
 `torch.backends.mkldnn.matmul.fp32_precision = "bf16"`) lets an fp32 matmul compute in bf16 with fp32 accumulation
-and an fp32 result: the rounding of every GEMM's output to bf16 (half of a bf16 forward's error) would go.
+and an fp32 result: the rounding of every GEMM's output to bf16 (half of a bf16 forward's error) would go. And what
+do our split-int8 GEMMs (`--dtype int8x3` / `int8x5`: exact int32 sums of int8 slices) give here?
 
 Measured side by side on this machine's CPU, at --threads threads:
-  gemm     F.linear (--rows x 576 @ 576 x 1536): GFLOP/s, max |error| vs fp64, and whether a row gets the same bits
-           alone (1 row), among 16 and among --rows rows, for fp32 (ieee), fp32 with the bf16 fpmath mode, and bf16.
+  gemm     one linear (--rows x 576 @ 576 x 1536): GFLOP/s (useful fp32-equivalent FLOPs), max |error| vs fp64, and
+           whether a row gets the same bits alone (1 row), among 16 and among --rows rows, for fp32 (ieee), fp32
+           with the bf16 fpmath mode, bf16, int8x3 and int8x5 (service.backends.invariant.Int8Linear; int8 modes
+           only where the int8 GEMM is exact).
   forward  our batch-invariant forward over a SmolLM2-135M-shaped Llama with seeded random weights (no hub needed)
-           in the same three modes: tokens/s, max |reward - fp32 reward|, and alone-vs-packed mismatches.
+           in the same modes: tokens/s, max |reward - fp32 reward|, and alone-vs-packed mismatches.
 Prints the machine first and one JSON object last.
 
     python bench/cpu_fpmath.py [--threads 2] [--inputs 16] [--max-len 256]
@@ -28,12 +31,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-MODES = ("fp32", "fp32+bf16-fpmath", "bf16")
+MODES = ("fp32", "fp32+bf16-fpmath", "bf16", "int8x3", "int8x5")
+
+
+def modes() -> list[str]:
+    from service.backends.invariant import int8_gemm_exact
+
+    return [m for m in MODES if not m.startswith("int8") or int8_gemm_exact("cpu")]
 
 
 def set_mode(mode: str) -> torch.dtype:
     torch.backends.mkldnn.matmul.fp32_precision = "bf16" if mode == "fp32+bf16-fpmath" else "ieee"
-    return torch.bfloat16 if mode == "bf16" else torch.float32
+    return torch.bfloat16 if mode == "bf16" else torch.float32  # int8 modes: fp32 activations
 
 
 def gemm(mode: str, rows: int, seconds: float) -> dict[str, Any]:
@@ -41,14 +50,23 @@ def gemm(mode: str, rows: int, seconds: float) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, 576, generator=gen), torch.randn(1536, 576, generator=gen) / 24
     ref = x.double() @ w.double().T
-    xd, wd = x.to(dtype), w.to(dtype)
-    y = F.linear(xd, wd)
+    xd = x.to(dtype)
+    if mode.startswith("int8"):
+        from service.backends.invariant import INT8_PRODUCTS, Int8Linear
+
+        linear: Any = Int8Linear(w, None, INT8_PRODUCTS[mode])
+    else:
+        wd = w.to(dtype)
+
+        def linear(t: torch.Tensor) -> torch.Tensor:
+            return F.linear(t, wd)
+    y = linear(xd)
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
-        F.linear(xd, wd)
+        linear(xd)
         best = min(best, time.perf_counter() - t0)
-    one, sixteen = F.linear(xd[:1], wd), F.linear(xd[:16], wd)[:1]
+    one, sixteen = linear(xd[:1]), linear(xd[:16])[:1]
     return {"gflop_s": round(2 * rows * 576 * 1536 / best / 1e9, 1), "out_dtype": str(y.dtype).removeprefix("torch."),
             "max_abs_error": float((y.double() - ref).abs().max()),
             "row_same_1_16": bool(torch.equal(one, sixteen)), "row_same_16_all": bool(torch.equal(sixteen, y[:1]))}
@@ -59,7 +77,7 @@ def forward(mode: str, seqs: Sequence[Sequence[int]], reference: list[float] | N
 
     compute = set_mode(mode)
     model = build_model("llama", "base", "cpu")
-    ours = Ours(model, compute, max(map(len, seqs)), "cpu")
+    ours = Ours(model, compute, max(map(len, seqs)), "cpu", mode if mode.startswith("int8") else "native")
     alone = [ours.rewards([s])[0] for s in seqs]
     packed = ours.rewards(list(seqs))
     ours.rewards(list(seqs))
@@ -91,14 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {json.dumps(info)}", flush=True)
     result: dict[str, Any] = {"bench": "cpu_fpmath", "threads": args.threads, "machine": info, "gemm": {},
                               "forward": {}}
-    for mode in MODES:
+    for mode in modes():
         result["gemm"][mode] = gemm(mode, args.rows, args.seconds)
         print(f"gemm {mode:18s} {json.dumps(result['gemm'][mode])}", flush=True)
     if not args.no_forward:
         rng = random.Random(0)
         seqs = [[rng.randrange(3, 49152) for _ in range(rng.randint(16, args.max_len))] for _ in range(args.inputs)]
         reference = None
-        for mode in MODES:
+        for mode in modes():
             result["forward"][mode], rewards = forward(mode, seqs, reference)
             reference = reference or rewards
             print(f"forward {mode:15s} {json.dumps(result['forward'][mode])}", flush=True)

@@ -8,7 +8,8 @@ classifier. Inputs are seeded random token ids of 16..--max-len tokens. For each
   invariance   every input scored alone, packed with others (random batches, shuffled), and for the decoder as
                GRPO-style groups (G answers under one prompt, the prompt computed once): mismatches must be 0
                (`==`, bits). The same for transformers' own padded forward, where drift is expected (reported).
-  precision    max / mean |bf16 - fp32| of the rewards, for our forward and transformers'.
+  precision    max / mean |bf16 - fp32| of the rewards, for our forward and transformers'; our forward also in
+               int8x3 and int8x5 (split-int8 GEMMs with exact int32 sums) where the device's int8 GEMM is exact.
   speed        tokens/s of our invariant forward (packed batches up to --batch-tokens) beside transformers'
                padded forward on the same inputs (length-sorted batches of --padded-batch), both on the device.
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.batching import packed_batches  # noqa: E402
+from service.backends.invariant import INT8_PRODUCTS, int8_gemm_exact  # noqa: E402
 from service.backends.invariant_models import build_forward  # noqa: E402
 from service.backends.precision import machine  # noqa: E402
 from service.grouping import Group, PlannedBatch, prefix_tree_layout  # noqa: E402
@@ -99,8 +101,8 @@ def sync(device: str) -> None:
 class Ours:
     """Our batch-invariant forward (service/backends/invariant*.py), called as the server's backend calls it."""
 
-    def __init__(self, model: Any, dtype: torch.dtype, max_len: int, device: str):
-        self.fwd = build_forward(model, dtype, max_len)
+    def __init__(self, model: Any, dtype: torch.dtype, max_len: int, device: str, gemm: str = "native"):
+        self.fwd = build_forward(model, dtype, max_len, gemm)
         if self.fwd is None:
             raise RuntimeError(f"no invariant forward for {type(model).__name__}")
         self.decoder = self.fwd.causal
@@ -258,9 +260,11 @@ def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict
                    for i in range(0, len(seqs), args.padded_batch)]
     result: dict[str, Any] = {"inputs": len(seqs), "tokens": tokens}
     rewards: dict[str, list[float]] = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).removeprefix("torch.")
-        ours = Ours(model, dtype, max_len, args.device)
+    precisions = [("float32", torch.float32, "native"), ("bfloat16", torch.bfloat16, "native")]
+    if int8_gemm_exact(args.device):  # exact int32 sums of int8 slices, fp32 activations (--dtype int8x3/int8x5)
+        precisions += [(gemm, torch.float32, gemm) for gemm in INT8_PRODUCTS]
+    for name, dtype, gemm in precisions:
+        ours = Ours(model, dtype, max_len, args.device, gemm)
         alone = [ours.rewards([s])[0] for s in seqs]
         entry: dict[str, Any] = {
             "one_call_gemms": sorted({lin.one_call for layer in ours.fwd.layers for lin in vars(layer).values()
@@ -306,7 +310,9 @@ def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict
     result["speed"] = {
         "ours_bf16_vs_transformers_bf16_padded": round(ours_bf16 / result["transformers/bfloat16"]["tokens_per_s"], 3),
         "ours_bf16_vs_ours_fp32": round(ours_bf16 / result["ours/float32"]["tokens_per_s"], 3),
-    }
+    } | {f"ours_{gemm}_vs_ours_fp32": round(result[f"ours/{gemm}"]["tokens_per_s"]
+                                            / result["ours/float32"]["tokens_per_s"], 3)
+         for gemm in INT8_PRODUCTS if f"ours/{gemm}" in result}
     report(f"{kind} speed", result["speed"])
     return result
 

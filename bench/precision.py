@@ -8,10 +8,13 @@ at most --batch-tokens tokens (length-sorted, as the batcher fills them):
   invariant/float32      our batch-invariant forward, fp32
   transformers/bfloat16  transformers' forward in bf16 (bf16 everywhere, as HF loads it)
   invariant/bfloat16     our batch-invariant forward: bf16 matmuls, fp32 residual stream, norms, softmax and head
+  invariant/int8x3       our batch-invariant forward, every matmul as three exact int8 products over split operands
+  invariant/int8x5       the same with five products (a third input slice): near-fp32
 
 For each: tokens/s (the scoring passes only; tokenizing is not timed), max and mean |reward - reference reward|
 over all 2 x pairs rewards, and pairwise accuracy (chosen > rejected) beside the reference's. The issue's budget
-for bf16: max |diff| <= 5e-3 and accuracy within +-0.5 point of fp32; the JSON says whether each path meets it.
+for a fast precision: max |diff| <= 5e-3 and accuracy within +-0.5 point of fp32; the JSON says whether each path
+meets it.
 Prints the machine (CPU, ISA) first and one JSON object last.
 
     python bench/precision.py [--model default] [--pairs 400] [--batch-tokens 4096] [--paths all]
@@ -35,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.batching import packed_batches  # noqa: E402
 
-PATHS = ("transformers/float32", "invariant/float32", "transformers/bfloat16", "invariant/bfloat16")
+PATHS = ("transformers/float32", "invariant/float32", "transformers/bfloat16", "invariant/bfloat16", "invariant/int8x3",
+         "invariant/int8x5")
 BUDGET_MAX_ABS = 5e-3
 BUDGET_ACCURACY_POINTS = 0.5
 

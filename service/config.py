@@ -102,10 +102,13 @@ class ServeConfig(BaseModel):
     directory)."""
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8x3", "int8x5"] = "auto"
     """Compute dtype of the matmuls. `auto`: bfloat16 where the hardware runs it natively (CUDA; CPUs with AMX or
     AVX-512-BF16), float32 elsewhere. With the invariant forward the residual stream, norms, softmax and reward head
-    stay float32 in either."""
+    stay float32 in either. `int8x5` / `int8x3` (invariant forward only): every matmul from int8 slices of its
+    operands (inputs split in three or two, weights in two) with exact integer sums, all else float32; on the
+    default model over 400 dev pairs rewards within 1e-3 (int8x5) or 7e-3 (int8x3) of float32, where bfloat16 is
+    within 0.063 (docs/benchmarks.md); refused where the machine's int8 GEMM is not exact."""
     forward: Literal["auto", "invariant", "transformers"] = "auto"
     """`invariant`: our batch-invariant forward (an input's reward is bit-identical whatever shares its pass;
     Llama-family decoders and BERT encoders); `transformers`: the model's own forward (packed on CPU), within float

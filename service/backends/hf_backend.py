@@ -4,7 +4,8 @@ transformers' own forward (packed on CPU, padded on CUDA; then within float nois
 
 Precision: `--dtype auto` computes in bf16 where the hardware runs it natively (CUDA; CPUs with AMX or
 AVX-512-BF16) and in fp32 elsewhere. In bf16 the invariant forward keeps the residual stream, norms, softmax and
-the reward head in fp32 (service/backends/invariant_models.py)."""
+the reward head in fp32 (service/backends/invariant_models.py). `--dtype int8x3` / `int8x5` (invariant forward only)
+compute every matmul from split int8 operands with exact integer sums: near-fp32 rewards at int8 GEMM speed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from service.backends import packing
 from rewardmodel.modeling import load_backbone, load_tokenizer, log_untrained, resolve_model, reward_forward
 from rewardmodel.rendering import model_max_length
+from service.backends.invariant import INT8_PRODUCTS, int8_gemm_exact
 from service.backends.invariant_models import build_forward
 from service.backends.precision import auto_dtype
 from service.grouping import BatchResult, PlannedBatch, prefix_tree_layout, read_rows
@@ -43,10 +45,13 @@ def pick_device(requested: str) -> str:
 
 
 def pick_dtype(requested: str, device: str) -> Any:
+    """The activations' dtype (`int8x3` computes its matmuls from fp32 activations)."""
     import torch
 
     if requested == "auto":
         return auto_dtype(device)
+    if requested in INT8_PRODUCTS:
+        return torch.float32
     return getattr(torch, DTYPES[requested])
 
 
@@ -59,10 +64,18 @@ class HFBackend:
         log_untrained(self.source)
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
+        self.gemm = config.dtype if config.dtype in INT8_PRODUCTS else "native"
         self.tokenizer = load_tokenizer(self.source)
         self.invariant = None
         # padded batches (--packing off) are the transformers forward's; the invariant forward is always packed
         forward = "transformers" if config.packing == "off" and config.forward == "auto" else config.forward
+        if self.gemm != "native":
+            if forward == "transformers":
+                raise ValueError(f"--dtype {self.gemm} is a precision of the invariant forward: use --forward auto "
+                                 "or invariant (and packing on)")
+            if not int8_gemm_exact(self.device):
+                raise ValueError(f"--dtype {self.gemm} needs exact int8 GEMMs and {self.device}'s are not (an int8 "
+                                 "product sum saturated or the GEMM is missing): use float32 or bfloat16")
         if forward == "invariant" and config.packing == "off":
             raise ValueError("the invariant forward packs its batches: --packing off needs --forward transformers")
         weights_dtype = torch.float32 if forward != "transformers" else self.dtype
@@ -72,10 +85,11 @@ class HFBackend:
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self.head = packing.head_kind(self.model)
         if forward != "transformers":
-            self.invariant = build_forward(self.model, self.dtype, self.max_length)
-            if self.invariant is None and forward == "invariant":
+            self.invariant = build_forward(self.model, self.dtype, self.max_length, self.gemm)
+            if self.invariant is None and (forward == "invariant" or self.gemm != "native"):
                 raise ValueError(f"the invariant forward does not support {type(self.model).__name__}; "
-                                 "use --forward transformers")
+                                 "use --forward transformers" + (" with another --dtype" if self.gemm != "native"
+                                                                 else ""))
             if self.invariant is None and self.dtype != torch.float32:
                 self.model = self.model.to(self.dtype)
         self.packed = True if self.invariant is not None else self._want_packing(config.packing)
@@ -86,7 +100,7 @@ class HFBackend:
         self.invariance_checked: bool | None = None  # set by warmup's self-check
         log.info(
             "loaded %s (%s) on %s, compute %s, forward %s, max_length=%d, threads=%d, packing=%s",
-            self.source.path, type(self.model).__name__, self.device, self.dtype,
+            self.source.path, type(self.model).__name__, self.device, self.describe_dtype(),
             "invariant" if self.invariant is not None else "transformers", self.max_length,
             torch.get_num_threads(), self.packed,
         )
@@ -100,12 +114,15 @@ class HFBackend:
             return False
         return mode == "on" or not self.device.startswith("cuda")
 
+    def describe_dtype(self) -> str:
+        return self.gemm if self.gemm != "native" else str(self.dtype).removeprefix("torch.")
+
     def describe(self) -> dict[str, Any]:
         """What /v1/models, the startup log and the model-info metric say about how this model computes."""
         from service.backends.precision import machine
 
         return {
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": self.describe_dtype(),
             "device": self.device,
             "forward": "invariant" if self.invariant is not None else "transformers",
             "batch_invariant": self.invariance_checked,

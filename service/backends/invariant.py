@@ -226,6 +226,108 @@ class RowLinear:
         return torch.cat([F.linear(t, self.weight, self.bias) for t in x.split(size)])
 
 
+# ---- int8x3 / int8x5: near-fp32 GEMMs from exact integer products ---------------------------------------------
+LO = 254.0
+"""Each slice's weight below the one before: a value's remainder after a slice (at most half a step) times this is
+at most 127, so every slice fills int8's symmetric range."""
+
+
+def split_int8(x: torch.Tensor, slices: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (R, K) as int8 slices with one fp32 scale per row: x ~= scale * (s0 + s1 / LO + s2 / LO^2 ...),
+    two slices leaving at most max|row| / 64,516 per element (about 16 bits of the row's largest value, where bf16
+    keeps 8 bits of each element), three about 24 bits. Returns ([s0 | s1 | ...] as (R, slices*K) int8, scale
+    (R, 1)). Every step is an exactly rounded element-wise operation (abs-max, divide, round half to even,
+    subtract, multiply), so a row's slices depend on that row alone, in a vector loop or its tail; an all-zero row
+    (attention's empty rows) gets scale 1."""
+    peak = x.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+    y = x / scale
+    k = x.shape[1]
+    out = torch.empty((x.shape[0], slices * k), dtype=torch.int8, device=x.device)
+    for i in range(slices):
+        part = torch.round(y)
+        out[:, i * k:(i + 1) * k] = part
+        if i + 1 < slices:
+            y -= part
+            y *= LO
+    return out, scale
+
+
+INT8_PRODUCTS = {"int8x3": 3, "int8x5": 5}
+
+
+class Int8Linear:
+    """A linear layer from int8 GEMMs with exact int32 sums, scaled back in fp32. Weights are split into two int8
+    slices (w0, w1) per output row, inputs into two (x0, x1) or three (x0, x1, x2) per row; with u = 1/LO:
+
+        int8x3:  x W^T ~= sx sw (x0.w0 + u (x0.w1 + x1.w0))                       3 products, 2 GEMM calls
+        int8x5:  x W^T ~= sx sw (x0.w0 + u (x0.w1 + x1.w0) + u^2 (x1.w1 + x2.w0))  5 products, 3 GEMM calls
+
+    (the terms of one order share a call: [x0|x1].[w1|w0] and [x1|x2].[w1|w0], one weight matrix for both). Integer
+    sums are exact in any order, so a row's result never depends on the call's size or kernel: no tiles, no probe.
+    int8x3 drops the u^2 terms, as large as what two input slices leave; int8x5 keeps them and is left with the
+    weights' two-slice rounding (bench/precision.py measures both on a model). Needs the machine's int8 GEMM to be
+    exact (`int8_gemm_exact`: oneDNN on CPUs without VNNI can saturate 16-bit pair sums)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, products: int = 3):
+        if products not in (3, 5):
+            raise ValueError(f"products must be 3 or 5, not {products}")
+        w = weight.detach().float()
+        n, k = w.shape
+        if w.is_cuda and (k % 8 or n % 8):
+            raise ValueError(f"int8 GEMMs on CUDA need sizes that are multiples of 8 (got {n} x {k})")
+        slices, scale = split_int8(w)
+        self.products = products
+        self.w0 = slices[:, :k].t()  # (K, N): column-major, the layout the int8 GEMM takes
+        self.cross = torch.cat([slices[:, k:], slices[:, :k]], dim=1).t()  # (2K, N): [w1 | w0]
+        self.scale = scale.reshape(1, n)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.weight = weight  # for tools that read a layer's weight (bench/precision_sources.py)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (R, K) -> (R, N) fp32
+        rows = x.shape[0]
+        minimum = 32 if x.is_cuda else 0  # cuBLAS's int8 GEMM takes more than 16 rows
+        if rows < minimum:
+            x = F.pad(x, (0, 0, 0, minimum - rows))
+        k = x.shape[1]
+        xs, scale = split_int8(x.float(), 3 if self.products == 5 else 2)
+        out = torch.div(torch._int_mm(xs[:, k:3 * k], self.cross), LO) if self.products == 5 else None
+        first = torch._int_mm(xs[:, :2 * k], self.cross)
+        if out is None:
+            out = torch.div(first, LO)  # fp32
+        else:
+            out += first
+            out /= LO
+        out += torch._int_mm(xs[:, :k], self.w0)
+        out *= scale
+        out *= self.scale
+        if self.bias is not None:
+            out += self.bias
+        return out[:rows] if rows < minimum else out
+
+
+_INT8_EXACT: dict[str, bool] = {}
+
+
+def int8_gemm_exact(device: str = "cpu") -> bool:
+    """Whether torch._int_mm on this device gives exact int32 sums, saturated inputs included (every pair of
+    127 x 127 products is where a 16-bit intermediate would clip), checked against float64 sums (exact here)."""
+    if device not in _INT8_EXACT:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randint(-127, 128, (64, 512), generator=gen, dtype=torch.int8)
+        b = torch.randint(-127, 128, (512, 64), generator=gen, dtype=torch.int8)
+        a[:8] = 127
+        a[8:16] = -127
+        b[:, :8] = 127
+        b[:, 8:16] = -127
+        try:
+            got = torch._int_mm(a.to(device), b.t().contiguous().t().to(device)).cpu().double()
+            _INT8_EXACT[device] = bool(torch.equal(got, a.double() @ b.double()))
+        except (RuntimeError, NotImplementedError):  # no int8 GEMM here
+            _INT8_EXACT[device] = False
+    return _INT8_EXACT[device]
+
+
 def _probe_one_call(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether a call over any number of tiles (up to CALL_TILES) gives every row, wherever it sits, the bits of a
     call over its tile alone."""

@@ -8,7 +8,9 @@ loaded transformers model with the rules of service/backends/invariant.py:
 
 Precision (`compute`): fp32, or mixed bf16: the matmul weights and inputs in bf16 (fp32 accumulation inside the
 kernels), while the residual stream, norms, rotary positions, attention softmax, activations and the reward head
-stay fp32 (the head reads the fp32 final hidden state, so the reward itself is never rounded to bf16).
+stay fp32 (the head reads the fp32 final hidden state, so the reward itself is never rounded to bf16). With
+`gemm="int8x3"` or `"int8x5"` every matmul is three or five exact int8 products over split operands
+(`Int8Linear`) and all else is fp32.
 `build_forward` returns None for a model it does not know (the backend then uses its packed or padded path).
 """
 
@@ -21,7 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from service.backends.invariant import (
-    ACTIVATIONS, TILE, RowLinear, TileLayout, attention, layer_norm, read_head, rms_norm, tile_layout,
+    ACTIVATIONS, INT8_PRODUCTS, TILE, Int8Linear, RowLinear, TileLayout, attention, layer_norm, read_head, rms_norm,
+    tile_layout,
 )
 
 log = logging.getLogger("rewardserve.invariant")
@@ -35,7 +38,11 @@ def _rope_type(config: Any) -> str | None:
     return params.get("rope_type") or params.get("type") if isinstance(params, dict) else None
 
 
-def build_forward(model: Any, compute: torch.dtype, max_length: int) -> "DecoderForward | EncoderForward | None":
+GEMMS = ("native", "int8x3", "int8x5")
+
+
+def build_forward(model: Any, compute: torch.dtype, max_length: int,
+                  gemm: str = "native") -> "DecoderForward | EncoderForward | None":
     config = model.config
     kind = config.model_type
     if kind in DECODERS and hasattr(model, "score"):
@@ -48,11 +55,11 @@ def build_forward(model: Any, compute: torch.dtype, max_length: int) -> "Decoder
             return None
         if getattr(config, "hidden_act", "silu") not in ACTIVATIONS:
             return None
-        return DecoderForward(model, compute, max_length)
+        return DecoderForward(model, compute, max_length, gemm)
     if kind == "bert" and hasattr(model, "classifier"):
         if getattr(config, "hidden_act", "gelu") not in ACTIVATIONS:
             return None
-        return EncoderForward(model, compute)
+        return EncoderForward(model, compute, gemm)
     return None
 
 
@@ -60,25 +67,35 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
 
 
+Linear = RowLinear | Int8Linear
+
+
+def _linear(module: Any, compute: torch.dtype, gemm: str) -> Linear:
+    if gemm in INT8_PRODUCTS:
+        return Int8Linear(module.weight, module.bias, INT8_PRODUCTS[gemm])
+    return RowLinear(module.weight, module.bias, compute)
+
+
 @dataclass
 class _DecoderLayer:
     ln1: torch.Tensor
-    q: RowLinear
-    k: RowLinear
-    v: RowLinear
-    o: RowLinear
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
     ln2: torch.Tensor
-    gate: RowLinear
-    up: RowLinear
-    down: RowLinear
+    gate: Linear
+    up: Linear
+    down: Linear
 
 
 class DecoderForward:
     causal = True
 
-    def __init__(self, model: Any, compute: torch.dtype, max_length: int):
+    def __init__(self, model: Any, compute: torch.dtype, max_length: int, gemm: str = "native"):
         config, base = model.config, model.model
         self.compute = compute
+        self.gemm = gemm
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -90,8 +107,8 @@ class DecoderForward:
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
 
-            def lin(m: Any) -> RowLinear:
-                return RowLinear(m.weight, m.bias, compute)
+            def lin(m: Any) -> Linear:
+                return _linear(m, compute, gemm)
 
             self.layers.append(_DecoderLayer(
                 _fp32(layer.input_layernorm.weight), lin(attn.q_proj), lin(attn.k_proj), lin(attn.v_proj),
@@ -150,22 +167,23 @@ class DecoderForward:
 
 @dataclass
 class _EncoderLayer:
-    q: RowLinear
-    k: RowLinear
-    v: RowLinear
-    o: RowLinear
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
     ln1: tuple[torch.Tensor, torch.Tensor]
-    inter: RowLinear
-    out: RowLinear
+    inter: Linear
+    out: Linear
     ln2: tuple[torch.Tensor, torch.Tensor]
 
 
 class EncoderForward:
     causal = False
 
-    def __init__(self, model: Any, compute: torch.dtype):
+    def __init__(self, model: Any, compute: torch.dtype, gemm: str = "native"):
         config, base = model.config, model.bert
         self.compute = compute
+        self.gemm = gemm
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5
@@ -180,8 +198,8 @@ class EncoderForward:
         for layer in base.encoder.layer:
             att = layer.attention
 
-            def lin(m: Any) -> RowLinear:
-                return RowLinear(m.weight, m.bias, compute)
+            def lin(m: Any) -> Linear:
+                return _linear(m, compute, gemm)
 
             self.layers.append(_EncoderLayer(
                 lin(att.self.query), lin(att.self.key), lin(att.self.value), lin(att.output.dense),

@@ -43,6 +43,8 @@ class VLLMBackend:
                 f"the vllm backend serves reward-model checkpoints (a directory with config.json and a trained "
                 f"one-label head); {config.model!r} is not one: use --backend hf, or pass --model DIR"
             )
+        if config.dtype.startswith("int8"):
+            raise ValueError(f"--dtype {config.dtype} is a precision of the hf backend's invariant forward, not vLLM's")
         try:
             from vllm import LLM, PoolingParams
             from vllm.platforms import current_platform

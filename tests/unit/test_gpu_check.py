@@ -1,5 +1,6 @@
 """bench/gpu_check.py runs its CUDA checks' code on the CPU too (tiny models): the invariance checks find no
-mismatch, transformers' padded forward is measured beside ours, and the last line is one JSON object."""
+mismatch (int8x3 / int8x5 included where int8 GEMMs are exact), transformers' padded forward is measured beside
+ours, and the last line is one JSON object."""
 
 from __future__ import annotations
 
@@ -36,3 +37,10 @@ def test_gpu_check_on_cpu(tmp_path):
     assert (x3["available"] and x3["max_abs_err"] < probe["bf16"]["max_abs_err"] / 10) or (
         not x3["available"] and "dtype" in x3["why"]), x3
     assert "grouped" not in result["bert"]["ours/float32"]  # encoders attend both ways: never grouped
+    if "ours/int8x5" in llama:  # where the int8 GEMM is exact: invariant and nearer fp32 than bf16
+        precision = llama["precision_vs_transformers_fp32"]
+        for gemm in ("int8x3", "int8x5"):
+            assert llama[f"ours/{gemm}"]["packed_random"]["mismatches"] == 0
+            assert llama[f"ours/{gemm}"]["grouped"]["mismatches"] == 0
+            assert precision[f"ours/{gemm}"]["max_abs"] < precision["ours/bfloat16"]["max_abs"]
+        assert llama["speed"]["ours_int8x5_vs_ours_fp32"] > 0

@@ -1,6 +1,6 @@
 """Batch invariance, as a property: an input's reward is bit-identical (`==`, not a tolerance) whatever else shares
-its forward pass: alone, packed with random others in random order, in shared-prefix trees of any nesting, in fp32
-and in bf16, for a decoder and an encoder reward model."""
+its forward pass: alone, packed with random others in random order, in shared-prefix trees of any nesting, in fp32,
+bf16, int8x3 and int8x5, for a decoder and an encoder reward model."""
 
 from __future__ import annotations
 
@@ -10,16 +10,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.backends.hf_backend import HFBackend
+from service.backends.invariant import int8_gemm_exact
 from service.grouping import Group, PlannedBatch
 from tests.helpers import test_config
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module", params=[("llama", "float32"), ("llama", "bfloat16"), ("bert", "float32"),
-                                        ("bert", "bfloat16")], ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[(kind, dtype) for kind in ("llama", "bert")
+                                        for dtype in ("float32", "bfloat16", "int8x3", "int8x5")],
+                ids=lambda p: "-".join(p))
 def backend(request, tiny_llama_dir, tiny_bert_dir):
     kind, dtype = request.param
+    if dtype.startswith("int8") and not int8_gemm_exact("cpu"):
+        pytest.skip("this machine's int8 GEMM is not exact: int8x3/int8x5 are refused here (test_int8_gemms.py)")
     model_dir = tiny_llama_dir if kind == "llama" else tiny_bert_dir
     backend = HFBackend(test_config(model_dir, dtype=dtype))
     assert backend.invariant is not None
