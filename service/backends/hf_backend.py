@@ -5,7 +5,8 @@ transformers' own forward (packed on CPU, padded on CUDA; then within float nois
 Precision: `--dtype auto` computes in bf16 where the hardware runs it natively (CUDA; CPUs with AMX or
 AVX-512-BF16) and in fp32 elsewhere. In bf16 the invariant forward keeps the residual stream, norms, softmax and
 the reward head in fp32 (service/backends/invariant_models.py). `--dtype int8x3` / `int8x5` (invariant forward only)
-compute every matmul from split int8 operands with exact integer sums: near-fp32 rewards at int8 GEMM speed."""
+compute every matmul from split int8 operands with exact integer sums: rewards near fp32, batch-invariant by
+construction (what they cost: docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def pick_device(requested: str) -> str:
 
 
 def pick_dtype(requested: str, device: str) -> Any:
-    """The activations' dtype (`int8x3` computes its matmuls from fp32 activations)."""
+    """The activations' dtype (`int8x3` / `int8x5` compute their matmuls from fp32 activations)."""
     import torch
 
     if requested == "auto":

@@ -43,6 +43,8 @@ GEMMS = ("native", "int8x3", "int8x5")
 
 def build_forward(model: Any, compute: torch.dtype, max_length: int,
                   gemm: str = "native") -> "DecoderForward | EncoderForward | None":
+    if gemm not in GEMMS:
+        raise ValueError(f"unknown GEMM kind {gemm!r}: one of {', '.join(GEMMS)}")
     config = model.config
     kind = config.model_type
     if kind in DECODERS and hasattr(model, "score"):

@@ -53,7 +53,8 @@ class Generator(Protocol):
 
 def device_and_dtype(config: Any) -> tuple[str, str]:
     """Where the policy runs, as the reward model: `auto` is cuda when there is one. float32 on CPU (bf16 is
-    emulated and slow there); on CUDA the configured dtype, `auto` meaning bfloat16."""
+    emulated and slow there); on CUDA the configured dtype, `auto` meaning bfloat16, and bfloat16 too where the reward
+    model runs an int8 precision (`int8x3` / `int8x5` are the invariant scoring forward's, not a generator's)."""
     import torch
 
     device = str(getattr(config, "device", "auto"))
@@ -62,7 +63,7 @@ def device_and_dtype(config: Any) -> tuple[str, str]:
     if device == "cpu":
         return device, "float32"
     dtype = str(getattr(config, "dtype", "auto"))
-    return device, "bfloat16" if dtype == "auto" else dtype
+    return device, "bfloat16" if dtype == "auto" or dtype.startswith("int8") else dtype
 
 
 def as_messages(prompt: str | None = None, messages: Messages | None = None) -> list[dict[str, str]]:

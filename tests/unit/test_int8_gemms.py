@@ -127,3 +127,22 @@ def test_a_server_in_int8x5_scores_over_http_and_says_so(tiny_llama_dir):
         alone = httpx.post(f"{live.http_url}/v1/score", json={"inputs": [pair]}).json()
         batch = httpx.post(f"{live.http_url}/v1/score", json={"inputs": [other, pair, other]}).json()
         assert alone["scores"][0] == batch["scores"][1]
+
+
+def test_a_best_of_n_policy_beside_an_int8_reward_model_runs_in_a_float_dtype():
+    """--dtype names the reward model's precision; the generator has no int8 forward (bf16 on CUDA, fp32 on CPU)."""
+    from types import SimpleNamespace
+
+    from service.generation.base import device_and_dtype
+
+    assert device_and_dtype(SimpleNamespace(device="cuda", dtype="int8x5")) == ("cuda", "bfloat16")
+    assert device_and_dtype(SimpleNamespace(device="cuda:1", dtype="int8x3")) == ("cuda:1", "bfloat16")
+    assert device_and_dtype(SimpleNamespace(device="cpu", dtype="int8x5")) == ("cpu", "float32")
+    assert device_and_dtype(SimpleNamespace(device="cuda", dtype="float16")) == ("cuda", "float16")
+
+
+def test_an_unknown_gemm_kind_is_refused_before_anything_is_built():
+    from service.backends.invariant_models import build_forward
+
+    with pytest.raises(ValueError, match="unknown GEMM kind 'int4'"):
+        build_forward(None, torch.float32, 64, "int4")
