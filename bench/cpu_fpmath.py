@@ -52,7 +52,8 @@ def gemm(mode: str, rows: int, seconds: float) -> dict[str, Any]:
     ref = x.double() @ w.double().T
     xd = x.to(dtype)
     if mode.startswith("int8"):
-        from service.backends.invariant import INT8_PRODUCTS, Int8Linear
+        from service.backends.invariant import Int8Linear
+        from service.backends.precision import INT8_PRODUCTS
 
         linear: Any = Int8Linear(w, None, INT8_PRODUCTS[mode])
     else:

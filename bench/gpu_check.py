@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.batching import packed_batches  # noqa: E402
-from service.backends.invariant import INT8_PRODUCTS, int8_gemm_exact  # noqa: E402
+from service.backends.invariant import int8_gemm_exact  # noqa: E402
 from service.backends.invariant_models import build_forward  # noqa: E402
-from service.backends.precision import machine  # noqa: E402
+from service.backends.precision import INT8_PRODUCTS, machine  # noqa: E402
 from service.grouping import Group, PlannedBatch, prefix_tree_layout  # noqa: E402
 
 SIZES = {

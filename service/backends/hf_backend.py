@@ -19,9 +19,9 @@ import numpy as np
 from service.backends import packing
 from rewardmodel.modeling import load_backbone, load_tokenizer, log_untrained, resolve_model, reward_forward
 from rewardmodel.rendering import model_max_length
-from service.backends.invariant import INT8_PRODUCTS, int8_gemm_exact
+from service.backends.invariant import int8_gemm_exact
 from service.backends.invariant_models import build_forward
-from service.backends.precision import auto_dtype
+from service.backends.precision import INT8_PRODUCTS, auto_dtype
 from service.grouping import BatchResult, PlannedBatch, prefix_tree_layout, read_rows
 
 log = logging.getLogger("rewardserve.hf")

@@ -33,6 +33,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from service.backends.precision import INT8_PRODUCTS
+
 TILE = 64
 """Queries per attention tile and keys per attention block (aligned at absolute position 0), rows per head tile."""
 ROW_TILE = 16
@@ -253,9 +255,6 @@ def split_int8(x: torch.Tensor, slices: int = 2) -> tuple[torch.Tensor, torch.Te
     return out, scale
 
 
-INT8_PRODUCTS = {"int8x3": 3, "int8x5": 5}
-
-
 class Int8Linear:
     """A linear layer from int8 GEMMs with exact int32 sums, scaled back in fp32. Weights are split into two int8
     slices (w0, w1) per output row, inputs into two (x0, x1) or three (x0, x1, x2) per row; with u = 1/LO:
@@ -270,8 +269,9 @@ class Int8Linear:
     exact (`int8_gemm_exact`: oneDNN on CPUs without VNNI can saturate 16-bit pair sums)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, products: int = 3):
-        if products not in (3, 5):
-            raise ValueError(f"products must be 3 or 5, not {products}")
+        if products not in INT8_PRODUCTS.values():
+            allowed = " or ".join(map(str, sorted(INT8_PRODUCTS.values())))
+            raise ValueError(f"products must be {allowed}, not {products}")
         w = weight.detach().float()
         n, k = w.shape
         if w.is_cuda and (k % 8 or n % 8):
@@ -282,7 +282,6 @@ class Int8Linear:
         self.cross = torch.cat([slices[:, k:], slices[:, :k]], dim=1).t()  # (2K, N): [w1 | w0]
         self.scale = scale.reshape(1, n)
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.weight = weight  # for tools that read a layer's weight (bench/precision_sources.py)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (R, K) -> (R, N) fp32
         rows = x.shape[0]
@@ -291,13 +290,13 @@ class Int8Linear:
             x = F.pad(x, (0, 0, 0, minimum - rows))
         k = x.shape[1]
         xs, scale = split_int8(x.float(), 3 if self.products == 5 else 2)
-        out = torch.div(torch._int_mm(xs[:, k:3 * k], self.cross), LO) if self.products == 5 else None
-        first = torch._int_mm(xs[:, :2 * k], self.cross)
-        if out is None:
-            out = torch.div(first, LO)  # fp32
-        else:
+        first = torch._int_mm(xs[:, :2 * k], self.cross)  # x0.w1 + x1.w0
+        if self.products == 5:
+            out = torch.div(torch._int_mm(xs[:, k:3 * k], self.cross), LO)  # fp32: (x1.w1 + x2.w0) u
             out += first
             out /= LO
+        else:
+            out = torch.div(first, LO)  # fp32
         out += torch._int_mm(xs[:, :k], self.w0)
         out *= scale
         out *= self.scale

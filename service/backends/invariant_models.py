@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import torch
 
 from service.backends.invariant import (
-    ACTIVATIONS, INT8_PRODUCTS, TILE, Int8Linear, RowLinear, TileLayout, attention, layer_norm, read_head, rms_norm,
-    tile_layout,
+    ACTIVATIONS, TILE, Int8Linear, RowLinear, TileLayout, attention, layer_norm, read_head, rms_norm, tile_layout,
 )
+from service.backends.precision import INT8_PRODUCTS
 
 log = logging.getLogger("rewardserve.invariant")
 
@@ -38,7 +38,7 @@ def _rope_type(config: Any) -> str | None:
     return params.get("rope_type") or params.get("type") if isinstance(params, dict) else None
 
 
-GEMMS = ("native", "int8x3", "int8x5")
+GEMMS = ("native", *INT8_PRODUCTS)
 
 
 def build_forward(model: Any, compute: torch.dtype, max_length: int,
@@ -97,7 +97,6 @@ class DecoderForward:
     def __init__(self, model: Any, compute: torch.dtype, max_length: int, gemm: str = "native"):
         config, base = model.config, model.model
         self.compute = compute
-        self.gemm = gemm
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -185,7 +184,6 @@ class EncoderForward:
     def __init__(self, model: Any, compute: torch.dtype, gemm: str = "native"):
         config, base = model.config, model.bert
         self.compute = compute
-        self.gemm = gemm
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
         self.scale = self.head_dim ** -0.5

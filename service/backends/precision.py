@@ -6,6 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 
+INT8_PRODUCTS = {"int8x3": 3, "int8x5": 5}
+"""The int8 precisions of the invariant forward (`--dtype`), by the number of int8 products per matmul
+(service/backends/invariant.py, `Int8Linear`)."""
+
+
 def machine() -> dict[str, Any]:
     """The ISA facts a benchmark or a startup log prints beside its figures."""
     import platform

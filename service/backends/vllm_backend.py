@@ -22,6 +22,7 @@ import numpy as np
 
 from rewardmodel.modeling import load_tokenizer, resolve_model
 from rewardmodel.rendering import model_max_length
+from service.backends.precision import INT8_PRODUCTS
 from service.generation.vllm_settings import engine_kwargs, explain_start_failure
 from service.grouping import BatchResult, PlannedBatch
 
@@ -43,7 +44,7 @@ class VLLMBackend:
                 f"the vllm backend serves reward-model checkpoints (a directory with config.json and a trained "
                 f"one-label head); {config.model!r} is not one: use --backend hf, or pass --model DIR"
             )
-        if config.dtype.startswith("int8"):
+        if config.dtype in INT8_PRODUCTS:
             raise ValueError(f"--dtype {config.dtype} is a precision of the hf backend's invariant forward, not vLLM's")
         try:
             from vllm import LLM, PoolingParams

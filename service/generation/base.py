@@ -62,8 +62,10 @@ def device_and_dtype(config: Any) -> tuple[str, str]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return device, "float32"
+    from service.backends.precision import INT8_PRODUCTS
+
     dtype = str(getattr(config, "dtype", "auto"))
-    return device, "bfloat16" if dtype == "auto" or dtype.startswith("int8") else dtype
+    return device, "bfloat16" if dtype == "auto" or dtype in INT8_PRODUCTS else dtype
 
 
 def as_messages(prompt: str | None = None, messages: Messages | None = None) -> list[dict[str, str]]:
