@@ -65,6 +65,7 @@ class ModelSource:
     num_layers: int | None = None  # an overlay over the first N layers of its base (decoder bases; then the final norm)
     heads: tuple[str, ...] | None = None  # a multi-head overlay's head names, in row order (None: one head)
     prm: Any = None  # a process reward model's rewardmodel.steps.PRMSpec (a token-classification checkpoint)
+    ensemble: Any = None  # a multi-head overlay's declared ensemble (its meta's "ensemble" block; None: the mean)
 
     @property
     def head_count(self) -> int:
@@ -166,7 +167,7 @@ def resolve_overlay(folder: Path) -> ModelSource:
     layers = int(meta["num_hidden_layers"]) if meta.get("num_hidden_layers") else None
     heads = tuple(str(h) for h in meta["heads"]) if meta.get("heads") else None
     return replace(base, name=folder.resolve().name, overlay=folder, untrained_head=False, max_length=cap,
-                   num_layers=layers, heads=heads)
+                   num_layers=layers, heads=heads, ensemble=meta.get("ensemble") if heads else None)
 
 
 def head_only_overlay(folder: Path) -> bool:

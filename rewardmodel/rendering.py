@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from rewardmodel.inputs import MessagesInput, PromptResponseInput, RawInput
+from rewardmodel.inputs import MessagesInput, PromptResponseInput, RawInput, StepsInput
 
 # Plain format for tokenizers without a chat template. Each turn is "\n\n<Speaker>: <content>"; an assistant turn's
 # tool calls follow its content as " <tool_calls>JSON</tool_calls>", a tool's answer is "Tool (name): content".
@@ -55,6 +55,18 @@ def to_messages(inp: PromptResponseInput | MessagesInput | RawInput | dict) -> l
     if isinstance(inp, PromptResponseInput):
         return [{"role": "user", "content": inp.prompt}, {"role": "assistant", "content": inp.response}]
     return [m.as_dict() for m in inp.messages]
+
+
+def prompt_only(inp: Any) -> dict[str, Any] | None:
+    """The input's conversation with the response emptied (`{"messages": [..., {"role": "assistant", "content":
+    ""}]}`): what a gate that routes by the prompt reads. None for a raw input (its prompt cannot be told apart)."""
+    if isinstance(inp, StepsInput) or (isinstance(inp, dict) and "steps" in inp):
+        prompt = inp.prompt if isinstance(inp, StepsInput) else inp["prompt"]
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]}
+    messages = to_messages(inp)
+    if messages is None:
+        return None
+    return {"messages": [*messages[:-1], {"role": "assistant", "content": ""}]}
 
 
 def _plain_turn(message: dict[str, Any]) -> str:

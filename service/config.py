@@ -55,6 +55,34 @@ class RuleEntry(BaseModel):
         return self
 
 
+class GateEntry(BaseModel):
+    """Routing of an ensemble (Llama-2 style: the safety reward where the prompt is safety-relevant):
+    `{model: ensemble/safety, threshold: 0.0, members: {ensemble/harmless: 1.0}, reads: prompt}`. Where the gate model's raw reward
+    is above `threshold`, the ensemble's reward is the weighted mean of these members; elsewhere the ensemble's
+    `combine` of its own members."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(min_length=1, description="The gate: a served model whose raw reward says 'route'.")
+    threshold: float = Field(default=0.0, allow_inf_nan=False, description="Route where the gate's raw reward is "
+                             "above this.")
+    members: dict[str, float] = Field(min_length=1, description="The models (and weights) that answer where routed.")
+    reads: Literal["prompt", "input"] = Field(default="prompt", description="`prompt`: the gate reads each input's "
+                                              "prompt (its response emptied), so every response to one prompt takes "
+                                              "the same side; raw inputs are refused. `input`: the whole input.")
+
+    @model_validator(mode="after")
+    def _weights(self) -> "GateEntry":
+        import math
+
+        bad = [name for name, w in self.members.items() if not math.isfinite(w) or w < 0]
+        if bad:
+            raise ValueError(f"gate member weight of {bad[0]!r} must be finite and not negative")
+        if sum(self.members.values()) <= 0:
+            raise ValueError("gate member weights must not all be 0")
+        return self
+
+
 class EnsembleEntry(BaseModel):
     """A served combination of models (and rules) under one name."""
 
@@ -66,6 +94,8 @@ class EnsembleEntry(BaseModel):
     members: dict[str, float] = Field(min_length=1, description="Member model names and their weights.")
     normalize: bool = Field(default=False, description="Combine the members' normalized rewards (reward_stats).")
     rules: list[RuleEntry] = Field(default_factory=list)
+    gate: GateEntry | None = Field(default=None, description="Optional routing to other members where a gate model "
+                                   "says so (see GateEntry).")
 
     @model_validator(mode="after")
     def _finite(self) -> "EnsembleEntry":
@@ -91,7 +121,8 @@ class ServeConfig(BaseModel):
     `--model NAME=SPEC`); the first is the default. Empty: `model` alone."""
     ensembles: list[EnsembleEntry] = []
     """Served ensembles: `{name, combine: mean|weighted|min|mean_minus_std, penalty, members: {model: weight},
-    normalize, rules: [{kind: length|answer|regex, weight, ...}]}` (config file)."""
+    normalize, rules: [{kind: length|answer|regex, weight, ...}], gate: {model, threshold, members}}` (config
+    file)."""
     model_name: str | None = None
     """Name the model is served under (default: the first `served_model_name`, else the directory's name)."""
     served_model_name: list[str] = []
@@ -214,11 +245,19 @@ class ServeConfig(BaseModel):
         if dupes:
             raise ValueError(f"names must be unique: {dupes[0]!r} is used twice")
         models = {m.name for m in self.models}
+
+        def unserved(names: Any) -> list[str]:  # a multi-head overlay's heads are NAME/HEAD (checked at load)
+            return [m for m in names if self.models and m not in models and m.split("/", 1)[0] not in models]
+
         for ensemble in self.ensembles:
-            missing = [m for m in ensemble.members if m not in models and not (not self.models)]
+            missing = unserved(ensemble.members)
             if missing:
                 raise ValueError(f"ensemble {ensemble.name!r} names a member that is not served: {missing[0]!r} "
                                  f"(served: {sorted(models)})")
+            missing = unserved([ensemble.gate.model, *ensemble.gate.members]) if ensemble.gate else []
+            if missing:
+                raise ValueError(f"ensemble {ensemble.name!r}: its gate names a model that is not served: "
+                                 f"{missing[0]!r} (served: {sorted(models)})")
         return self
 
     @model_validator(mode="after")

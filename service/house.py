@@ -14,7 +14,7 @@ from rewardmodel.normalization import load_stats, stats_block
 from service.config import ServeConfig
 from service.engine import RewardEngine, model_aliases
 from service.errors import invalid
-from service.models import Ensemble, LengthFit, Rule, ServedModel, check_groups, group_advantages, not_found
+from service.models import Ensemble, Gate, LengthFit, Rule, ServedModel, check_groups, group_advantages, not_found
 
 log = logging.getLogger("rewardserve.house")
 
@@ -62,16 +62,21 @@ class ModelHouse:
                 aliases |= model_aliases(config, name, source) - {name}
             scorers.update(_models_of(name, aliases, entry, source, engine, offset))
         for spec in config.ensembles:
-            members = []
-            for member in spec.members:
+            def served(member: str, role: str = "a member") -> ServedModel:
                 scorer = scorers.get(member)
                 if not isinstance(scorer, ServedModel):
-                    raise ValueError(f"ensemble {spec.name!r} names a member that is not a served model: {member!r} "
+                    raise ValueError(f"ensemble {spec.name!r} names {role} that is not a served model: {member!r} "
                                      f"(models: {sorted(n for n, s in scorers.items() if isinstance(s, ServedModel))})")
-                members.append(scorer)
+                return scorer
+
+            gate = None
+            if spec.gate is not None:
+                gate = Gate(served(spec.gate.model, "a gate"), spec.gate.threshold,
+                            [served(m, "a gate member") for m in spec.gate.members], list(spec.gate.members.values()),
+                            spec.gate.reads)
             scorers[spec.name] = Ensemble(
-                spec.name, members, list(spec.members.values()), spec.combine, spec.penalty, spec.normalize,
-                [Rule(r.kind, r.weight, r.target, r.pattern) for r in spec.rules])
+                spec.name, [served(m) for m in spec.members], list(spec.members.values()), spec.combine, spec.penalty,
+                spec.normalize, [Rule(r.kind, r.weight, r.target, r.pattern) for r in spec.rules], gate=gate)
         default = (entries[0].name or engines[0].name) if entries else next(iter(scorers))
         return cls(config, engines, scorers, default)
 
@@ -162,5 +167,35 @@ def _models_of(name: str, aliases: set[str], entry: Any, source: ModelSource, en
             raise ValueError(f"model {name!r}: head {head!r} has no `length` fit to debias with")
         heads.append(ServedModel(f"{name}/{head}", engine, offset + j, load_stats(home, head), length, debias))
     out: dict[str, Any] = {m.name: m for m in heads}
-    out[name] = Ensemble(name, heads, [1.0] * len(heads), "mean", aliases=aliases)
+    out[name] = overlay_ensemble(name, heads, source.ensemble, aliases)
     return out
+
+
+def overlay_ensemble(name: str, heads: list[ServedModel], block: dict[str, Any] | None,
+                     aliases: set[str]) -> Ensemble:
+    """What a multi-head overlay serves under its own name: the mean of its heads, or what its `ensemble` block
+    (rewardserve_overlay.json, written by `train rm --gate`) declares: `{combine, normalize, members: [head...],
+    gate: {head, threshold, members: [head...], reads: prompt | input}}`."""
+    if not block:
+        return Ensemble(name, heads, [1.0] * len(heads), "mean", aliases=aliases)
+    by_head = {m.name.split("/", 1)[1]: m for m in heads}
+
+    def head(h: str) -> ServedModel:
+        if h not in by_head:
+            raise ValueError(f"model {name!r}: its overlay's ensemble names head {h!r}; the heads are {sorted(by_head)}")
+        return by_head[h]
+
+    members = [head(h) for h in block.get("members") or list(by_head)]
+    gate = None
+    if block.get("gate"):
+        g = block["gate"]
+        threshold = float(g.get("threshold", 0.0))
+        if not math.isfinite(threshold):
+            raise ValueError(f"model {name!r}: its overlay's gate threshold is not finite")
+        routed = [head(h) for h in g["members"]]
+        reads = g.get("reads", "input")
+        if reads not in ("prompt", "input"):
+            raise ValueError(f"model {name!r}: its overlay's gate reads {reads!r}: expected prompt or input")
+        gate = Gate(head(g["head"]), threshold, routed, [1.0] * len(routed), reads)
+    return Ensemble(name, members, [1.0] * len(members), block.get("combine", "mean"), float(block.get("penalty", 0.5)),
+                    bool(block.get("normalize", False)), aliases=aliases, gate=gate)

@@ -163,6 +163,7 @@ class ServedModel:
 
 # ---- ensembles ----------------------------------------------------------------------------------------------
 COMBINES = ("mean", "weighted", "min", "mean_minus_std")
+PROMPT_SUFFIX = "@prompt"  # a prompt-reading gate's reward, in an ensemble's `members`
 
 
 @dataclass
@@ -200,6 +201,7 @@ class Ensemble:
     normalize_members: bool = False
     rules: list[Rule] = field(default_factory=list)
     aliases: set[str] = field(default_factory=set)
+    gate: "Gate | None" = None
     kind = "ensemble"
 
     def __post_init__(self) -> None:
@@ -211,8 +213,23 @@ class Ensemble:
             if missing:
                 raise ValueError(f"ensemble {self.name!r} normalizes its members, but {missing[0]!r} has no "
                                  "reward_stats.json")
-        if any(m.prm is not None for m in self.members):
+        if any(m.prm is not None for m in self.read):
             raise ValueError(f"ensemble {self.name!r}: process reward models cannot be ensemble members")
+        if self.gate is not None and self.normalize_members:
+            missing = [m.name for m in self.gate.members if m.stats is None]
+            if missing:
+                raise ValueError(f"ensemble {self.name!r} normalizes its members, but gate member {missing[0]!r} has "
+                                 "no reward_stats.json")
+
+    @property
+    def read(self) -> list[ServedModel]:
+        """Every model whose reward this ensemble reads on the inputs, each once: members, the gate's members, and
+        the gate where it reads the whole input."""
+        out: dict[str, ServedModel] = {m.name: m for m in self.members}
+        if self.gate is not None:
+            for m in [*([self.gate.model] if self.gate.reads == "input" else []), *self.gate.members]:
+                out.setdefault(m.name, m)
+        return list(out.values())
 
     @property
     def tokenizer(self) -> Any:
@@ -220,11 +237,11 @@ class Ensemble:
 
     @property
     def max_length(self) -> int:
-        return min(m.max_length for m in self.members)
+        return min(m.max_length for m in self.read)
 
     def engines(self) -> list[RewardEngine]:
         seen: dict[int, RewardEngine] = {}
-        for m in self.members:
+        for m in self.read:
             seen.setdefault(id(m.engine), m.engine)
         return list(seen.values())
 
@@ -236,6 +253,9 @@ class Ensemble:
             "rules": [{"kind": r.kind, "weight": r.weight, **({"pattern": r.pattern} if r.pattern else {}),
                        **({"target": r.target} if r.kind == "length" else {})} for r in self.rules],
             "aliases": sorted(self.aliases), "normalization": None,
+            **({"gate": {"model": self.gate.model.name, "threshold": self.gate.threshold, "reads": self.gate.reads,
+                         "members": dict(zip([m.name for m in self.gate.members], self.gate.weights))}}
+               if self.gate is not None else {}),
         }
 
     def admit(self, count: int, *, normalize: bool = False, field: str = "inputs") -> "MultiReservation":
@@ -274,30 +294,90 @@ class Ensemble:
         if reservation is None:
             reservation = self.admit(len(inputs), normalize=normalize, field=field)
         engines = self.engines()
-        rules = [[rule.value(inp, self.tokenizer, f"{field}.{i}") for rule in self.rules]
-                 for i, inp in enumerate(inputs)]  # refused before the forward passes if a reference is missing
-        evaluated = await asyncio.gather(*(
-            e.evaluate(inputs, deadline=deadline, encoder=self._member(e).encoder(field), reservation=r, field=field)
-            for e, r in zip(engines, reservation.parts)))
+        try:
+            rules = [[rule.value(inp, self.tokenizer, f"{field}.{i}") for rule in self.rules]
+                     for i, inp in enumerate(inputs)]  # refused before the forward passes if a reference is missing
+            prompts, prompt_of, gate_reservation = self._gate_prompts(inputs, field)
+        except BaseException:
+            reservation.release()
+            raise
+        jobs = [e.evaluate(inputs, deadline=deadline, encoder=self._member(e).encoder(field), reservation=r,
+                           field=field) for e, r in zip(engines, reservation.parts)]
+        if prompts:
+            gate = self.gate.model
+            jobs.append(gate.engine.evaluate(prompts, deadline=deadline, encoder=gate.encoder(field),
+                                             reservation=gate_reservation, field=field))
+        evaluated = await asyncio.gather(*jobs)
         by_engine = dict(zip(map(id, engines), evaluated))
-        member_results = [m.results(inputs, by_engine[id(m.engine)], self.normalize_members, field)
-                          for m in self.members]
+        read = self.read
+        by_name = {m.name: m.results(inputs, by_engine[id(m.engine)], self.normalize_members, field) for m in read}
+        gate_key = None
+        if prompts:
+            on_prompts = self.gate.model.results(prompts, evaluated[-1], False, field)
+            gate_key = self.gate.model.name + PROMPT_SUFFIX  # never a member's key: a gate may route to itself
+            by_name[gate_key] = [on_prompts[k] for k in prompt_of]
+
+        def used(m: ServedModel, i: int) -> float:
+            r = by_name[m.name][i]
+            return r.normalized if self.normalize_members else r.reward
+
         results = []
         for i in range(len(inputs)):
-            raw = {m.name: member_results[k][i].reward for k, m in enumerate(self.members)}
-            used = [member_results[k][i].normalized if self.normalize_members else member_results[k][i].reward
-                    for k in range(len(self.members))]
-            reward, std = self.combined(used)
+            raw = {name: by_name[name][i].reward for name in by_name}  # members, gate members, then the gate
+            if self.gate is not None and raw[gate_key or self.gate.model.name] > self.gate.threshold:
+                reward, std = self.gate.combined([used(m, i) for m in self.gate.members])
+            else:
+                reward, std = self.combined([used(m, i) for m in self.members])
             terms = {rule.label: value for rule, value in zip(self.rules, rules[i])}
             reward += sum(rule.weight * value for rule, value in zip(self.rules, rules[i]))
-            first = member_results[0][i]
-            results.append(ScoreResult(reward=reward, truncated=any(r[i].truncated for r in member_results),
+            first = by_name[read[0].name][i]
+            results.append(ScoreResult(reward=reward, truncated=any(by_name[m.name][i].truncated for m in read),
                                        tokens=first.tokens, members=raw, std=std, rules=terms or None))
         metrics.observe_results(self.name, [r.reward for r in results], sum(r.truncated for r in results))
         return ScoreOutcome(self.name, results, max(e.queue_s for e in evaluated), max(e.compute_s for e in evaluated))
 
+    def _gate_prompts(self, inputs: Sequence[Any], field: str) -> tuple[list[dict], list[int], Any]:
+        """A gate that reads the prompt: the distinct prompts of the inputs (the response emptied), which one each
+        input has, and queue room for them on the gate's engine. Nothing for other ensembles."""
+        if self.gate is None or self.gate.reads != "prompt":
+            return [], [], None
+        import json
+
+        from rewardmodel.rendering import prompt_only
+
+        prompts: list[dict] = []
+        index: dict[str, int] = {}
+        prompt_of = []
+        for i, inp in enumerate(inputs):
+            prompt = prompt_only(inp)
+            if prompt is None:
+                raise invalid(f"{field}.{i}: ensemble {self.name!r} routes by the prompt, and a raw input's prompt "
+                              "cannot be told apart from its response: send prompt/response or messages")
+            key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+            prompt_of.append(index.setdefault(key, len(prompts)))
+            if prompt_of[-1] == len(prompts):
+                prompts.append(prompt)
+        return prompts, prompt_of, self.gate.model.engine.admit(len(prompts), field=field)
+
     def _member(self, engine: RewardEngine) -> ServedModel:
-        return next(m for m in self.members if m.engine is engine)
+        return next(m for m in self.read if m.engine is engine)
+
+
+@dataclass
+class Gate:
+    """An ensemble's routing: where `model`'s raw reward is above `threshold`, the weighted mean of `members`
+    answers instead of the ensemble's own combine (Llama 2's safety/helpfulness switch, with a learned gate). Reading
+    the prompt, every response to one prompt takes the same side (pairs and GRPO groups compare on one scale)."""
+
+    model: ServedModel
+    threshold: float
+    members: list[ServedModel]
+    weights: list[float]
+    reads: str = "prompt"  # "prompt": the gate reads each input's prompt (its response emptied); "input": all of it
+
+    def combined(self, values: list[float]) -> tuple[float, float]:
+        arr, w = np.asarray(values, dtype=np.float64), np.asarray(self.weights, dtype=np.float64)
+        return float((w * arr).sum() / w.sum()), float(arr.std()) if len(arr) > 1 else 0.0
 
 
 class MultiReservation:

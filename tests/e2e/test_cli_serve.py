@@ -82,6 +82,7 @@ def test_unknown_backend_is_a_clear_error(serve_proc, tiny_bert_dir):
 @pytest.mark.parametrize("ensemble,needle", [
     ("{name: bad, members: {nope: 1.0}}", "names a member that is not served: 'nope'"),
     ("{name: bad, members: {one: .nan}}", "not finite"),
+    ("{name: bad, members: {one: 1.0}, gate: {model: nope, members: {one: 1.0}}}", "gate names a model that is not served"),
     ("{name: bad, members: {one: 1.0}, rules: [{kind: regex, pattern: '(a+)+$', weight: 1}]}", "pattern"),
 ])
 def test_a_bad_ensemble_config_refuses_to_start_with_one_line(tmp_path, tiny_bert_dir, ensemble, needle):

@@ -37,7 +37,9 @@ def docs_server(tiny_bert_dir, tiny_llama_dir, tiny_policy_dir):
         tiny_bert_dir, generator=f"hf:{tiny_policy_dir}",
         models=[{"name": "harmless", "path": str(tiny_bert_dir)}, {"name": "mini", "path": str(tiny_llama_dir)}],
         ensembles=[{"name": "safe", "combine": "mean_minus_std", "penalty": 0.5,
-                    "members": {"harmless": 1.0, "mini": 1.0}, "rules": [{"kind": "length", "weight": -0.001}]}],
+                    "members": {"harmless": 1.0, "mini": 1.0}, "rules": [{"kind": "length", "weight": -0.001}]},
+                   {"name": "routed", "members": {"mini": 1.0},
+                    "gate": {"model": "harmless", "threshold": 0.0, "members": {"harmless": 1.0}, "reads": "prompt"}}],
     )
     with LiveServer(config) as server:
         yield server

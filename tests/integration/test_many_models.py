@@ -139,6 +139,68 @@ def test_ensemble_arithmetic(server):
         assert s["reward"] == pytest.approx(min(normalized) + answer, abs=1e-6), (i, s)
 
 
+def test_a_gate_routes_each_input_to_its_members(server, zoo):
+    """Llama-2-style routing: where the gate model's raw reward is above the threshold the gate's members answer
+    (normalized, weighted mean), elsewhere the ensemble's own combine; declared in a config or in a multi-head
+    overlay's `ensemble` block; every model read is reported raw, bit-identical to itself alone."""
+    alone = {name: rewards(server, name) for name in ("harmless", "helpful", "trio/a", "trio/b")}
+    threshold = float(np.median(alone["helpful"]))  # random rows: two inputs above, two below
+    assert sum(v > threshold for v in alone["helpful"]) == 2
+    root = Path(str(zoo["trio"])).parent
+    quad = overlay(root / "quad", root / "base", torch.randn(4, 32, generator=torch.Generator().manual_seed(3)) * 0.5,
+                   heads=["gate", "safe", "x", "y"],
+                   stats={"heads": {"gate": {"mean": 0.0, "std": 1.0}, "safe": {"mean": 0.5, "std": 2.0},
+                                    "x": {"mean": -1.0, "std": 0.5}, "y": {"mean": 0.0, "std": 1.0}}})
+    meta = json.loads((quad / OVERLAY_META).read_text())
+    block = {"combine": "mean", "normalize": True, "members": ["x", "y"],
+             "gate": {"head": "gate", "threshold": 0.0, "members": ["safe"]}}
+    (quad / OVERLAY_META).write_text(json.dumps({**meta, "ensemble": block}))
+    cfg = config(zoo).model_dump()
+    cfg["models"].append({"name": "quad", "path": str(quad)})
+    cfg["ensembles"].append({"name": "routed", "combine": "mean", "normalize": True,
+                             "members": {"trio/a": 1.0, "trio/b": 1.0},
+                             "gate": {"model": "helpful", "threshold": threshold, "members": {"harmless": 1.0},
+                                      "reads": "input"}})
+    prompts = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": ""}]}
+               for p in PAIRS]  # what a gate reading the prompt reads: the response emptied
+    on_prompts = rewards(server, "helpful", prompts)
+    assert on_prompts[0] == on_prompts[1] and on_prompts[2] == on_prompts[3] and on_prompts[0] != on_prompts[2]
+    by_prompt = (on_prompts[0] + on_prompts[2]) / 2  # one prompt routed, the other not
+    cfg["ensembles"].append({"name": "by-prompt", "combine": "mean", "members": {"trio/a": 1.0, "trio/b": 1.0},
+                             "gate": {"model": "helpful", "threshold": by_prompt, "members": {"harmless": 1.0}}})
+    with LiveServer(ServeConfig(**cfg)) as live:
+        listed = {m["id"]: m for m in httpx.get(live.http_url + "/v1/models").json()["data"]}
+        assert listed["routed"]["gate"] == {"model": "helpful", "threshold": threshold, "reads": "input",
+                                            "members": {"harmless": 1.0}}
+        assert listed["quad"]["gate"] == {"model": "quad/gate", "threshold": 0.0, "reads": "input",
+                                          "members": {"quad/safe": 1.0}}
+        assert listed["by-prompt"]["gate"]["reads"] == "prompt"  # the default
+        for i, s in enumerate(score(live, "by-prompt")["scores"]):  # both answers to a prompt take one side
+            assert s["members"] == {"trio/a": alone["trio/a"][i], "trio/b": alone["trio/b"][i],
+                                    "harmless": alone["harmless"][i], "helpful@prompt": on_prompts[i]}
+            a, b = alone["trio/a"][i], alone["trio/b"][i]
+            assert s["reward"] == (alone["harmless"][i] if on_prompts[i] > by_prompt else (a + b) / 2)
+        raw = httpx.post(live.http_url + "/v1/score", json={"model": "by-prompt", "inputs": [{"raw": "hi"}]})
+        assert raw.status_code == 400 and "routes by the prompt" in raw.json()["error"]["message"]
+        assert rewards(live, "helpful") == alone["helpful"]  # the prompt reads did not disturb anyone
+        routed = score(live, "routed")["scores"]
+        for i, s in enumerate(routed):
+            assert s["members"] == {name: alone[name][i] for name in ("trio/a", "trio/b", "helpful", "harmless")}
+            if alone["helpful"][i] > threshold:
+                assert s["reward"] == pytest.approx((alone["harmless"][i] - 0.1) / 0.5, abs=1e-9) and s["std"] == 0
+            else:
+                values = np.array([alone["trio/a"][i], alone["trio/b"][i]])  # trio's stats: mean 0, std 1
+                assert s["reward"] == pytest.approx(values.mean(), abs=1e-9)
+                assert s["std"] == pytest.approx(values.std(), abs=1e-9)
+        heads = {h: rewards(live, f"quad/{h}") for h in ("gate", "safe", "x", "y")}
+        for i, s in enumerate(score(live, "quad")["scores"]):
+            assert s["members"] == {f"quad/{h}": heads[h][i] for h in ("x", "y", "gate", "safe")}
+            want = ((heads["safe"][i] - 0.5) / 2.0 if heads["gate"][i] > 0.0
+                    else ((heads["x"][i] + 1.0) / 0.5 + heads["y"][i]) / 2)
+            assert s["reward"] == pytest.approx(want, abs=1e-6)
+        assert {heads["gate"][i] > 0 for i in range(4)} == {True, False}  # both sides exercised
+
+
 def test_length_debiasing_is_served_as_a_named_variant(server):
     raw = rewards(server, "harmless")
     tokens = [len(server.engine.tokenizer(p["response"], add_special_tokens=False)["input_ids"]) for p in PAIRS]

@@ -127,3 +127,28 @@ def test_content_may_be_missing_only_for_an_assistant_that_calls_tools():
         ChatMessage(role="user")
     with pytest.raises(ValidationError, match="surrogate"):
         ChatMessage(role="user", content="a\ud800")
+
+
+def test_prompt_only_empties_the_response_and_training_encodes_it_as_the_server_does(smol_tok):
+    from rewardmodel.rendering import prompt_only
+    from rewardmodel.inputs import StepsInput
+    from training.data import PreferenceCollator, load_preferences
+    from training.features import encode_prompts
+
+    pair = PromptResponseInput(prompt="Capital of France?", response="Paris.")
+    want = {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": ""}]}
+    assert prompt_only(pair) == want
+    assert prompt_only({"prompt": "Capital of France?", "response": "Lyon?"}) == want
+    assert prompt_only(StepsInput(prompt="Capital of France?", steps=["Think.", "Paris."])) == want
+    chat = MessagesInput(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                   {"role": "assistant", "content": "Hello", "tool_calls": None}])
+    assert prompt_only(chat)["messages"][-1] == {"role": "assistant", "content": ""}
+    assert [m["content"] for m in prompt_only(chat)["messages"]] == ["Be brief.", "Hi", ""]
+    assert prompt_only(RawInput(raw="anything")) is None and prompt_only({"raw": "x"}) is None
+    server = encode_input(smol_tok, prompt_only(pair), 512).input_ids
+    assert smol_tok.decode(server).endswith("<|im_start|>assistant\n<|im_end|>\n")  # an empty assistant turn
+    records = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."},
+               {"prompt": "Capital of France?", "chosen": "Paris!", "rejected": "No."},
+               {"prompt": "Capital of Spain?", "chosen": "Madrid.", "rejected": "Rome."}]
+    rows, index = encode_prompts(PreferenceCollator(smol_tok, 512), load_preferences(records))
+    assert len(rows) == 2 and index.tolist() == [0, 0, 1] and rows[0] == server
