@@ -59,6 +59,19 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
     return train_rm_main(args)
 
 
+def cmd_train_gate(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    import shlex
+
+    from training.gate import main as train_gate_main
+
+    args.command_line = "rewardserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    try:
+        return train_gate_main(args)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        return _fail("train gate", str(exc))
+
+
 def cmd_train_dpo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from training.dpo import main as train_dpo_main
@@ -130,9 +143,10 @@ def _add_train_and_eval(sub: argparse._SubParsersAction) -> None:
     handlers here; flags left out keep the defaults of the trainers' config objects."""
     from training import cli_args  # argparse only
 
-    train = sub.add_parser("train", help="Train a model (rm, dpo, ppo, grpo, prm).")
+    train = sub.add_parser("train", help="Train a model (rm, gate, dpo, ppo, grpo, prm).")
     train = train.add_subparsers(dest="trainer", required=True)
     cli_args.add_rm(train, cmd_train_rm)
+    cli_args.add_gate(train, cmd_train_gate)
     cli_args.add_dpo(train, cmd_train_dpo)
     cli_args.add_ppo(train, cmd_train_ppo)
     cli_args.add_grpo(train, cmd_train_grpo)

@@ -187,6 +187,11 @@ def add_rm(train: Any, handler: Any) -> None:
     rm.add_argument("--include-head", action="append", default=[], metavar="NAME=DIR",
                     help="--head-only with --l2: copy the head of the overlay DIR (same base and max length) into "
                     "this overlay as head NAME (repeatable; listed first)")
+    rm.add_argument("--gate", metavar="GATE=HEAD[,HEAD...]",
+                    help="--head-only multi-head overlay: serve it (under its own name) as an ensemble routed by the "
+                    "included gate head GATE (an overlay from `train gate`, via --include-head): where GATE's reward "
+                    "is above its threshold, the mean of the HEADs answers, elsewhere the mean of the other heads; "
+                    "members normalized by their reward_stats")
     rm.add_argument("--feature-cache", help="--head-only: a .pt feature store: one row per distinct token sequence, "
                     "reused by any data over the same base weights and max length (training/features.py)")
     rm.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
@@ -197,6 +202,31 @@ def add_rm(train: Any, handler: Any) -> None:
     rm.add_argument("--no-progress", action="store_true", help="no progress bar")
     rm.add_argument("--log-level", default="info")
     rm.set_defaults(func=handler)
+
+
+def add_gate(train: Any, handler: Any) -> None:
+    gate = train.add_parser("gate", help="Train a linear gate over a frozen decoder base that tells two kinds of "
+                            "conversation apart (for an ensemble's routing, `train rm --gate`); export an overlay.")
+    gate.add_argument("--base", default="smollm2", help="the packaged decoder base the gate reads: smollm2 (the default)")
+    gate.add_argument("--positive", nargs="+", required=True, metavar="FILE",
+                      help="preference files whose sequences (chosen and rejected) are the class the gate routes")
+    gate.add_argument("--negative", nargs="+", required=True, metavar="FILE",
+                      help="preference files of the other class (with --reads prompt, also files of prompts alone: "
+                      "{\"prompt\": ...} per line)")
+    gate.add_argument("--eval-positive", nargs="+", metavar="FILE", help="held-out files of the routed class (reported)")
+    gate.add_argument("--eval-negative", nargs="+", metavar="FILE", help="held-out files of the other class (reported)")
+    gate.add_argument("--reads", choices=("prompt", "input"), default="prompt",
+                      help="prompt (default): each conversation with its response emptied, so all responses to a "
+                      "prompt are routed alike; input: whole sequences (chosen and rejected)")
+    gate.add_argument("--output", required=True, help="overlay folder to write")
+    gate.add_argument("--l2", type=float, nargs="+", help="penalty candidates on standardized weights, chosen by "
+                      "5-fold cross-validation grouped by prompt (default 0.001 0.01 0.1)")
+    gate.add_argument("--max-length", type=int, default=512, help="token cap per sequence (default 512)")
+    gate.add_argument("--feature-cache", help="a .pt feature store shared with `train rm --head-only`")
+    gate.add_argument("--threads", type=int, help="torch CPU threads")
+    gate.add_argument("--seed", type=int, default=42, help="fold assignment seed (default 42)")
+    gate.add_argument("--log-level", default="info")
+    gate.set_defaults(func=handler)
 
 
 def add_eval_rm(evaluate: Any, handler: Any) -> None:

@@ -111,6 +111,22 @@ def encode_distinct(collate: PreferenceCollator, pairs: Sequence[PreferencePair]
     return [list(s) for s in seen], index
 
 
+def encode_prompts(collate: PreferenceCollator, pairs: Sequence[Any]) -> tuple[list[list[int]], torch.Tensor]:
+    """(distinct prompt-only sequences, (P,) index of each pair's): the pair's conversation with the response emptied,
+    encoded exactly as the server encodes what a prompt-reading gate reads (rewardmodel.rendering.prompt_only).
+    An item may also be a prompt alone: its messages (a list of {role, content})."""
+    from rewardmodel.rendering import encode_input, prompt_only
+
+    seen: dict[tuple[int, ...], int] = {}
+    index = torch.empty(len(pairs), dtype=torch.long)
+    for p, pair in enumerate(pairs):
+        conversation = ({"messages": [*pair, {"role": "assistant", "content": ""}]} if isinstance(pair, list)
+                        else pair.chosen_input())
+        enc = encode_input(collate.tokenizer, prompt_only(conversation), collate.max_length)
+        index[p] = seen.setdefault(tuple(enc.input_ids), len(seen))
+    return [list(s) for s in seen], index
+
+
 def length_batches(lengths: Sequence[int], budget: int = TOKEN_BUDGET, max_rows: int = MAX_ROWS) -> list[list[int]]:
     """Indices shortest first, cut into batches whose padded size (rows x longest) stays within the budget."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -261,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt order (default 0)")
     parser.add_argument("--write-subset", metavar="FILE", help="write the first --prompts prompts of --data to FILE")
     parser.add_argument("--prompts", type=int, help="with --write-subset: how many prompts")
+    parser.add_argument("--prompts-only", action="store_true",
+                        help="fill the prompts instead (each pair's conversation with the response emptied: what "
+                        "`train gate --reads prompt` and a prompt-reading gate read)")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -277,6 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     frozen = load_frozen(args.base, args.max_length, args.num_layers)
     store = FeatureStore.open(args.store, frozen.store_key)
     for path in args.data:
+        if args.prompts_only:
+            from training.data import load_preferences, read_records
+
+            rows, _ = encode_prompts(frozen.collate, load_preferences(read_records(path)))
+            done = fill_store(frozen.head, store, rows, frozen.collate.pad_token_id)
+            log.info("features: %s: %d distinct prompts, %d computed (store: %d sequences)", path, len(rows), done,
+                     len(store))
+            continue
         _fill_file(frozen, store, path, args.chunk_prompts, args.seed)
     return 0
 

@@ -45,6 +45,36 @@ def included_head(spec: str, frozen: Any, train: torch.Tensor, dev: torch.Tensor
     return FittedHead(name, row.clone(), {"from": folder, "trained_with": meta.get("trained_with")}, metrics)
 
 
+def parse_gate(spec: str, include_heads: Sequence[str]) -> dict[str, Any]:
+    """"GATE=HEAD[,HEAD...]" -> {"head": GATE, "threshold": t, "members": [HEAD...]}: GATE must be an included head
+    (NAME=DIR) whose overlay was written by `train gate` (its threshold is read from there)."""
+    gate, sep, routed = spec.partition("=")
+    heads = [h for h in routed.split(",") if h]
+    if not sep or not gate or not heads:
+        raise ValueError(f"--gate {spec!r}: expected GATE=HEAD[,HEAD...]")
+    folders = {name: folder for name, _, folder in (s.partition("=") for s in include_heads)}
+    if gate not in folders:
+        raise ValueError(f"--gate {spec!r}: include the gate's overlay with --include-head {gate}=DIR")
+    block = overlay_meta(Path(folders[gate])).get("gate")
+    if not block or "threshold" not in block:
+        raise ValueError(f"--gate {spec!r}: {folders[gate]} is not a gate (made by `rewardserve train gate`)")
+    if gate in heads:
+        raise ValueError(f"--gate {spec!r}: the gate cannot route to itself")
+    return {"head": gate, "threshold": float(block["threshold"]), "members": heads,
+            "reads": block.get("reads", "input")}
+
+
+def ensemble_block(gate: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The overlay's served ensemble: the routed heads where the gate fires, the mean of the rest elsewhere."""
+    missing = [h for h in gate["members"] if h not in names]
+    if missing:
+        raise ValueError(f"--gate: no head named {missing[0]!r} (heads: {list(names)})")
+    rest = [n for n in names if n != gate["head"] and n not in gate["members"]]
+    if not rest:
+        raise ValueError("--gate: every head is the gate or routed to; the ensemble needs heads for elsewhere")
+    return {"combine": "mean", "normalize": True, "members": rest, "gate": gate}
+
+
 def check_rows(frozen: Any, weights: torch.Tensor, feats: torch.Tensor, pairs: Sequence[PreferencePair]) -> float:
     """Max |served - training-time| reward over every row on a few pairs: the base's forward with each row as head."""
     from rewardmodel.modeling import reward_forward
@@ -92,12 +122,14 @@ def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.T
                        stats_on: dict[str, Any], *, l2s: Sequence[float], bootstrap: int, pick_l2: str | None,
                        sizes: Sequence[int], include_heads: Sequence[str], seed: int, common: dict[str, Any],
                        check_pairs: Sequence[PreferencePair], dev_groups: torch.Tensor | None = None,
-                       finish_single: Callable[..., None] | None = None) -> dict[str, Any]:
+                       finish_single: Callable[..., None] | None = None,
+                       gate: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit, pick, include, export; returns the run summary (training_config.json).
 
     pick_l2: None (keep every head), "best" (best eval accuracy) or "one-se" (the most regularised head within one
     prompt-clustered SE of the best; dev_groups (P_eval,) gives each eval pair's prompt). One head left is exported
-    by finish_single (training/rm_head.py's, which the trainer passes) as a single-head overlay."""
+    by finish_single (training/rm_head.py's, which the trainer passes) as a single-head overlay. gate (parse_gate's):
+    the multi-head overlay declares the routed ensemble it is served as."""
     if frozen.head.kind != "decoder":
         raise ValueError("--l2 fits a linear head without bias: it needs a decoder base (smollm2)")
     if pick_l2 and (dev is None or bootstrap):
@@ -118,7 +150,12 @@ def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.T
     summary = {**common, "solver": "lbfgs", "l2": l2s[0] if len(l2s) == 1 else l2s, "bootstrap": bootstrap or None,
                "heads": [_describe(h) for h in heads], "l2_candidates": candidates, "pick_l2": picked or None}
     metrics_rows = [{"head": h.name, **h.metrics} for h in heads]
+    block = ensemble_block(gate, names) if gate else None
+    if block:
+        summary["ensemble"] = block
     if len(heads) == 1:
+        if gate:
+            raise ValueError("--gate needs a multi-head overlay")
         with torch.no_grad():
             frozen.model.score.weight.copy_(heads[0].weight[None, :])
         summary |= {"l2": heads[0].settings.get("l2"), "best_epoch": None, "best_metrics": heads[0].metrics,
@@ -133,7 +170,7 @@ def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.T
     export_multi(out, frozen, heads, stats_on, {"base": common["base"], "trained_with": common["command"],
                                                 "max_length": frozen.max_length,
                                                 "num_hidden_layers": common["num_hidden_layers"],
-                                                "eval_accuracy": eval_acc})
+                                                "eval_accuracy": eval_acc, **({"ensemble": block} if block else {})})
     weights = torch.stack([h.weight for h in heads])  # (K, H)
     summary["head"] = ["score.weight"]
     summary["export_check_max_abs_diff"] = check_rows(frozen, weights, stats_on["feats"][: len(check_pairs)],

@@ -13,7 +13,11 @@ the math the server uses:
   population form: ddof = 0);
 - a pair is right when the chosen input's combined reward is strictly higher (ties are wrong);
 - uncertainty of a pair = the mean of its two inputs' member std; AUROC = P(uncertainty of a wrong pair > that of a
-  right pair) (ties count one half), 0.5 = no signal.
+  right pair) (ties count one half), 0.5 = no signal;
+- an overlay with an `ensemble` block (`train rm --gate`) also gets a table of what it serves: the gate head's raw
+  reward above its threshold routes the input to the gate's members (their mean), elsewhere the block's combine of
+  its members (normalized when the block says so); std is that of the side that answered. The generic tables leave
+  the gate head out.
 """
 
 from __future__ import annotations
@@ -117,6 +121,47 @@ def ensemble_table(rewards: dict[str, torch.Tensor], names: Sequence[str], stats
     return lines, combined
 
 
+def declared_ensemble(rewards: torch.Tensor, names: Sequence[str], stats: dict[str, Any], block: dict[str, Any],
+                      prompt_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a multi-head overlay serves under its own name (its `ensemble` block, as service/house.py reads it),
+    from (K, P, 2) head rewards and, for a gate that reads the prompt, its (P,) reward on each pair's prompt:
+    (combined (P, 2), std (P, 2), routed (P, 2) bool)."""
+    def used(head: str) -> torch.Tensor:
+        r = rewards[names.index(head)].double()
+        return (r - stats[head]["mean"]) / stats[head]["std"] if block.get("normalize") else r
+
+    members = torch.stack([used(h) for h in block.get("members") or names])
+    value = combine(members, block.get("combine", "mean"), float(block.get("penalty", 0.5)))
+    spread = members.std(0, unbiased=False)
+    routed = torch.zeros_like(value, dtype=torch.bool)
+    gate = block.get("gate")
+    if gate:
+        if gate.get("reads", "input") == "prompt":
+            if prompt_gate is None:
+                raise ValueError("the gate reads the prompt: pass its rewards on the prompts")
+            values = prompt_gate.double()[:, None].expand_as(value)
+        else:
+            values = rewards[names.index(gate["head"])].double()
+        routed = values > float(gate["threshold"])
+        side = torch.stack([used(h) for h in gate["members"]])
+        value = torch.where(routed, side.mean(0), value)
+        spread = torch.where(routed, side.std(0, unbiased=False), spread)
+    return value, spread, routed
+
+
+def declared_table(rewards: dict[str, torch.Tensor], names: Sequence[str], stats: dict[str, Any],
+                   block: dict[str, Any], prompt_gate: dict[str, torch.Tensor] | None = None) -> list[str]:
+    lines = ["| set | accuracy | inputs routed | pairs routed apart | AUROC(std -> wrong) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for s, r in rewards.items():
+        value, spread, routed = declared_ensemble(r, names, stats, block, (prompt_gate or {}).get(s))
+        wrong = value[:, 0] <= value[:, 1]
+        lines.append(f"| {s} | {accuracy(value):.4f} | {float(routed.double().mean()):.3f} | "
+                     f"{float((routed[:, 0] != routed[:, 1]).double().mean()):.3f} | "
+                     f"{auroc(spread.mean(1), wrong):.3f} |")
+    return lines
+
+
 def uncertainty_table(combined: dict[str, dict[str, torch.Tensor]], keys: Sequence[str]) -> list[str]:
     """AUROC of the pair's mean member std for predicting that the combined reward orders the pair wrongly."""
     sets = list(next(iter(combined.values())))
@@ -168,8 +213,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = load_sets(args.sets, collate, store)
     rewards = {s: torch.einsum("pch,kh->kpc", d["feats"], weights) for s, d in sets.items()}  # (K, P, 2)
     print("\n".join(member_table(names, rewards, sets, stats)) + "\n")
-    if len(names) > 1:
-        lines, combined = ensemble_table(rewards, names, stats, args.lambdas)
+    block = meta.get("ensemble")
+    if block:
+        print(f"The ensemble {folders[0].name} serves (its overlay's `ensemble` block):\n")
+        prompt_gate = None
+        if block.get("gate") and block["gate"].get("reads", "input") == "prompt":
+            from training.data import load_preferences, read_records
+            from training.features import encode_prompts, sequence_key
+
+            prompt_gate = {}
+            row = weights[names.index(block["gate"]["head"])]
+            for spec in args.sets:
+                name, _, path = spec.partition("=")
+                seqs, index = encode_prompts(collate, load_preferences(read_records(path)))
+                keys = [sequence_key(q) for q in seqs]
+                missing = sum(k not in store for k in keys)
+                if missing:
+                    parser.error(f"{missing} prompts of {path} are not in the store: `rewardserve train gate` with "
+                                 "--eval-positive/--eval-negative fills them, or python -m training.features --prompts-only")
+                prompt_gate[name] = (store.lookup(keys) @ row)[index]
+        print("\n".join(declared_table(rewards, names, stats, block, prompt_gate)) + "\n")
+    gates = {block["gate"]["head"]} if block and block.get("gate") else set()
+    scorers = [k for k, n in enumerate(names) if n not in gates]  # a gate's logit is no reward to combine
+    if len(scorers) > 1:
+        picked = {s: r[scorers] for s, r in rewards.items()}
+        lines, combined = ensemble_table(picked, [names[k] for k in scorers], stats, args.lambdas)
         print("\n".join(lines) + "\n")
         print("\n".join(uncertainty_table(combined, args.uncertainty)))
     return 0

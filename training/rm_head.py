@@ -173,7 +173,7 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
                     command: str | None = None, feature_cache: str | None = None, num_layers: int | None = None,
                     l2: float | Sequence[float] | None = None, bootstrap: int = 0, pick_l2: str | None = None,
                     also_data: Sequence[str] = (), also_eval: Sequence[str] = (),
-                    include_heads: Sequence[str] = ()) -> dict[str, Any]:
+                    include_heads: Sequence[str] = (), gate: str | None = None) -> dict[str, Any]:
     """config: training.rm.RMConfig. Returns the summary also written to training_config.json.
 
     num_layers: use only the first N layers of a decoder base (then its final norm and the head): an intermediate
@@ -181,7 +181,8 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
     l2: one or more penalties (linear decoder heads, solved to convergence); with several, one head each, or with
     pick_l2 ("best" | "one-se") only one of them, chosen on the eval pairs. bootstrap: K heads per penalty on
     resamples of the training pairs. include_heads: "NAME=DIR" rows copied from existing overlays over the same base. More than one head in
-    the end: a multi-head overlay (training/heads.py).
+    the end: a multi-head overlay (training/heads.py). gate: "GATE=HEAD[,HEAD...]", served as a routed ensemble
+    (training/head_overlays.py parse_gate).
     """
     t0 = time.time()
     l2s = [l2] if isinstance(l2, (int, float)) else list(l2 or [])
@@ -189,6 +190,13 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
         raise ValueError("--bootstrap, --pick-l2 and --include-head need --l2 (linear heads solved to convergence)")
     if also_eval and not config.eval:
         raise ValueError("--also-eval needs --eval")
+    gate_spec = None
+    if gate:
+        from training.head_overlays import parse_gate
+
+        if not l2s:
+            raise ValueError("--gate needs --l2 (a multi-head overlay)")
+        gate_spec = parse_gate(gate, include_heads)  # refused before the feature pass
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     base_spec = overlay_base_spec(config.base)
@@ -218,7 +226,7 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
                                      pick_l2=pick_l2, sizes=train_sets.sizes, include_heads=include_heads,
                                      seed=config.train.seed, common=common, check_pairs=stats_sets.pairs[:8],
                                      dev_groups=prompt_groups(eval_sets.pairs) if eval_sets else None,
-                                     finish_single=finish_single)
+                                     finish_single=finish_single, gate=gate_spec)
     else:
         fit = fit_head(frozen.head, train_feats, eval_feats, epochs=epochs, lr=lr, weight_decay=weight_decay,
                        patience=patience, seed=config.train.seed, log_file=out / "metrics.jsonl")

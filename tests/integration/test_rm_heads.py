@@ -257,3 +257,99 @@ def test_heads_report_reads_the_heads_of_several_overlays_as_members(frozen, tmp
     with pytest.raises(SystemExit):
         report(["--overlay", str(tmp_path / "one"), str(tmp_path / "one"), "--store", str(tmp_path / "f.pt"),
                 "--sets", f"dev={dev}"])
+
+
+def test_gate_fit_folds_standardization_into_one_row_and_cross_validates_by_prompt() -> None:
+    from training.gate import balanced_accuracy, fit_logistic, grouped_folds, pick_l2
+
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randn(300, 8, generator=gen) * 3 + torch.tensor([4.0] + [0.0] * 7) + 10  # offset, scaled features
+    neg = torch.randn(100, 8, generator=gen) * 3 + 10
+    x, y = torch.cat([pos, neg]), torch.cat([torch.ones(300), torch.zeros(100)])
+    w, b = fit_logistic(x, y, 1e-3)
+    assert w.shape == (8,) and w.dtype == torch.float64 and abs(float(w[0])) > 3 * float(w[1:].abs().max())
+    z = x.double() @ w + b
+    assert 0.55 < balanced_accuracy(z, y) < 0.9  # overlapping classes: right more often than not, not always
+    assert abs(float((z > 0).double().mean()) - 0.75) < 0.15  # class-balanced: the intercept is not the prior's
+    groups = torch.arange(400) // 4
+    masks = grouped_folds(groups, 5, seed=1)
+    assert sum(int(m.sum()) for m in masks) == 400
+    for m in masks:  # a prompt's sequences never straddle folds
+        assert set(groups[m].tolist()).isdisjoint(groups[~m].tolist())
+    l2, table = pick_l2(x, y, groups, [1e-3, 1e-1, 100.0])
+    assert [r["l2"] for r in table] == [1e-3, 1e-1, 100.0] and l2 != 100.0  # a huge penalty fits worst
+    with pytest.raises(ValueError, match="both classes"):
+        fit_logistic(pos, torch.ones(300), 1e-3)
+
+
+def test_train_gate_then_a_routed_multi_head_overlay(frozen, tiny_llama_dir, tmp_path, capsys) -> None:
+    """`train gate` over a tiny base: an overlay whose row and threshold separate the two files' conversations;
+    `--gate` writes the ensemble block a server reads; bad --gate specs are refused before any work."""
+    from rewardserve.cli import build_parser
+    from training.gate import train_gate
+    from training.head_overlays import parse_gate
+
+    recs = _records()
+    (tmp_path / "pos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs if r["prompt"] == PROMPTS[0]))
+    (tmp_path / "neg.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs if r["prompt"] != PROMPTS[0]))
+    gate_dir = tmp_path / "gate"
+    argv = ["train", "gate", "--positive", str(tmp_path / "pos.jsonl"), "--negative", str(tmp_path / "neg.jsonl"),
+            "--output", str(gate_dir), "--max-length", "64", "--l2", "0.01", "--threads", "1"]
+    from training.features import FeatureStore, encode_prompts, pair_features, sequence_key
+
+    pairs = load_preferences(recs)
+    is_pos = torch.tensor([r["prompt"] == PROMPTS[0] for r in recs])
+    train_gate(build_parser().parse_args([*argv, "--reads", "input", "--output", str(tmp_path / "whole")]), frozen)
+    meta = json.loads((tmp_path / "whole" / OVERLAY_META).read_text())
+    row = load_file(str(tmp_path / "whole" / OVERLAY_TENSORS))["score.weight"]
+    feats = pair_features(frozen.head, frozen.collate, pairs, FeatureStore(frozen.store_key))
+    z = feats.flatten(0, 1) @ row[0]  # what the server reads for an input gate: raw reward vs the threshold
+    assert meta["gate"]["reads"] == "input" and torch.equal(z > meta["gate"]["threshold"], is_pos.repeat_interleave(2))
+
+    train_gate(build_parser().parse_args(argv), frozen)  # the CLI's flags (reads the prompt), over the tiny base
+    with pytest.raises(ValueError, match="--base smollm2"):
+        train_gate(build_parser().parse_args([*argv, "--base", str(tiny_llama_dir)]))
+    meta = json.loads((gate_dir / OVERLAY_META).read_text())
+    assert meta["gate"]["metrics"]["train_balanced_accuracy"] == 1.0 and "heads" not in meta
+    assert meta["gate"]["reads"] == "prompt"
+    threshold = meta["gate"]["threshold"]
+    row = load_file(str(gate_dir / OVERLAY_TENSORS))["score.weight"]
+    seqs, index = encode_prompts(frozen.collate, pairs)
+    assert len(seqs) == len(PROMPTS)  # one prompt-only sequence per prompt
+    store = FeatureStore(frozen.store_key)
+    from training.features import fill_store
+
+    fill_store(frozen.head, store, seqs, frozen.collate.pad_token_id)
+    z = (store.lookup([sequence_key(q) for q in seqs]) @ row[0])[index]
+    assert torch.equal(z > threshold, is_pos)
+
+    spec = parse_gate("g=first", [f"g={gate_dir}", f"first={tmp_path / 'one'}"])
+    assert spec == {"head": "g", "threshold": threshold, "members": ["first"], "reads": "prompt"}
+    _run_heads(frozen, tmp_path / "one", l2s=[0.1])
+    _run_heads(frozen, tmp_path / "many", bootstrap=2, gate=spec,
+               include_heads=[f"g={gate_dir}", f"first={tmp_path / 'one'}"])
+    block = json.loads((tmp_path / "many" / OVERLAY_META).read_text())["ensemble"]
+    assert block == {"combine": "mean", "normalize": True, "members": ["boot0", "boot1"], "gate": spec}
+    source = resolve_model(str(tmp_path / "many"))
+    assert source.heads == ("g", "first", "boot0", "boot1") and source.ensemble == block
+
+    from training.heads_report import main as report
+
+    store = FeatureStore.open(tmp_path / "f.pt", frozen.store_key)
+    pair_features(frozen.head, frozen.collate, load_preferences(recs), store)
+    fill_store(frozen.head, store, seqs, frozen.collate.pad_token_id)  # the prompts the gate reads
+    store.save()
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert report(["--overlay", str(tmp_path / "many"), "--store", str(tmp_path / "f.pt"),
+                   "--sets", f"all={tmp_path / 'all.jsonl'}"]) == 0
+    out = capsys.readouterr().out
+    routed_row = next(line for line in out.splitlines() if line.startswith("| all |"))
+    assert routed_row.split("|")[3].strip() == "0.333"  # the gate fires on exactly the positive prompt's inputs
+    assert "| g | all |" in out and "| normalized | mean |" in out
+    for bad, needle in (("g", "GATE=HEAD"), ("h=first", "--include-head h=DIR"), ("first=g", "not a gate"),
+                        ("g=g", "itself")):
+        with pytest.raises(ValueError, match=needle):
+            parse_gate(bad, [f"g={gate_dir}", f"first={tmp_path / 'one'}"])
+    with pytest.raises(ValueError, match="no head named 'nope'"):
+        _run_heads(frozen, tmp_path / "bad", gate={**spec, "members": ["nope"]},
+                   include_heads=[f"g={gate_dir}", f"first={tmp_path / 'one'}"])
