@@ -54,10 +54,15 @@ def test_make_serve_serves_default_helpful_and_the_ensemble():
         assert [s["reward"] for s in _rewards(url, "default")] == [s["reward"] for s in default]  # path alias
         assert [s["reward"] for s in default] == [s["reward"] for s in _rewards(alone_url, None)]  # same bits
         ensemble = _rewards(url, "ensemble")
+        gate = listed["ensemble"]["gate"]  # routes safety-relevant prompts to the harmless head
+        assert gate["members"] == {"ensemble/harmless": 1.0} and gate["reads"] == "prompt"
+        key = gate["model"] + "@prompt"
         for score in ensemble:
             members = score["members"]
-            assert set(members) >= {"ensemble/harmless", "ensemble/helpful"} and len(members) == 6
-            assert score["std"] > 0
+            assert set(members) >= {"ensemble/harmless", "ensemble/helpful", key} and len(members) == 7
+            assert members[key] <= gate["threshold"]  # a cooking question is not routed to the harmless head
+            assert score["std"] > 0  # the helpfulness heads' spread
+        assert ensemble[0]["members"][key] == ensemble[1]["members"][key]  # one prompt, one route
         assert ensemble[0]["members"]["ensemble/harmless"] == default[0]["reward"]  # the same head, the same bits
         helpful = _rewards(url, "helpful")
         assert ensemble[1]["members"]["ensemble/helpful"] == helpful[1]["reward"]

@@ -69,3 +69,17 @@ def test_the_ensemble_names_its_rows_and_copies_the_single_heads_exactly() -> No
     for entry in stats["heads"].values():
         assert entry["std"] > 0 and entry["max_length"] == 512
         _check_length(entry["length"])
+
+
+def test_the_ensemble_is_routed_by_the_shipped_safety_gate() -> None:
+    gate = _meta("safety-gate")
+    assert gate["base_sha256"] == _meta("default")["base_sha256"] and gate["max_length"] == 512
+    assert gate["gate"]["reads"] == "prompt" and "train gate" in gate["trained_with"]
+    assert gate["gate"]["metrics"]["eval_positive_accuracy"] > 0.95  # HH dev prompts routed
+    block = _meta("ensemble")["ensemble"]
+    heads = _meta("ensemble")["heads"]
+    assert block["gate"] == {"head": "safety", "threshold": gate["gate"]["threshold"], "members": ["harmless"],
+                             "reads": "prompt"}
+    assert block["normalize"] is True and block["combine"] == "mean"
+    assert sorted(block["members"]) == sorted(h for h in heads if h not in ("safety", "harmless"))
+    assert torch.equal(_rows("ensemble")[heads.index("safety")], _rows("safety-gate")[0])
