@@ -141,6 +141,12 @@ class Reservation:
             count, self.count = self.count, 0
             self._batcher._unreserve(count)
 
+    def absorb(self, other: "Reservation") -> None:
+        """Take over another reservation's room in the same queue (one submission for both)."""
+        if other._batcher is not self._batcher:
+            raise ValueError("reservations of different queues cannot be merged")
+        self.count, other.count = self.count + other.count, 0
+
     def __enter__(self) -> "Reservation":
         return self
 

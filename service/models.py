@@ -301,19 +301,35 @@ class Ensemble:
         except BaseException:
             reservation.release()
             raise
-        jobs = [e.evaluate(inputs, deadline=deadline, encoder=self._member(e).encoder(field), reservation=r,
-                           field=field) for e, r in zip(engines, reservation.parts)]
-        if prompts:
+        # A gate over the members' backbone reads its prompts in the same submission as the inputs: queued
+        # together, each prompt is computed as the prefix its answers share (service/grouping.py), nearly free.
+        along = prompts and any(e is self.gate.model.engine for e in engines)
+        jobs = []
+        for e, r in zip(engines, reservation.parts):
+            batch = inputs
+            if along and e is self.gate.model.engine:
+                r.absorb(gate_reservation)
+                batch = [*inputs, *prompts]
+            jobs.append(e.evaluate(batch, deadline=deadline, encoder=self._member(e).encoder(field), reservation=r,
+                                   field=field))
+        if prompts and not along:
             gate = self.gate.model
             jobs.append(gate.engine.evaluate(prompts, deadline=deadline, encoder=gate.encoder(field),
                                              reservation=gate_reservation, field=field))
         evaluated = await asyncio.gather(*jobs)
+        gate_evaluated = evaluated[-1] if prompts and not along else None
+        if along:
+            n = len(inputs)
+            k = next(j for j, e in enumerate(engines) if e is self.gate.model.engine)
+            both = evaluated[k]
+            evaluated[k] = Evaluated(both.encoded[:n], both.values[:n], both.queue_s, both.compute_s)
+            gate_evaluated = Evaluated(both.encoded[n:], both.values[n:], both.queue_s, both.compute_s)
         by_engine = dict(zip(map(id, engines), evaluated))
         read = self.read
         by_name = {m.name: m.results(inputs, by_engine[id(m.engine)], self.normalize_members, field) for m in read}
         gate_key = None
         if prompts:
-            on_prompts = self.gate.model.results(prompts, evaluated[-1], False, field)
+            on_prompts = self.gate.model.results(prompts, gate_evaluated, False, field)
             gate_key = self.gate.model.name + PROMPT_SUFFIX  # never a member's key: a gate may route to itself
             by_name[gate_key] = [on_prompts[k] for k in prompt_of]
 

@@ -168,6 +168,9 @@ def test_a_gate_routes_each_input_to_its_members(server, zoo):
     by_prompt = (on_prompts[0] + on_prompts[2]) / 2  # one prompt routed, the other not
     cfg["ensembles"].append({"name": "by-prompt", "combine": "mean", "members": {"trio/a": 1.0, "trio/b": 1.0},
                              "gate": {"model": "helpful", "threshold": by_prompt, "members": {"harmless": 1.0}}})
+    mini_on_prompts = rewards(server, "mini", prompts)  # a gate on another backbone: its own submission
+    cfg["ensembles"].append({"name": "by-mini", "members": {"trio/a": 1.0},
+                             "gate": {"model": "mini", "threshold": 0.0, "members": {"harmless": 1.0}}})
     with LiveServer(ServeConfig(**cfg)) as live:
         listed = {m["id"]: m for m in httpx.get(live.http_url + "/v1/models").json()["data"]}
         assert listed["routed"]["gate"] == {"model": "helpful", "threshold": threshold, "reads": "input",
@@ -180,6 +183,10 @@ def test_a_gate_routes_each_input_to_its_members(server, zoo):
                                     "harmless": alone["harmless"][i], "helpful@prompt": on_prompts[i]}
             a, b = alone["trio/a"][i], alone["trio/b"][i]
             assert s["reward"] == (alone["harmless"][i] if on_prompts[i] > by_prompt else (a + b) / 2)
+        for i, s in enumerate(score(live, "by-mini")["scores"]):
+            assert s["members"] == {"trio/a": alone["trio/a"][i], "harmless": alone["harmless"][i],
+                                    "mini@prompt": mini_on_prompts[i]}
+            assert s["reward"] == (alone["harmless"][i] if mini_on_prompts[i] > 0.0 else alone["trio/a"][i])
         raw = httpx.post(live.http_url + "/v1/score", json={"model": "by-prompt", "inputs": [{"raw": "hi"}]})
         assert raw.status_code == 400 and "routes by the prompt" in raw.json()["error"]["message"]
         assert rewards(live, "helpful") == alone["helpful"]  # the prompt reads did not disturb anyone
