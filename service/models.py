@@ -368,8 +368,9 @@ class Ensemble:
             prompt = prompt_only(inp)
             if prompt is None:
                 raise invalid(f"{field}.{i}: ensemble {self.name!r} routes by the prompt, and a raw input's prompt "
-                              "cannot be told apart from its response: send prompt/response or messages, or score "
-                              "its members by name (or declare a gate with reads: input)")
+                              "cannot be told apart from its response: send prompt/response or messages (OpenRLHF: "
+                              "clients/openrlhf_reward.py with REWARDSERVE_INPUT=pair; verl: the prompt in "
+                              "extra_info), score its members by name, or declare a gate with reads: input")
             key = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
             prompt_of.append(index.setdefault(key, len(prompts)))
             if prompt_of[-1] == len(prompts):
