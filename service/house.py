@@ -175,27 +175,36 @@ def overlay_ensemble(name: str, heads: list[ServedModel], block: dict[str, Any] 
                      aliases: set[str]) -> Ensemble:
     """What a multi-head overlay serves under its own name: the mean of its heads, or what its `ensemble` block
     (rewardserve_overlay.json, written by `train rm --gate`) declares: `{combine, normalize, members: [head...],
-    gate: {head, threshold, members: [head...], reads: prompt | input}}`."""
+    gate: {head, threshold, members: [head...], reads: prompt | input}}`, checked as a config file's ensemble is."""
     if not block:
         return Ensemble(name, heads, [1.0] * len(heads), "mean", aliases=aliases)
+    from pydantic import ValidationError
+
+    from service.config import EnsembleEntry
+
     by_head = {m.name.split("/", 1)[1]: m for m in heads}
+    gate = block.get("gate")
+    try:
+        spec = EnsembleEntry(
+            name=name, combine=block.get("combine", "mean"), penalty=block.get("penalty", 0.5),
+            normalize=block.get("normalize", False), members=dict.fromkeys(block.get("members") or by_head, 1.0),
+            gate=None if not gate else {"model": gate.get("head"), "threshold": gate.get("threshold", 0.0),
+                                        "members": dict.fromkeys(gate.get("members") or [], 1.0),
+                                        "reads": gate.get("reads", "input")})
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise ValueError(f"model {name!r}: its overlay's ensemble block: {'.'.join(map(str, e['loc']))}: "
+                         f"{e['msg']}") from None
 
     def head(h: str) -> ServedModel:
         if h not in by_head:
             raise ValueError(f"model {name!r}: its overlay's ensemble names head {h!r}; the heads are {sorted(by_head)}")
         return by_head[h]
 
-    members = [head(h) for h in block.get("members") or list(by_head)]
-    gate = None
-    if block.get("gate"):
-        g = block["gate"]
-        threshold = float(g.get("threshold", 0.0))
-        if not math.isfinite(threshold):
-            raise ValueError(f"model {name!r}: its overlay's gate threshold is not finite")
-        routed = [head(h) for h in g["members"]]
-        reads = g.get("reads", "input")
-        if reads not in ("prompt", "input"):
-            raise ValueError(f"model {name!r}: its overlay's gate reads {reads!r}: expected prompt or input")
-        gate = Gate(head(g["head"]), threshold, routed, [1.0] * len(routed), reads)
-    return Ensemble(name, members, [1.0] * len(members), block.get("combine", "mean"), float(block.get("penalty", 0.5)),
-                    bool(block.get("normalize", False)), aliases=aliases, gate=gate)
+    members = [head(h) for h in spec.members]
+    routed = None
+    if spec.gate is not None:
+        g = spec.gate
+        routed = Gate(head(g.model), g.threshold, [head(h) for h in g.members], list(g.members.values()), g.reads)
+    return Ensemble(name, members, list(spec.members.values()), spec.combine, spec.penalty, spec.normalize,
+                    aliases=aliases, gate=routed)

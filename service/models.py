@@ -166,6 +166,22 @@ COMBINES = ("mean", "weighted", "min", "mean_minus_std")
 PROMPT_SUFFIX = "@prompt"  # a prompt-reading gate's reward, in an ensemble's `members`
 
 
+def combine_values(values: list[float], rule: str, weights: Sequence[float],
+                   penalty: float = 0.0) -> tuple[float, float]:
+    """(combined value, population std) of one input's member values under a combine rule (COMBINES)."""
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std()) if len(arr) > 1 else 0.0
+    if rule == "min":
+        return float(arr.min()), std
+    if rule == "weighted":
+        w = np.asarray(weights, dtype=np.float64)
+        return float((w * arr).sum() / w.sum()), std
+    mean = float(arr.mean())
+    if rule == "mean_minus_std":
+        return mean - penalty * std, std
+    return mean, std
+
+
 @dataclass
 class Rule:
     kind: str
@@ -274,17 +290,7 @@ class Ensemble:
 
     def combined(self, values: list[float]) -> tuple[float, float]:
         """(combined reward, std) of the members' values."""
-        arr = np.asarray(values, dtype=np.float64)
-        std = float(arr.std()) if len(arr) > 1 else 0.0  # population std of the members' values
-        if self.combine == "min":
-            return float(arr.min()), std
-        if self.combine == "weighted":
-            w = np.asarray(self.weights, dtype=np.float64)
-            return float((w * arr).sum() / w.sum()), std
-        mean = float(arr.mean())
-        if self.combine == "mean_minus_std":
-            return mean - self.penalty * std, std
-        return mean, std
+        return combine_values(values, self.combine, self.weights, self.penalty)
 
     async def score(self, inputs: Sequence[Any], *, deadline: float | None = None, normalize: bool = False,
                     encoder: Any = None, reservation: "MultiReservation | None" = None,
@@ -394,8 +400,7 @@ class Gate:
     reads: str = "prompt"  # "prompt": the gate reads each input's prompt (its response emptied); "input": all of it
 
     def combined(self, values: list[float]) -> tuple[float, float]:
-        arr, w = np.asarray(values, dtype=np.float64), np.asarray(self.weights, dtype=np.float64)
-        return float((w * arr).sum() / w.sum()), float(arr.std()) if len(arr) > 1 else 0.0
+        return combine_values(values, "weighted", self.weights)
 
 
 class MultiReservation:

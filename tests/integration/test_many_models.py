@@ -300,3 +300,21 @@ def test_clients_and_adapters_name_a_model_and_read_members(server):
         assert remote.score(PAIRS, step=0) == helpful
     finally:
         remote.close()
+
+
+@pytest.mark.parametrize("block,needle", [
+    ({"combine": "median", "members": ["a"]}, "combine"),  # was served as a mean, silently
+    ({"members": ["a"], "gate": {"head": "b", "threshold": float("nan"), "members": ["a"]}}, "threshold"),
+    ({"members": ["a"], "gate": {"head": "b", "members": ["a"], "reads": "response"}}, "reads"),
+    ({"members": ["a"], "gate": {"head": "b", "members": ["zz"]}}, "names head 'zz'"),
+])
+def test_an_overlays_ensemble_block_is_checked_as_a_config_ensemble_is(block, needle):
+    from rewardmodel.normalization import RewardStats
+    from service.house import overlay_ensemble
+    from service.models import ServedModel
+
+    heads = [ServedModel(f"quad/{h}", None, j, RewardStats(0.0, 1.0)) for j, h in enumerate("ab")]
+    with pytest.raises(ValueError, match=needle):
+        overlay_ensemble("quad", heads, block, set())
+    served = overlay_ensemble("quad", heads, {"members": ["a"], "gate": {"head": "b", "members": ["a"]}}, set())
+    assert served.gate.reads == "input" and served.gate.threshold == 0.0 and served.combine == "mean"
