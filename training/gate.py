@@ -130,10 +130,9 @@ def distinct_sequences(frozen: Any, pairs: Sequence[Any], store: Any,
     the response emptied; "input": its chosen and rejected sequences), each once however many pairs repeat it,
     computed into the store where missing; and each one's prompt id."""
     from training.features import encode_distinct, encode_prompts, fill_store, sequence_key
+    from training.rm_head import prompt_groups
 
-    ids: dict[str, int] = {}
-    prompts = torch.tensor([ids.setdefault(json.dumps(p if isinstance(p, list) else p.prompt_messages), len(ids))
-                            for p in pairs], dtype=torch.long)
+    prompts = prompt_groups(pairs)
     if reads == "prompt":
         rows, index = encode_prompts(frozen.collate, pairs)
         index = index[:, None]
@@ -166,15 +165,14 @@ def train_gate(args: Any, frozen: Any = None) -> dict[str, Any]:
     out = Path(args.output)
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0
-    for role, files in (("positive", args.positive), ("negative", args.negative),
-                        ("eval_positive", args.eval_positive or []), ("eval_negative", args.eval_negative or [])):
-        if not files:
-            continue
+    for role, files in (("positive", args.positive), ("negative", args.negative)):
         x, g = distinct_sequences(frozen, read_items(files, args.reads), store, args.reads)
         g = g + offset
         offset = int(g.max()) + 1
         parts[role] = (x, g)
         log.info("gate: %s: %d sequences from %s", role, len(x), ", ".join(files))
+    held_out = {role: {path: distinct_sequences(frozen, read_items([path], args.reads), store, args.reads)[0]
+                       for path in getattr(args, role) or []} for role in ("eval_positive", "eval_negative")}
     (xp, gp), (xn, gn) = parts["positive"], parts["negative"]
     x, groups = torch.cat([xp, xn]), torch.cat([gp, gn])
     y = torch.cat([torch.ones(len(xp)), torch.zeros(len(xn))])
@@ -183,14 +181,10 @@ def train_gate(args: Any, frozen: Any = None) -> dict[str, Any]:
     w, b = fit_logistic(x, y, l2)
     metrics: dict[str, Any] = {"train_balanced_accuracy": balanced_accuracy(x.double() @ w + b, y)}
     for role, label in (("eval_positive", 1), ("eval_negative", 0)):
-        if role in parts:
-            z = parts[role][0].double() @ w + b
-            metrics[f"{role}_accuracy"] = float(((z > 0) == bool(label)).double().mean())
-            for path in getattr(args, role):  # and per file: which kind of conversation it gets wrong
-                xf, _ = distinct_sequences(frozen, read_items([path], args.reads), store, args.reads)
-                right = ((xf.double() @ w + b) > 0) == bool(label)
-                metrics[f"{role}_accuracy_by_file"] = {**metrics.get(f"{role}_accuracy_by_file", {}),
-                                                        path: float(right.double().mean())}
+        if held_out[role]:  # overall and per file: which kind of conversation it gets wrong
+            right = {path: ((xf.double() @ w + b) > 0) == bool(label) for path, xf in held_out[role].items()}
+            metrics[f"{role}_accuracy"] = float(torch.cat(list(right.values())).double().mean())
+            metrics[f"{role}_accuracy_by_file"] = {path: float(r.double().mean()) for path, r in right.items()}
     threshold = -b
     if not math.isfinite(threshold):
         raise RuntimeError("the gate fit diverged (non-finite intercept)")

@@ -60,7 +60,7 @@ def accuracy(rewards: torch.Tensor) -> float:
 
 
 def load_sets(specs: Sequence[str], collate: Any, store: Any) -> dict[str, dict[str, torch.Tensor]]:
-    """name=path -> {"feats": (P, 2, H), "tokens": (P, 2)} for every set."""
+    """name=path -> {"feats": (P, 2, H), "tokens": (P, 2), "pairs": the pairs} for every set."""
     from training.data import load_preferences, read_records
     from training.features import stored_pair_features
     from training.length_debias import pair_tokens
@@ -69,8 +69,9 @@ def load_sets(specs: Sequence[str], collate: Any, store: Any) -> dict[str, dict[
     for spec in specs:
         name, _, path = spec.partition("=")
         records = read_records(path)
-        feats = stored_pair_features(collate, load_preferences(records), store)
-        out[name] = {"feats": feats, "tokens": pair_tokens(collate.tokenizer, records)}
+        pairs = load_preferences(records)
+        feats = stored_pair_features(collate, pairs, store)
+        out[name] = {"feats": feats, "tokens": pair_tokens(collate.tokenizer, records), "pairs": pairs}
     return out
 
 
@@ -218,19 +219,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"The ensemble {folders[0].name} serves (its overlay's `ensemble` block):\n")
         prompt_gate = None
         if block.get("gate") and block["gate"].get("reads", "input") == "prompt":
-            from training.data import load_preferences, read_records
             from training.features import encode_prompts, sequence_key
 
             prompt_gate = {}
             row = weights[names.index(block["gate"]["head"])]
-            for spec in args.sets:
-                name, _, path = spec.partition("=")
-                seqs, index = encode_prompts(collate, load_preferences(read_records(path)))
+            for name, data in sets.items():
+                seqs, index = encode_prompts(collate, data["pairs"])
                 keys = [sequence_key(q) for q in seqs]
                 missing = sum(k not in store for k in keys)
                 if missing:
-                    parser.error(f"{missing} prompts of {path} are not in the store: `rewardserve train gate` with "
-                                 "--eval-positive/--eval-negative fills them, or python -m training.features --prompts-only")
+                    parser.error(f"{missing} prompts of set {name} are not in the store: `rewardserve train gate` "
+                                 "with --eval-positive/--eval-negative fills them, or python -m training.features "
+                                 "--prompts-only")
                 prompt_gate[name] = (store.lookup(keys) @ row)[index]
         print("\n".join(declared_table(rewards, names, stats, block, prompt_gate)) + "\n")
     gates = {block["gate"]["head"]} if block and block.get("gate") else set()

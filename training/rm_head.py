@@ -163,10 +163,12 @@ def sets_features(frozen: Frozen, sets: Sets, store: FeatureStore, progress: Any
     return pair_features(frozen.head, frozen.collate, sets.pairs, store, progress=progress)
 
 
-def prompt_groups(pairs: Sequence[PreferencePair]) -> torch.Tensor:
-    """(P,) an id per distinct prompt: pairs of one prompt are not independent (clustered standard errors)."""
+def prompt_groups(pairs: Sequence[PreferencePair | list]) -> torch.Tensor:
+    """(P,) an id per distinct prompt: pairs of one prompt are not independent (clustered standard errors). An item
+    may also be a prompt alone (its messages)."""
     ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(json.dumps(p.prompt_messages), len(ids)) for p in pairs], dtype=torch.long)
+    return torch.tensor([ids.setdefault(json.dumps(p if isinstance(p, list) else p.prompt_messages), len(ids))
+                         for p in pairs], dtype=torch.long)
 
 
 def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float, patience: int,
