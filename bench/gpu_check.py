@@ -10,6 +10,9 @@ classifier. Inputs are seeded random token ids of 16..--max-len tokens. For each
                (`==`, bits). The same for transformers' own padded forward, where drift is expected (reported).
   precision    max / mean |bf16 - fp32| of the rewards, for our forward and transformers'; our forward also in
                int8x3 and int8x5 (split-int8 GEMMs with exact int32 sums) where the device's int8 GEMM is exact.
+  compiled     the decoder in bf16 with its element-wise work fused by torch.compile (`--compile on`; Triton on
+               CUDA): compile time, the same invariance checks, and its speed beside the unfused bf16 forward
+               (`--no-compile` skips it).
   speed        tokens/s of our invariant forward (packed batches up to --batch-tokens) beside transformers'
                padded forward on the same inputs (length-sorted batches of --padded-batch), both on the device.
 
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.batching import packed_batches  # noqa: E402
+from service.backends.fused import compiler_missing  # noqa: E402
 from service.backends.invariant import int8_gemm_exact  # noqa: E402
 from service.backends.invariant_models import build_forward  # noqa: E402
 from service.backends.precision import INT8_PRODUCTS, machine  # noqa: E402
@@ -74,6 +78,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=8, help="answers per prompt in the grouped check")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over all inputs (best kept)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", action="store_true", help="skip the decoder's torch.compile-fused bf16 run")
     p.add_argument("--profile", type=int, default=12, help="profile one bf16 pass of our forward per model: the top "
                                                           "N ops by self time (0: none)")
     return p.parse_args(argv)
@@ -101,8 +106,9 @@ def sync(device: str) -> None:
 class Ours:
     """Our batch-invariant forward (service/backends/invariant*.py), called as the server's backend calls it."""
 
-    def __init__(self, model: Any, dtype: torch.dtype, max_len: int, device: str, gemm: str = "native"):
-        self.fwd = build_forward(model, dtype, max_len, gemm)
+    def __init__(self, model: Any, dtype: torch.dtype, max_len: int, device: str, gemm: str = "native",
+                 compile: bool = False):
+        self.fwd = build_forward(model, dtype, max_len, gemm, compile=compile)
         if self.fwd is None:
             raise RuntimeError(f"no invariant forward for {type(model).__name__}")
         self.decoder = self.fwd.causal
@@ -263,8 +269,17 @@ def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict
     precisions = [("float32", torch.float32, "native"), ("bfloat16", torch.bfloat16, "native")]
     if int8_gemm_exact(args.device):  # exact int32 sums of int8 slices, fp32 activations (--dtype int8x3/int8x5)
         precisions += [(gemm, torch.float32, gemm) for gemm in INT8_PRODUCTS]
+    if kind == "llama" and not args.no_compile:  # the decoder's element-wise work fused (--compile on)
+        missing = compiler_missing(args.device.split(":")[0])
+        if missing:
+            result["ours/bfloat16+compiled"] = {"skipped": missing}
+            report(f"{kind} ours bfloat16+compiled", result["ours/bfloat16+compiled"])
+        else:
+            precisions.append(("bfloat16+compiled", torch.bfloat16, "native"))
     for name, dtype, gemm in precisions:
-        ours = Ours(model, dtype, max_len, args.device, gemm)
+        started = time.perf_counter()
+        ours = Ours(model, dtype, max_len, args.device, gemm, compile=name.endswith("+compiled"))
+        build_s = time.perf_counter() - started
         alone = [ours.rewards([s])[0] for s in seqs]
         entry: dict[str, Any] = {
             "one_call_gemms": sorted({lin.one_call for layer in ours.fwd.layers for lin in vars(layer).values()
@@ -281,9 +296,12 @@ def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict
                 prefix = len(os.path.commonprefix(g))
                 grouped += ours.rewards(g, (Group(prefix, tuple(range(len(g)))),))
             entry["grouped"] = drift(solo, grouped)
+        if name.endswith("+compiled"):
+            entry |= {"compiled": ours.fwd.compiled, "compile_s": round(build_s, 1),
+                      "compile_error": ours.fwd.compile_error}
         seconds = timed(lambda: score_in(ours, seqs, sorted_plan), args.device, args.repeats)
         entry["tokens_per_s"] = round(tokens / seconds, 1)
-        if args.profile and dtype == torch.bfloat16:
+        if args.profile and name == "bfloat16":
             biggest = max(sorted_plan, key=lambda idx: sum(len(seqs[i]) for i in idx))
             entry["profile"] = profile_pass(ours, [seqs[i] for i in biggest], args.device, args.profile)
         rewards[f"ours/{name}"] = alone
@@ -313,6 +331,9 @@ def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict
     } | {f"ours_{gemm}_vs_ours_fp32": round(result[f"ours/{gemm}"]["tokens_per_s"]
                                             / result["ours/float32"]["tokens_per_s"], 3)
          for gemm in INT8_PRODUCTS if f"ours/{gemm}" in result}
+    if "tokens_per_s" in result.get("ours/bfloat16+compiled", {}):
+        result["speed"]["ours_bf16_compiled_vs_ours_bf16"] = round(
+            result["ours/bfloat16+compiled"]["tokens_per_s"] / ours_bf16, 3)
     report(f"{kind} speed", result["speed"])
     return result
 

@@ -144,6 +144,12 @@ class ServeConfig(BaseModel):
     """`invariant`: our batch-invariant forward (an input's reward is bit-identical whatever shares its pass;
     Llama-family decoders and BERT encoders); `transformers`: the model's own forward (packed on CPU), within float
     noise of invariant; `auto`: invariant where the architecture is supported."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Fuse the invariant decoder's element-wise work between matmuls (norms, rotary, SiLU, casts) with
+    torch.compile (inductor; CPUs need a C++ compiler, CUDA triton), compiled at load (~20 s cold on 2 cores, a
+    few seconds from inductor's disk cache); a failure stops the server. Rewards stay bit-identical in any batch;
+    their last bits depend on this setting. `auto` is `off` for now: no speed-up was measured on a CPU (the
+    matmuls dominate; docs/benchmarks.md) and CUDA is not measured yet."""
     threads: int = Field(0, ge=0, le=1024)
     """Intra-op threads for the model worker (0: one per available core)."""
     packing: Literal["auto", "on", "off"] = "auto"

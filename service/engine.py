@@ -127,6 +127,7 @@ class RewardEngine:
         info = self.describe()
         if info:
             metrics.MODEL_INFO.labels(self.name, info.get("dtype", ""), info.get("forward", ""),
+                                      str(bool(info.get("compiled"))).lower(),
                                       str(info.get("batch_invariant")).lower()).set(1)
         log.info("model %s ready (max_length=%d, %s)", self.name, self.max_length,
                  ", ".join(f"{k}={v}" for k, v in info.items()))

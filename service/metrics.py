@@ -55,8 +55,9 @@ PREFIX_TOKENS_SAVED = Counter(
 )
 READY = Gauge("rewardserve_ready", "1 when the model is loaded and warmed, 0 otherwise.", ["model"])
 MODEL_INFO = Gauge(
-    "rewardserve_model_info", "1 for each served model: how it computes (dtype, forward, whether the start-up check "
-    "found rewards bit-identical whatever shares their batch).", ["model", "dtype", "forward", "batch_invariant"],
+    "rewardserve_model_info", "1 for each served model: how it computes (dtype, forward, whether its element-wise "
+    "work is compiled, whether the start-up check found rewards bit-identical whatever shares their batch).",
+    ["model", "dtype", "forward", "compiled", "batch_invariant"],
 )
 
 

@@ -86,7 +86,8 @@ class HFBackend:
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self.head = packing.head_kind(self.model)
         if forward != "transformers":
-            self.invariant = build_forward(self.model, self.dtype, self.max_length, self.gemm)
+            self.invariant = build_forward(self.model, self.dtype, self.max_length, self.gemm,
+                                           compile=self._compile_mode(config.compile))
             if self.invariant is None and (forward == "invariant" or self.gemm != "native"):
                 raise ValueError(f"the invariant forward does not support {type(self.model).__name__}; "
                                  "use --forward transformers" + (" with another --dtype" if self.gemm != "native"
@@ -102,9 +103,16 @@ class HFBackend:
         log.info(
             "loaded %s (%s) on %s, compute %s, forward %s, max_length=%d, threads=%d, packing=%s",
             self.source.path, type(self.model).__name__, self.device, self.describe_dtype(),
-            "invariant" if self.invariant is not None else "transformers", self.max_length,
+            ("invariant, compiled" if getattr(self.invariant, "compiled", False) else "invariant")
+            if self.invariant is not None else "transformers", self.max_length,
             torch.get_num_threads(), self.packed,
         )
+
+    def _compile_mode(self, choice: str) -> str | bool:
+        """What build_forward gets for --compile: "on" (compile; a failure stops the server) or False."""
+        from service.backends.fused import wants_compile
+
+        return "on" if wants_compile(choice, self.device.split(":")[0]) else False
 
     def _want_packing(self, mode: str) -> bool:
         if mode == "off":
@@ -126,6 +134,7 @@ class HFBackend:
             "dtype": self.describe_dtype(),
             "device": self.device,
             "forward": "invariant" if self.invariant is not None else "transformers",
+            "compiled": bool(getattr(self.invariant, "compiled", False)),
             "batch_invariant": self.invariance_checked,
             "machine": machine(),
         }

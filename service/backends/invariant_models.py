@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from service.backends.invariant import (
-    ACTIVATIONS, TILE, Int8Linear, RowLinear, TileLayout, attention, layer_norm, read_head, rms_norm, tile_layout,
+    ACTIVATIONS, ROW_TILE, TILE, Int8Linear, RowLinear, TileLayout, attention, layer_norm, read_head, rms_norm,
+    tile_layout,
 )
 from service.backends.precision import INT8_PRODUCTS
 
@@ -41,8 +42,10 @@ def _rope_type(config: Any) -> str | None:
 GEMMS = ("native", *INT8_PRODUCTS)
 
 
-def build_forward(model: Any, compute: torch.dtype, max_length: int,
-                  gemm: str = "native") -> "DecoderForward | EncoderForward | None":
+def build_forward(model: Any, compute: torch.dtype, max_length: int, gemm: str = "native",
+                  compile: str | bool = False) -> "DecoderForward | EncoderForward | None":
+    """compile: fuse a decoder's element-wise work with torch.compile (service/backends/fused.py; encoders run
+    unfused): True / "auto" (fall back to unfused, logged, if compiling fails) or "on" (a failure raises)."""
     if gemm not in GEMMS:
         raise ValueError(f"unknown GEMM kind {gemm!r}: one of {', '.join(GEMMS)}")
     config = model.config
@@ -57,10 +60,12 @@ def build_forward(model: Any, compute: torch.dtype, max_length: int,
             return None
         if getattr(config, "hidden_act", "silu") not in ACTIVATIONS:
             return None
-        return DecoderForward(model, compute, max_length, gemm)
+        return DecoderForward(model, compute, max_length, gemm, compile=compile)
     if kind == "bert" and hasattr(model, "classifier"):
         if getattr(config, "hidden_act", "gelu") not in ACTIVATIONS:
             return None
+        if compile:
+            log.info("invariant forward: encoders run unfused (--compile fuses decoders)")
         return EncoderForward(model, compute, gemm)
     return None
 
@@ -94,7 +99,8 @@ class _DecoderLayer:
 class DecoderForward:
     causal = True
 
-    def __init__(self, model: Any, compute: torch.dtype, max_length: int, gemm: str = "native"):
+    def __init__(self, model: Any, compute: torch.dtype, max_length: int, gemm: str = "native",
+                 compile: str | bool = False):
         config, base = model.config, model.model
         self.compute = compute
         self.heads = config.num_attention_heads
@@ -129,6 +135,41 @@ class DecoderForward:
         self.cos, self.sin = (emb.cos() * scaling).to(device), (emb.sin() * scaling).to(device)  # no per-pass exp/sin
         self.widths = (config.hidden_size, config.intermediate_size, self.heads * self.head_dim,
                        self.kv_heads * self.head_dim, self.head_dim)
+        self.ops = None
+        self.compile_error: str | None = None
+        if compile:
+            self._compile(strict=compile == "on")
+
+    @property
+    def compiled(self) -> bool:
+        return self.ops is not None
+
+    def _compile(self, strict: bool) -> None:
+        """Fuse the element-wise work (service/backends/fused.py) and compile it now, on two pass sizes (one
+        kernel for every row count), so no request waits for the compiler. A failure runs this forward unfused
+        (logged; `compile_error` says why), or raises when compiling was asked for outright (`strict`)."""
+        from service.backends.fused import FusedDecoderOps
+
+        ops = FusedDecoderOps(self.act)
+        try:
+            device, width, last = self.embed.device, self.embed.shape[1], self.layers[-1]
+            with torch.inference_mode():
+                for rows in (ROW_TILE, 2 * ROW_TILE):
+                    h = torch.zeros(rows, width, device=device)
+                    cos = self.cos[:rows, None, :]
+                    x = ops.norm(h, last.ln1, self.eps, self.compute)
+                    q, k, v = last.q(x), last.k(x), last.v(x)
+                    ops.rotary(q, k, v, cos, cos, self.heads, self.kv_heads, self.head_dim)
+                    h, x = ops.add_norm(h, last.o(q), last.ln2, self.eps, self.compute)
+                    gated = ops.gated(last.gate(x), last.up(x), self.compute)
+                    ops.add_norm(h, last.down(gated), self.norm, self.eps, torch.float32)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: report it, run unfused
+            if strict:
+                raise RuntimeError(f"--compile on: compiling the fused forward failed: {exc}") from exc
+            self.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("compiling the fused forward failed (%s); running it unfused", self.compile_error)
+            return
+        self.ops = ops
 
     def layout(self, tree: Any, pad_id: int, reads: Sequence[Sequence[int]] | None = None) -> TileLayout:
         return tile_layout(tree, pad_id, causal=True, widths=self.widths, reads=reads)
@@ -146,6 +187,8 @@ class DecoderForward:
 
     def __call__(self, tl: TileLayout) -> torch.Tensor:
         """Rewards (or logits) at every read row, fp32: (reads, labels)."""
+        if self.ops is not None:
+            return self._fused(tl)
         rows = tl.rows
         h = self.embed.index_select(0, tl.ids)  # (R, H) fp32 residual stream
         cos = self.cos.index_select(0, tl.positions)[:, None, :]  # (R, 1, D)
@@ -164,6 +207,25 @@ class DecoderForward:
         h = rms_norm(h, self.norm, self.eps)
         flat = [r for rs in tl.read for r in rs]
         return read_head(h, flat, self.head_weight, self.head_bias)
+
+    def _fused(self, tl: TileLayout) -> torch.Tensor:
+        """The same layers with the element-wise work between GEMMs fused (service/backends/fused.py)."""
+        ops, rows, eps, compute = self.ops, tl.rows, self.eps, self.compute
+        h = self.embed.index_select(0, tl.ids)  # (R, H) fp32 residual stream
+        cos = self.cos.index_select(0, tl.positions)[:, None, :]  # (R, 1, D)
+        sin = self.sin.index_select(0, tl.positions)[:, None, :]
+        x = ops.norm(h, self.layers[0].ln1, eps, compute)
+        for i, layer in enumerate(self.layers):
+            q, k, v = ops.rotary(layer.q(x), layer.k(x), layer.v(x), cos, sin, self.heads, self.kv_heads,
+                                 self.head_dim)
+            a = attention(q, k, v, tl.work, self.scale)  # (R, Hq, D)
+            h, x = ops.add_norm(h, layer.o(a.reshape(rows, self.heads * self.head_dim)), layer.ln2, eps, compute)
+            gated = ops.gated(layer.gate(x), layer.up(x), compute)
+            last = i + 1 == len(self.layers)
+            h, x = ops.add_norm(h, layer.down(gated), self.norm if last else self.layers[i + 1].ln1, eps,
+                                torch.float32 if last else compute)
+        flat = [r for rs in tl.read for r in rs]
+        return read_head(x, flat, self.head_weight, self.head_bias)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """bench/gpu_check.py runs its CUDA checks' code on the CPU too (tiny models): the invariance checks find no
-mismatch (int8x3 / int8x5 included where int8 GEMMs are exact), transformers' padded forward is measured beside
-ours, and the last line is one JSON object."""
+mismatch (int8x3 / int8x5 included where int8 GEMMs are exact, and the torch.compile-fused bf16 decoder where a
+compiler is), transformers' padded forward is measured beside ours, and the last line is one JSON object."""
 
 from __future__ import annotations
 
@@ -44,3 +44,10 @@ def test_gpu_check_on_cpu(tmp_path):
             assert llama[f"ours/{gemm}"]["grouped"]["mismatches"] == 0
             assert precision[f"ours/{gemm}"]["max_abs"] < precision["ours/bfloat16"]["max_abs"]
         assert llama["speed"]["ours_int8x5_vs_ours_fp32"] > 0
+    fused = llama["ours/bfloat16+compiled"]  # the torch.compile-fused decoder, where a compiler is
+    if "skipped" not in fused:
+        assert fused["compiled"] is True and fused["compile_error"] is None and fused["compile_s"] > 0
+        assert fused["packed_random"]["mismatches"] == 0 and fused["grouped"]["mismatches"] == 0
+        assert llama["speed"]["ours_bf16_compiled_vs_ours_bf16"] > 0
+    else:
+        assert "compiler" in fused["skipped"] or "triton" in fused["skipped"]

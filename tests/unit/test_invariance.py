@@ -17,16 +17,24 @@ from tests.helpers import test_config
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module", params=[(kind, dtype) for kind in ("llama", "bert")
-                                        for dtype in ("float32", "bfloat16", "int8x3", "int8x5")],
-                ids=lambda p: "-".join(p))
+PARAMS = [(kind, dtype, "off") for kind in ("llama", "bert") for dtype in ("float32", "bfloat16", "int8x3", "int8x5")]
+PARAMS += [("llama", dtype, "on") for dtype in ("float32", "bfloat16", "int8x5")]  # fused by torch.compile
+
+
+@pytest.fixture(scope="module", params=PARAMS, ids=lambda p: "-".join(p[:2]) + ("-compiled" if p[2] == "on" else ""))
 def backend(request, tiny_llama_dir, tiny_bert_dir):
-    kind, dtype = request.param
+    kind, dtype, compile = request.param
     if dtype.startswith("int8") and not int8_gemm_exact("cpu"):
         pytest.skip("this machine's int8 GEMM is not exact: int8x3/int8x5 are refused here (test_int8_gemms.py)")
+    if compile == "on":
+        from service.backends.fused import compiler_missing
+
+        if compiler_missing("cpu"):
+            pytest.skip(f"torch.compile cannot build kernels here: {compiler_missing('cpu')}")
     model_dir = tiny_llama_dir if kind == "llama" else tiny_bert_dir
-    backend = HFBackend(test_config(model_dir, dtype=dtype))
+    backend = HFBackend(test_config(model_dir, dtype=dtype, compile=compile))
     assert backend.invariant is not None
+    assert backend.describe()["compiled"] is (compile == "on")
     return backend
 
 
