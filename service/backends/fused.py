@@ -33,15 +33,12 @@ uncompiled, which would change bits between models loaded earlier and later).
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import types
 from typing import Any, Callable
 
 import torch
-
-log = logging.getLogger("rewardserve.fused")
 
 COMPILE_CHOICES = ("auto", "on", "off")
 
@@ -58,8 +55,9 @@ def compiler_missing(device: str) -> str | None:
 
 def wants_compile(choice: str, device: str) -> bool:
     """Whether a forward on `device` compiles, for --compile auto | on | off. `auto` is off for now: on a 2-core
-    AVX-512-BF16 CPU under jemalloc (the server's allocator) the fused bf16 forward measured no faster than the
-    unfused one (its GEMMs already run at ~87% of the bf16 matmul peak; attention is most of the rest), and on
+    AVX-512-BF16 CPU under jemalloc (the server's allocator) the fused bf16 forward measured 0-8% faster than the
+    unfused one, not steadily (its GEMMs already run at ~87% of the bf16 matmul peak; attention is most of the
+    rest; docs/benchmarks.md), for ~20 s of compiling at a cold start, and on
     CUDA, where fusing should cut the many small kernel launches, it has not been measured yet
     (`bench/gpu_check.py` compares both). `on` where nothing can compile raises with the reason."""
     if choice not in COMPILE_CHOICES:
