@@ -20,7 +20,7 @@ rows share the call (the inner dimension is the same fixed width in every call).
 outside the compiled graphs, exactly as without compile.
 
 Compiling costs time once per process and model (tens of seconds cold on 2 cores; inductor caches its kernels on
-disk, so a restart is faster): `DecoderForward` compiles at load by running a warm-up pass, so no request waits
+disk, so a restart is faster): `DecoderForward` compiles at load by running two warm-up passes through the fused path, so no request waits
 for it and a compiler failure is found then, not mid-serving. The fused kernels do not round exactly as the
 unfused ones (e.g. the mean is summed in another order): bits are a function of the model, the dtype, the
 machine and this setting, the same for every request of one server.
@@ -39,6 +39,8 @@ import types
 from typing import Any, Callable
 
 import torch
+
+from service.backends.invariant import rotate
 
 COMPILE_CHOICES = ("auto", "on", "off")
 
@@ -85,17 +87,11 @@ def _add_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: f
     return h, _rms(h, weight, eps).to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 def _rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             heads: int, kv_heads: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = q.shape[0]
-    q = _rotate(q.float().view(rows, heads, dim), cos, sin)
-    k = _rotate(k.float().view(rows, kv_heads, dim), cos, sin)
+    q = rotate(q.float().view(rows, heads, dim), cos, sin)
+    k = rotate(k.float().view(rows, kv_heads, dim), cos, sin)
     return q, k, v.float().view(rows, kv_heads, dim)
 
 

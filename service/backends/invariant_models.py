@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from service.backends.invariant import (
-    ACTIVATIONS, ROW_TILE, TILE, Int8Linear, RowLinear, TileLayout, attention, layer_norm, read_head, rms_norm,
+    ACTIVATIONS, TILE, Int8Linear, RowLinear, TileLayout, attention, layer_norm, read_head, rms_norm, rotate,
     tile_layout,
 )
 from service.backends.precision import INT8_PRODUCTS
@@ -149,41 +149,23 @@ class DecoderForward:
         kernel for every row count), so no request waits for the compiler. A failure runs this forward unfused
         (logged; `compile_error` says why), or raises when compiling was asked for outright (`strict`)."""
         from service.backends.fused import FusedDecoderOps
+        from service.grouping import PlannedBatch, prefix_tree_layout
 
-        ops = FusedDecoderOps(self.act)
+        self.ops = FusedDecoderOps(self.act)
         try:
-            device, width, last = self.embed.device, self.embed.shape[1], self.layers[-1]
             with torch.inference_mode():
-                for rows in (ROW_TILE, 2 * ROW_TILE):
-                    h = torch.zeros(rows, width, device=device)
-                    cos = self.cos[:rows, None, :]
-                    x = ops.norm(h, last.ln1, self.eps, self.compute)
-                    q, k, v = last.q(x), last.k(x), last.v(x)
-                    ops.rotary(q, k, v, cos, cos, self.heads, self.kv_heads, self.head_dim)
-                    h, x = ops.add_norm(h, last.o(q), last.ln2, self.eps, self.compute)
-                    gated = ops.gated(last.gate(x), last.up(x), self.compute)
-                    ops.add_norm(h, last.down(gated), self.norm, self.eps, torch.float32)
+                for length in (5, 40):  # passes of one row tile and of three: the kernels serve both
+                    tree = prefix_tree_layout(PlannedBatch([[0] * length]), 0)
+                    self._fused(self.layout(tree, 0).to(self.embed.device))
         except Exception as exc:  # noqa: BLE001 - any compiler failure: report it, run unfused
+            self.ops = None
             if strict:
                 raise RuntimeError(f"--compile on: compiling the fused forward failed: {exc}") from exc
             self.compile_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("compiling the fused forward failed (%s); running it unfused", self.compile_error)
-            return
-        self.ops = ops
 
     def layout(self, tree: Any, pad_id: int, reads: Sequence[Sequence[int]] | None = None) -> TileLayout:
         return tile_layout(tree, pad_id, causal=True, widths=self.widths, reads=reads)
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x * cos + rotate_half(x) * sin, without building rotate_half(x): the same bits (a + (-b)c == a - bc
-        exactly), written per half into one output."""
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        out = x * cos
-        out[..., :half] -= x2 * sin[..., :half]
-        out[..., half:] += x1 * sin[..., half:]
-        return out
 
     def __call__(self, tl: TileLayout) -> torch.Tensor:
         """Rewards (or logits) at every read row, fp32: (reads, labels)."""
@@ -195,8 +177,8 @@ class DecoderForward:
         sin = self.sin.index_select(0, tl.positions)[:, None, :]
         for layer in self.layers:
             x = rms_norm(h, layer.ln1, self.eps).to(self.compute)  # rounded once for the three GEMMs that read it
-            q = self._rotate(layer.q(x).float().view(rows, self.heads, self.head_dim), cos, sin)
-            k = self._rotate(layer.k(x).float().view(rows, self.kv_heads, self.head_dim), cos, sin)
+            q = rotate(layer.q(x).float().view(rows, self.heads, self.head_dim), cos, sin)
+            k = rotate(layer.k(x).float().view(rows, self.kv_heads, self.head_dim), cos, sin)
             v = layer.v(x).float().view(rows, self.kv_heads, self.head_dim)
             a = attention(q, k, v, tl.work, self.scale)  # (R, Hq, D)
             h += layer.o(a.reshape(rows, self.heads * self.head_dim))  # in place; a bf16 term is added in fp32
