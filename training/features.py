@@ -271,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base", default="smollm2", help="minilm | smollm2 (default smollm2)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--num-layers", type=int)
+    parser.add_argument("--read-layers", type=int, nargs="+", metavar="K",
+                        help="store each sequence's features after each of these layer counts (as `train rm "
+                        "--read-layers`; its own store key)")
     parser.add_argument("--store", help="the .pt store (as `train rm --feature-cache`)")
     parser.add_argument("--data", nargs="+", required=True, help="preference files, in the order to compute them")
     parser.add_argument("--chunk-prompts", type=int, help="go prompt by prompt (seeded order), this many per chunk")
@@ -293,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    frozen = load_frozen(args.base, args.max_length, args.num_layers)
+    frozen = load_frozen(args.base, args.max_length, args.num_layers, args.read_layers)
     store = FeatureStore.open(args.store, frozen.store_key)
     for path in args.data:
         if args.prompts_only:

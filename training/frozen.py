@@ -34,11 +34,16 @@ FEATURE_BATCH = 8  # rows per frozen forward (length-sorted, so little padding)
 
 
 class Head:
-    """The trainable head of a reward model, applied to cached features (N, H) -> rewards (N,)."""
+    """The trainable head of a reward model, applied to cached features (N, H) -> rewards (N,).
 
-    def __init__(self, model: Any):
+    read_layers (decoder bases): the features are the last token's hidden state after each of these layer counts,
+    each through the final norm (what a head with that `head_layers` entry reads when served), concatenated:
+    (N, len(read_layers) * H). Such features are for linear heads fit per layer (training/head_overlays.py)."""
+
+    def __init__(self, model: Any, read_layers: Sequence[int] | None = None):
         self.model = model
         self.base = getattr(model, model.base_model_prefix)
+        self.read_layers = tuple(read_layers) if read_layers else None
         if has_decoder_head(model):
             self.kind, self.modules = "decoder", {"score": model.score}
         elif getattr(self.base, "pooler", None) is not None and isinstance(getattr(model, "classifier", None),
@@ -50,17 +55,37 @@ class Head:
                 f"--head-only supports decoder heads (`score`) and BERT-style pooler + linear classifier heads, "
                 f"not {type(model).__name__}"
             )
+        if self.read_layers:
+            loaded = int(model.config.num_hidden_layers)
+            if self.kind != "decoder":
+                raise ValueError("--read-layers needs a decoder base (smollm2)")
+            wrong = [k for k in self.read_layers if not 1 <= k <= loaded]
+            if wrong or len(set(self.read_layers)) != len(self.read_layers):
+                raise ValueError(f"--read-layers {list(self.read_layers)}: distinct layer counts from 1 to {loaded} "
+                                 "(the base's layers)")
+
+    @property
+    def store_kind(self) -> str:
+        """What a feature store of this head's features is filed under (with the base digest, length, layers)."""
+        return "layers:" + ",".join(map(str, self.read_layers)) if self.read_layers else self.kind
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in self.modules.values() for p in m.parameters()]
 
     @torch.no_grad()
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        if self.kind == "decoder":
-            last = attention_mask.long().sum(-1) - 1  # (B,)
-            return hidden[torch.arange(hidden.shape[0]), last].float()  # (B, H)
-        return hidden[:, 0].float()  # (B, H)
+        out = self.base(input_ids=input_ids, attention_mask=attention_mask,
+                        output_hidden_states=bool(self.read_layers))
+        hidden = out.last_hidden_state  # (B, T, H), after the final norm
+        if self.kind != "decoder":
+            return hidden[:, 0].float()  # (B, H)
+        rows = torch.arange(hidden.shape[0])
+        last = attention_mask.long().sum(-1) - 1  # (B,)
+        if not self.read_layers:
+            return hidden[rows, last].float()  # (B, H)
+        loaded = len(out.hidden_states) - 1  # hidden_states: the embeddings, then each layer's output
+        return torch.cat([(hidden[rows, last] if k == loaded else self.base.norm(out.hidden_states[k][rows, last]))
+                          .float() for k in self.read_layers], -1)  # (B, layers * H)
 
     def rewards(self, feats: torch.Tensor) -> torch.Tensor:
         if self.kind == "decoder":
@@ -113,23 +138,25 @@ class Frozen:
     store_key: dict[str, Any]
 
 
-def load_frozen(base_spec: str, max_length: int | None, num_layers: int | None = None) -> Frozen:
-    """The packaged base (minilm | smollm2), optionally cut to its first num_layers, frozen, in fp32 on the CPU."""
+def load_frozen(base_spec: str, max_length: int | None, num_layers: int | None = None,
+                read_layers: Sequence[int] | None = None) -> Frozen:
+    """The packaged base (minilm | smollm2), optionally cut to its first num_layers, frozen, in fp32 on the CPU;
+    read_layers: features of several layers (Head)."""
     source = resolve_model(overlay_base_spec(base_spec))
     if num_layers:
         if base_spec != "smollm2":
             raise ValueError("--num-layers applies to decoder bases (smollm2)")
         source = replace(source, num_layers=num_layers)
-    return frozen_from_source(source, max_length)
+    return frozen_from_source(source, max_length, read_layers)
 
 
-def frozen_from_source(source: ModelSource, max_length: int | None) -> Frozen:
+def frozen_from_source(source: ModelSource, max_length: int | None, read_layers: Sequence[int] | None = None) -> Frozen:
     """A frozen base from any source (tests use tiny models from configs)."""
     tokenizer = load_tokenizer(source)
     model = load_reward_model(source, torch.float32, "cpu")
     for p in model.parameters():
         p.requires_grad_(False)
-    head = Head(model)
+    head = Head(model, read_layers)
     cap = model_max_length(tokenizer, model.config, max_length or 0)
-    key = store_key(sha256_file(source.weights_file()), cap, source.num_layers, head.kind)
+    key = store_key(sha256_file(source.weights_file()), cap, source.num_layers, head.store_kind)
     return Frozen(source, tokenizer, model, head, PreferenceCollator(tokenizer, cap), cap, key)

@@ -18,14 +18,17 @@ from rewardmodel.modeling import OVERLAY_META, OVERLAY_TENSORS, sha256_file
 from rewardmodel.normalization import STATS_FILE
 from training.checkpoint import atomic_write_text
 from training.data import PreferencePair
-from training.heads import FittedHead, fit_heads, head_stats, pair_metrics, pick_best, pick_one_se, write_tensors
+from training.heads import (
+    FittedHead, fit_heads, head_stats, layer_part, pair_metrics, pick_best, pick_one_se, write_tensors,
+)
 from training.overlay_io import overlay_meta, overlay_rows
 
 log = logging.getLogger("rewardserve.train.heads")
 
 
 def included_head(spec: str, frozen: Any, train: torch.Tensor, dev: torch.Tensor | None) -> FittedHead:
-    """"NAME=DIR": the row of DIR's overlay (its head NAME when DIR holds several), over the same base and length."""
+    """"NAME=DIR": the row of DIR's overlay (its head NAME when DIR holds several), over the same base and length,
+    reading the layer it reads there (which this run's features must hold: --read-layers)."""
     name, sep, folder = spec.partition("=")
     if not sep or not name or not folder:
         raise ValueError(f"--include-head {spec!r}: expected NAME=DIR")
@@ -36,13 +39,22 @@ def included_head(spec: str, frozen: Any, train: torch.Tensor, dev: torch.Tensor
     if got != want:
         raise ValueError(f"--include-head {spec!r}: {folder} was trained with {got}, this run uses {want}")
     names, rows, _ = overlay_rows(Path(folder))
-    row = rows[0] if len(names) == 1 else rows[names.index(name)] if name in names else None
-    if row is None:
+    index = 0 if len(names) == 1 else names.index(name) if name in names else None
+    if index is None:
         raise ValueError(f"--include-head {spec!r}: {folder} has heads {names}, none named {name!r}")
+    row = rows[index]
+    loaded = int(frozen.model.config.num_hidden_layers)
+    layer = int((meta.get("head_layers") or [loaded] * len(names))[index])
+    reads = frozen.head.read_layers or ()
+    if layer not in (reads or (loaded,)):
+        raise ValueError(f"--include-head {spec!r}: that head reads layer {layer}; this run's features hold layers "
+                         f"{list(reads or (loaded,))} (--read-layers)")
+    train, dev = layer_part(train, reads, layer), layer_part(dev, reads, layer)
     metrics = {f"train/{m}": v for m, v in pair_metrics(train, row).items()}
     if dev is not None:
         metrics |= {f"eval/{m}": v for m, v in pair_metrics(dev, row).items()}
-    return FittedHead(name, row.clone(), {"from": folder, "trained_with": meta.get("trained_with")}, metrics)
+    return FittedHead(name, row.clone(), {"from": folder, "trained_with": meta.get("trained_with")}, metrics,
+                      layer=layer if reads else None)
 
 
 def parse_gate(spec: str, include_heads: Sequence[str]) -> dict[str, Any]:
@@ -75,20 +87,27 @@ def ensemble_block(gate: dict[str, Any], names: Sequence[str]) -> dict[str, Any]
     return {"combine": "mean", "normalize": True, "members": rest, "gate": gate}
 
 
-def check_rows(frozen: Any, weights: torch.Tensor, feats: torch.Tensor, pairs: Sequence[PreferencePair]) -> float:
-    """Max |served - training-time| reward over every row on a few pairs: the base's forward with each row as head."""
-    from rewardmodel.modeling import reward_forward
+def check_rows(frozen: Any, heads: Sequence[FittedHead], feats: torch.Tensor, pairs: Sequence[PreferencePair]) -> float:
+    """Max |served - training-time| reward over every row on a few pairs: the base's forward with each row as head,
+    reading the head's layer as the server does (rewardmodel.modeling.head_layers)."""
+    from rewardmodel.modeling import HEAD_LAYERS, reward_forward
 
     model, batch = frozen.model, frozen.collate(list(pairs))
+    reads = frozen.head.read_layers or ()
+    loaded = int(model.config.num_hidden_layers)
     saved = model.score.weight.detach().clone()
-    want_all = feats.transpose(0, 1).flatten(0, 1) @ weights.T  # (2K', K): chosen..., rejected...
     worst = 0.0
     try:
-        for k in range(weights.shape[0]):
+        for h in heads:
+            want = layer_part(feats, reads, h.layer).transpose(0, 1).flatten(0, 1) @ h.weight  # chosen.., rejected..
             with torch.no_grad():
-                model.score.weight.copy_(weights[k][None, :])
+                model.score.weight.copy_(h.weight[None, :])
+                if h.layer not in (None, loaded):
+                    setattr(model, HEAD_LAYERS, (h.layer,))
                 got = reward_forward(model, batch.input_ids, batch.attention_mask)  # (2K',)
-            worst = max(worst, float((got - want_all[:, k]).abs().max()))
+            if hasattr(model, HEAD_LAYERS):
+                delattr(model, HEAD_LAYERS)
+            worst = max(worst, float((got - want).abs().max()))
     finally:
         with torch.no_grad():
             model.score.weight.copy_(saved)
@@ -103,14 +122,19 @@ def export_multi(out: Path, frozen: Any, heads: Sequence[FittedHead], stats_on: 
     out.mkdir(parents=True, exist_ok=True)
     (out / OVERLAY_META).unlink(missing_ok=True)
     write_tensors(out, torch.stack([h.weight for h in heads]))
-    per_head = {h.name: head_stats(h.weight, stats_on["feats"], stats_on["tokens"], fit_on=stats_on["fit_on"],
-                                   max_length=frozen.max_length) for h in heads}
+    reads = frozen.head.read_layers or ()
+    per_head = {h.name: head_stats(h.weight, layer_part(stats_on["feats"], reads, h.layer), stats_on["tokens"],
+                                   fit_on=stats_on["fit_on"], max_length=frozen.max_length) for h in heads}
     for entry in per_head.values():
         entry["split"] = stats_on["split"]
     atomic_write_text(out / STATS_FILE, json.dumps({"heads": per_head}, indent=2) + "\n")
     body = {"base": meta["base"], "base_sha256": sha256_file(frozen.source.weights_file()),
             "tensors": OVERLAY_TENSORS, "heads": [h.name for h in heads], **{k: v for k, v in meta.items()
                                                                               if k != "base"}}
+    loaded = int(frozen.model.config.num_hidden_layers)
+    layers = [h.layer or loaded for h in heads]
+    if any(k != loaded for k in layers):
+        body["head_layers"] = layers
     atomic_write_text(out / OVERLAY_META, json.dumps(body, indent=2) + "\n")
 
 
@@ -135,14 +159,29 @@ def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.T
     if pick_l2 and (dev is None or bootstrap):
         raise ValueError("--pick-l2 chooses on --eval among plain heads: it needs --eval and no --bootstrap")
     out.mkdir(parents=True, exist_ok=True)
-    fitted = fit_heads(train, dev, l2s=l2s, bootstrap=bootstrap, seed=seed, sizes=sizes)
-    candidates = [_describe(h) for h in fitted] if pick_l2 else None
+    reads = frozen.head.read_layers or ()
+    candidates: list[dict[str, Any]] | None = [] if pick_l2 else None
     picked: dict[str, Any] = {"rule": pick_l2} if pick_l2 else {}
-    if pick_l2 == "one-se":
-        head, se = pick_one_se(fitted, dev, dev_groups)
-        fitted, picked["clustered_se"] = [head], se
-    elif pick_l2:
-        fitted = [pick_best(fitted)]
+    fitted: list[FittedHead] = []
+    for layer in reads or (None,):  # with --read-layers: the same fit and pick on each layer's features
+        tr, dv = layer_part(train, reads, layer), layer_part(dev, reads, layer)
+        got = fit_heads(tr, dv, l2s=l2s, bootstrap=bootstrap, seed=seed, sizes=sizes)
+        if candidates is not None:
+            candidates += [_describe(h) | ({"layer": layer} if layer else {}) for h in got]
+        if pick_l2 == "one-se":
+            head, se = pick_one_se(got, dv, dev_groups)
+            got = [head]
+            if layer is None:
+                picked["clustered_se"] = se
+            else:
+                picked.setdefault("clustered_se", {})[f"L{layer}"] = se
+        elif pick_l2:
+            got = [pick_best(got)]
+        for h in got:
+            if layer is not None:
+                h.name, h.layer = (f"L{layer}" if len(got) == 1 and not bootstrap else f"L{layer}_{h.name}"), layer
+                h.settings["layer"] = layer
+        fitted += got
     heads = [included_head(spec, frozen, train, dev) for spec in include_heads] + fitted
     names = [h.name for h in heads]
     if len(set(names)) != len(names):
@@ -151,9 +190,11 @@ def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.T
                "heads": [_describe(h) for h in heads], "l2_candidates": candidates, "pick_l2": picked or None}
     metrics_rows = [{"head": h.name, **h.metrics} for h in heads]
     block = ensemble_block(gate, names) if gate else None
+    if not block and len({h.layer for h in fitted}) > 1:  # heads over several layers: served as their normalized mean
+        block = {"combine": "mean", "normalize": True, "members": [h.name for h in fitted]}
     if block:
         summary["ensemble"] = block
-    if len(heads) == 1:
+    if len(heads) == 1 and not reads:
         if gate:
             raise ValueError("--gate needs a multi-head overlay")
         with torch.no_grad():
@@ -170,10 +211,10 @@ def train_linear_heads(frozen: Any, out: Path, train: torch.Tensor, dev: torch.T
     export_multi(out, frozen, heads, stats_on, {"base": common["base"], "trained_with": common["command"],
                                                 "max_length": frozen.max_length,
                                                 "num_hidden_layers": common["num_hidden_layers"],
+                                                **({"read_layers": list(reads)} if reads else {}),
                                                 "eval_accuracy": eval_acc, **({"ensemble": block} if block else {})})
-    weights = torch.stack([h.weight for h in heads])  # (K, H)
     summary["head"] = ["score.weight"]
-    summary["export_check_max_abs_diff"] = check_rows(frozen, weights, stats_on["feats"][: len(check_pairs)],
+    summary["export_check_max_abs_diff"] = check_rows(frozen, heads, stats_on["feats"][: len(check_pairs)],
                                                       check_pairs)
     log.info("head-only: %d heads %s", len(heads), names)
     return summary

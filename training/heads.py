@@ -8,7 +8,9 @@ server's loader, rewardmodel/modeling.py):
   reward_stats.json {"mean", "std", ..., "length": {...}});
 - K > 1 heads: rewardserve_overlay.json gains "heads": [name_0, ..., name_{K-1}] and overlay.safetensors holds
   `score.weight` (K, H) with its rows in that order; reward_stats.json is {"heads": {name: {"mean", "std", ...,
-  "length": {...}}}}, every head's statistics measured on the same eval pairs.
+  "length": {...}}}}, every head's statistics measured on the same eval pairs;
+- heads fit on several layers (`--read-layers`, features of each layer through the final norm): "head_layers":
+  [k_0, ..., k_{K-1}] says how many decoder layers each row reads (rewardmodel/modeling.py serves them in one pass).
 
 Bootstrap heads (`--bootstrap K`) are each fit by the same L2 solve on a resample, with replacement, of the training
 pairs (seed + k); with several training files each file is resampled on its own (stratified), so every head sees
@@ -35,6 +37,7 @@ class FittedHead:
     weight: torch.Tensor  # (H,) fp32
     settings: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    layer: int | None = None  # the decoder layers it reads (None: all the frozen base's: its last layer)
 
 
 def solve_l2(train: torch.Tensor, l2: float, max_iter: int = 500) -> torch.Tensor:
@@ -140,6 +143,15 @@ def head_stats(weight: torch.Tensor, feats: torch.Tensor, tokens: torch.Tensor |
     if tokens is not None:
         stats["length"] = fit_length(r, tokens, fit_on)
     return stats
+
+
+def layer_part(feats: torch.Tensor | None, reads: Sequence[int], layer: int | None) -> torch.Tensor | None:
+    """The slice of (.., len(reads) * H) features that layer `layer` fills (all of it without reads / layer)."""
+    if feats is None or not reads or layer is None:
+        return feats
+    width = feats.shape[-1] // len(reads)
+    i = list(reads).index(layer)
+    return feats[..., i * width:(i + 1) * width]
 
 
 def write_tensors(out: Path, weights: torch.Tensor) -> None:

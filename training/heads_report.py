@@ -189,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rewardmodel.modeling import load_tokenizer, resolve_model
     from training.data import PreferenceCollator
     from training.features import FeatureStore, store_key
-    from training.overlay_io import overlay_meta, overlay_rows
+    from training.heads import layer_part
+    from training.overlay_io import loaded_layers, overlay_meta, overlay_rows
 
     folders = [Path(f) for f in args.overlay]
     metas = [overlay_meta(f) for f in folders]
@@ -198,21 +199,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     for f, m in zip(folders[1:], metas[1:]):
         if any(m.get(k) != meta.get(k) for k in same):
             parser.error(f"{f} is over another base or max length than {folders[0]}")
-    names, rows, stats = [], [], {}
-    for f in folders:
+    reads = sorted({tuple(m["read_layers"]) for m in metas if m.get("read_layers")})
+    if len(reads) > 1:
+        parser.error(f"the overlays' features were read at different layer lists {reads}: one store holds one list")
+    reads = list(reads[0]) if reads else []
+    names, rows, stats, layers = [], [], {}, []
+    for f, m in zip(folders, metas):
         n, w, _ = overlay_rows(f)
         names += n
         rows.append(w)
         stats |= head_stats_of(f, n)
+        layers += m.get("head_layers") or [loaded_layers(m) if reads else None] * len(n)
     if len(set(names)) != len(names):
         parser.error(f"head names repeat across the overlays: {names}")
+    missing = sorted({k for k in layers if reads and k not in reads})
+    if missing:
+        parser.error(f"heads read layers {missing}, which the store's features ({reads}) do not hold")
     weights = torch.cat(rows)  # (K, H)
     tokenizer = load_tokenizer(resolve_model(meta["base"]))
     collate = PreferenceCollator(tokenizer, int(meta["max_length"]))
-    key = store_key(meta["base_sha256"], int(meta["max_length"]), meta.get("num_hidden_layers"), "decoder")
+    kind = "layers:" + ",".join(map(str, reads)) if reads else "decoder"
+    key = store_key(meta["base_sha256"], int(meta["max_length"]), meta.get("num_hidden_layers"), kind)
     store = FeatureStore.open(args.store, key)
     sets = load_sets(args.sets, collate, store)
-    rewards = {s: torch.einsum("pch,kh->kpc", d["feats"], weights) for s, d in sets.items()}  # (K, P, 2)
+
+    def head_rewards(feats: torch.Tensor, k: int) -> torch.Tensor:
+        return layer_part(feats, reads, layers[k]) @ weights[k]
+
+    rewards = {s: torch.stack([head_rewards(d["feats"], k) for k in range(len(names))])
+               for s, d in sets.items()}  # (K, P, 2)
     print("\n".join(member_table(names, rewards, sets, stats)) + "\n")
     block = meta.get("ensemble")
     if block:
@@ -222,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from training.features import encode_prompts, sequence_key
 
             prompt_gate = {}
-            row = weights[names.index(block["gate"]["head"])]
+            gate_k = names.index(block["gate"]["head"])
             for name, data in sets.items():
                 seqs, index = encode_prompts(collate, data["pairs"])
                 keys = [sequence_key(q) for q in seqs]
@@ -231,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     parser.error(f"{missing} prompts of set {name} are not in the store: `rewardserve train gate` "
                                  "with --eval-positive/--eval-negative fills them, or python -m training.features "
                                  "--prompts-only")
-                prompt_gate[name] = (store.lookup(keys) @ row)[index]
+                prompt_gate[name] = head_rewards(store.lookup(keys), gate_k)[index]
         print("\n".join(declared_table(rewards, names, stats, block, prompt_gate)) + "\n")
     gates = {block["gate"]["head"]} if block and block.get("gate") else set()
     scorers = [k for k, n in enumerate(names) if n not in gates]  # a gate's logit is no reward to combine

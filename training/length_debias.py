@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rewardmodel.normalization import STATS_FILE
     from training.checkpoint import atomic_write_text
     from training.data import read_records
-    from training.overlay_io import overlay_rows, pair_rewards
+    from training.overlay_io import overlay_meta, overlay_rows, pair_rewards
 
     parser = argparse.ArgumentParser(prog="python -m training.length_debias", description=main.__doc__)
     parser.add_argument("--overlay", required=True, help="a single-head overlay folder (e.g. models/default)")
@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(names) != 1:
         raise SystemExit(f"{folder} holds {len(names)} heads; its length blocks are written when it is trained")
     records = read_records(args.eval)
-    rewards = pair_rewards(frozen, records, weights, args.feature_cache)[0]  # (P, 2)
+    layers = overlay_meta(folder).get("head_layers")
+    rewards = pair_rewards(frozen, records, weights, args.feature_cache, layers)[0]  # (P, 2)
     block = fit_length(rewards, pair_tokens(frozen.tokenizer, records), args.eval)
     stats = json.loads((folder / STATS_FILE).read_text())
     stats["length"] = block

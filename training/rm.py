@@ -261,7 +261,7 @@ def _main_head_only(args: Any, config: RMConfig) -> int:
                               also_data=getattr(args, "also_data", None) or (),
                               also_eval=getattr(args, "also_eval", None) or (),
                               include_heads=getattr(args, "include_head", None) or (),
-                              gate=getattr(args, "gate", None))
+                              gate=getattr(args, "gate", None), read_layers=getattr(args, "read_layers", None))
     acc = (summary.get("final_eval") or {}).get("accuracy")
     if len(summary.get("heads") or []) > 1:
         print(f"{len(summary['heads'])} reward heads saved to {args.output}")

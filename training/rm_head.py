@@ -175,7 +175,8 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
                     command: str | None = None, feature_cache: str | None = None, num_layers: int | None = None,
                     l2: float | Sequence[float] | None = None, bootstrap: int = 0, pick_l2: str | None = None,
                     also_data: Sequence[str] = (), also_eval: Sequence[str] = (),
-                    include_heads: Sequence[str] = (), gate: str | None = None) -> dict[str, Any]:
+                    include_heads: Sequence[str] = (), gate: str | None = None,
+                    read_layers: Sequence[int] | None = None) -> dict[str, Any]:
     """config: training.rm.RMConfig. Returns the summary also written to training_config.json.
 
     num_layers: use only the first N layers of a decoder base (then its final norm and the head): an intermediate
@@ -185,11 +186,16 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
     resamples of the training pairs. include_heads: "NAME=DIR" rows copied from existing overlays over the same base. More than one head in
     the end: a multi-head overlay (training/heads.py). gate: "GATE=HEAD[,HEAD...]", served as a routed ensemble
     (training/head_overlays.py parse_gate).
+    read_layers: fit the heads on each of these layers (decoder bases; features of every layer from one pass, each
+    through the final norm): a multi-head overlay with heads L<k> and their `head_layers`, served in one pass as the
+    normalized mean of the layers' heads (its `ensemble` block).
     """
     t0 = time.time()
     l2s = [l2] if isinstance(l2, (int, float)) else list(l2 or [])
     if not l2s and (bootstrap or pick_l2 or include_heads):
         raise ValueError("--bootstrap, --pick-l2 and --include-head need --l2 (linear heads solved to convergence)")
+    if read_layers and not l2s:
+        raise ValueError("--read-layers fits linear heads per layer: it needs --l2")
     if also_eval and not config.eval:
         raise ValueError("--also-eval needs --eval")
     gate_spec = None
@@ -202,7 +208,7 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     base_spec = overlay_base_spec(config.base)
-    frozen = load_frozen(base_spec, config.max_length, num_layers)
+    frozen = load_frozen(base_spec, config.max_length, num_layers, read_layers)
     train_sets = read_sets([config.data, *also_data])
     eval_sets = read_sets([config.eval, *also_eval]) if config.eval else None
     log.info("head-only: %s features of %d train + %d eval pairs (max_length %d)", frozen.head.kind,
@@ -216,7 +222,8 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
     out.mkdir(parents=True, exist_ok=True)
     stats_sets = eval_sets or train_sets
     tokens = pair_tokens(frozen.tokenizer, stats_sets.records)  # (P, 2) response tokens of the stats pairs
-    common = {"mode": "head-only", "base": base_spec, "num_hidden_layers": num_layers, "max_length": frozen.max_length,
+    common = {"mode": "head-only", "base": base_spec, "num_hidden_layers": num_layers,
+              "read_layers": list(read_layers) if read_layers else None, "max_length": frozen.max_length,
               "data": config.data, "eval": config.eval, "also_data": list(also_data) or None,
               "also_eval": list(also_eval) or None, "seed": config.train.seed, "command": command}
     stats_on = {"feats": eval_feats if eval_feats is not None else train_feats, "tokens": tokens,

@@ -27,6 +27,7 @@ from service.backends.invariant import (
     tile_layout,
 )
 from service.backends.precision import INT8_PRODUCTS
+from rewardmodel.modeling import earlier_layers
 
 log = logging.getLogger("rewardserve.invariant")
 
@@ -125,6 +126,8 @@ class DecoderForward:
         self.norm = _fp32(base.norm.weight)
         self.head_weight = _fp32(model.score.weight)
         self.head_bias = None if getattr(model.score, "bias", None) is None else _fp32(model.score.bias)
+        # heads that read an earlier layer (rewardmodel.modeling.head_layers): {layers read: their score rows}
+        self.taps = {k: torch.tensor(rows, device=self.embed.device) for k, rows in earlier_layers(model).items()}
         rotary = base.rotary_emb
         inv_freq = rotary.inv_freq.detach().float().cpu()
         positions = torch.arange(max(max_length, TILE) + TILE, dtype=torch.float32)
@@ -172,10 +175,12 @@ class DecoderForward:
         if self.ops is not None:
             return self._fused(tl)
         rows = tl.rows
+        flat = [r for rs in tl.read for r in rs]
+        taps: dict[int, torch.Tensor] = {}
         h = self.embed.index_select(0, tl.ids)  # (R, H) fp32 residual stream
         cos = self.cos.index_select(0, tl.positions)[:, None, :]  # (R, 1, D)
         sin = self.sin.index_select(0, tl.positions)[:, None, :]
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.ln1, self.eps).to(self.compute)  # rounded once for the three GEMMs that read it
             q = rotate(layer.q(x).float().view(rows, self.heads, self.head_dim), cos, sin)
             k = rotate(layer.k(x).float().view(rows, self.kv_heads, self.head_dim), cos, sin)
@@ -186,13 +191,31 @@ class DecoderForward:
             gated = self.act(layer.gate(x).float())
             gated *= layer.up(x)  # act(gate) * up in fp32, in place
             h += layer.down(gated)
+            self._tap(taps, i + 1, h, flat)
         h = rms_norm(h, self.norm, self.eps)
-        flat = [r for rs in tl.read for r in rs]
-        return read_head(h, flat, self.head_weight, self.head_bias)
+        return self._read(h, flat, taps)
+
+    def _tap(self, taps: dict[int, torch.Tensor], done: int, h: torch.Tensor, flat: list[int]) -> None:
+        """Keep the read rows of the residual stream after `done` layers where a head reads that layer."""
+        if done in self.taps:
+            taps[done] = h[torch.as_tensor(flat, dtype=torch.long, device=h.device)]  # a copy: h changes in place
+
+    def _read(self, final: torch.Tensor, flat: list[int], taps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The head on the final (normed) hidden state; each head that reads an earlier layer on the final norm of
+        that layer's kept rows. Every head's column is computed on its own (read_head), so the bits of a head do
+        not depend on the other heads or on which layers they read."""
+        out = read_head(final, flat, self.head_weight, self.head_bias)
+        for k, rows in self.taps.items():
+            normed = rms_norm(taps[k], self.norm, self.eps)
+            bias = None if self.head_bias is None else self.head_bias[rows]
+            out[:, rows] = read_head(normed, range(len(flat)), self.head_weight[rows], bias)
+        return out
 
     def _fused(self, tl: TileLayout) -> torch.Tensor:
         """The same layers with the element-wise work between GEMMs fused (service/backends/fused.py)."""
         ops, rows, eps, compute = self.ops, tl.rows, self.eps, self.compute
+        flat = [r for rs in tl.read for r in rs]
+        taps: dict[int, torch.Tensor] = {}
         h = self.embed.index_select(0, tl.ids)  # (R, H) fp32 residual stream
         cos = self.cos.index_select(0, tl.positions)[:, None, :]  # (R, 1, D)
         sin = self.sin.index_select(0, tl.positions)[:, None, :]
@@ -206,8 +229,8 @@ class DecoderForward:
             last = i + 1 == len(self.layers)
             h, x = ops.add_norm(h, layer.down(gated), self.norm if last else self.layers[i + 1].ln1, eps,
                                 torch.float32 if last else compute)
-        flat = [r for rs in tl.read for r in rs]
-        return read_head(x, flat, self.head_weight, self.head_bias)
+            self._tap(taps, i + 1, h, flat)
+        return self._read(x, flat, taps)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from service.grouping import TreeLayout
-from rewardmodel.modeling import has_decoder_head
+from rewardmodel.modeling import captured_layers, has_decoder_head, score_rows
 
 ATTN_NAME = "rewardserve_packed"
 _registered = False
@@ -144,12 +144,14 @@ def tree_reward_forward(model: Any, layout: TreeLayout) -> torch.Tensor:
         mask = _context_mask(seg.end - seg.start, ctx, device) if ctx else None
         tree.append((seg.start, seg.end, seg.context, mask))
     base = getattr(model, model.base_model_prefix)
-    hidden = base(
-        input_ids=torch.tensor([layout.ids], dtype=torch.long, device=device),  # (1, T)
-        position_ids=torch.tensor([layout.positions], dtype=torch.long, device=device),  # (1, T)
-        prefix_tree=tree, use_cache=False,
-    ).last_hidden_state[0]  # (T, H)
-    return model.score(hidden[torch.tensor(layout.read, device=device)]).float()
+    with captured_layers(model) as seen:
+        hidden = base(
+            input_ids=torch.tensor([layout.ids], dtype=torch.long, device=device),  # (1, T)
+            position_ids=torch.tensor([layout.positions], dtype=torch.long, device=device),  # (1, T)
+            prefix_tree=tree, use_cache=False,
+        ).last_hidden_state  # (1, T, H)
+    read = torch.tensor(layout.read, device=device)
+    return score_rows(model, hidden, seen, lambda h: h[0][read])
 
 
 def packed_reward_forward(model: Any, kind: str, batch: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -169,8 +171,10 @@ def packed_head_outputs(model: Any, kind: str, batch: Sequence[Sequence[int]]) -
     extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     base = getattr(model, model.base_model_prefix)
     if kind == "decoder":
-        hidden = base(input_ids=input_ids, position_ids=positions, **extra).last_hidden_state[0]  # (T, H)
-        return model.score(hidden[cu[1:].long() - 1]).float()  # last token of each segment
+        with captured_layers(model) as seen:
+            hidden = base(input_ids=input_ids, position_ids=positions, **extra).last_hidden_state  # (1, T, H)
+        last = cu[1:].long() - 1  # last token of each segment
+        return score_rows(model, hidden, seen, lambda h: h[0][last])
     token_types = torch.zeros_like(input_ids)
     hidden = base.encoder(
         base.embeddings(input_ids=input_ids, position_ids=positions, token_type_ids=token_types),

@@ -39,7 +39,8 @@ class VLLMBackend:
         if sources is not None and len(sources) > 1:
             raise ValueError("the vllm backend serves one model per backbone (no shared heads)")
         self.source = sources[0] if sources else resolve_model(config.model)
-        if self.source.gguf_file or self.source.untrained_head or self.source.heads or self.source.prm is not None:
+        if (self.source.gguf_file or self.source.untrained_head or self.source.heads or self.source.head_layers
+                or self.source.prm is not None):
             raise ValueError(
                 f"the vllm backend serves reward-model checkpoints (a directory with config.json and a trained "
                 f"one-label head); {config.model!r} is not one: use --backend hf, or pass --model DIR"

@@ -235,6 +235,11 @@ def test_cli_writes_a_picked_single_head_then_a_multi_head_overlay_over_smollm2(
     assert meta["base_sha256"] == json.loads((tmp_path / "one" / OVERLAY_META).read_text())["base_sha256"]
     many = json.loads((tmp_path / "many" / "training_config.json").read_text())
     assert many["heads"][1]["resample_sizes"] == [8, 6]
+    assert main([*common, "--output", str(tmp_path / "layers"), "--l2", "0.1", "1", "--pick-l2", "one-se",
+                 "--read-layers", "20", "30"]) == 0
+    meta = json.loads((tmp_path / "layers" / OVERLAY_META).read_text())
+    assert meta["heads"] == ["L20", "L30"] and meta["head_layers"] == [20, 30] and meta["read_layers"] == [20, 30]
+    assert json.loads((tmp_path / "layers" / "training_config.json").read_text())["export_check_max_abs_diff"] < 1e-3
 
 
 def test_heads_report_reads_the_heads_of_several_overlays_as_members(frozen, tmp_path, capsys) -> None:
@@ -353,3 +358,46 @@ def test_train_gate_then_a_routed_multi_head_overlay(frozen, tiny_llama_dir, tmp
     with pytest.raises(ValueError, match="no head named 'nope'"):
         _run_heads(frozen, tmp_path / "bad", gate={**spec, "members": ["nope"]},
                    include_heads=[f"g={gate_dir}", f"first={tmp_path / 'one'}"])
+
+
+def test_heads_per_layer_are_one_overlay_served_in_one_pass(frozen, tiny_llama_dir, tmp_path) -> None:
+    """--read-layers: one feature pass holds every layer's features (the last layer's equal the plain pass's), a head
+    is fit and picked per layer, the overlay says which layer each row reads, is served as their normalized mean,
+    and the served forward reads each row's layer (every row checked against the training-time rewards)."""
+    from training.features import FeatureStore, pair_features
+    from training.frozen import frozen_from_source
+    from training.overlay_io import overlay_rows
+    from rewardmodel.modeling import load_reward_model, reward_forward
+
+    layered = frozen_from_source(resolve_model(str(tiny_llama_dir)), 64, read_layers=[1, 2])
+    assert layered.store_key["kind"] == "layers:1,2" and layered.store_key != frozen.store_key
+    pairs = load_preferences(_records())
+    both = pair_features(layered.head, layered.collate, pairs, FeatureStore(layered.store_key))  # (P, 2, 2H)
+    last = pair_features(frozen.head, frozen.collate, pairs, FeatureStore(frozen.store_key))  # (P, 2, H)
+    assert both.shape[-1] == 2 * last.shape[-1]
+    torch.testing.assert_close(both[..., 32:], last, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(both[..., :32], last, atol=1e-2)  # layer 1 is another feature
+
+    summary, dev = _run_heads(layered, tmp_path / "lay", l2s=[0.01, 1.0], pick_l2="one-se",
+                              dev_groups=torch.tensor([0, 0, 1, 1, 1, 1]))
+    meta = json.loads((tmp_path / "lay" / OVERLAY_META).read_text())
+    assert meta["heads"] == ["L1", "L2"] and meta["head_layers"] == [1, 2]
+    assert meta["ensemble"] == {"combine": "mean", "normalize": True, "members": ["L1", "L2"]}
+    assert [c["layer"] for c in summary["l2_candidates"]] == [1, 1, 2, 2]
+    assert summary["export_check_max_abs_diff"] < 1e-4
+    names, rows, _ = overlay_rows(tmp_path / "lay")
+    served = load_reward_model(resolve_model(str(tmp_path / "lay")), torch.float32, "cpu")
+    batch = layered.collate(pairs[12:])
+    with torch.no_grad():
+        got = reward_forward(served, batch.input_ids, batch.attention_mask, heads=True)  # (2P', 2)
+    flat = dev.transpose(0, 1).flatten(0, 1)  # chosen..., rejected...
+    want = torch.stack([flat[:, :32] @ rows[0], flat[:, 32:] @ rows[1]], 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    stats = json.loads((tmp_path / "lay" / "reward_stats.json").read_text())["heads"]
+    assert stats["L1"]["mean"] == pytest.approx(float((dev[..., :32] @ rows[0]).mean()), abs=1e-5)
+
+    # a head of a layered overlay joins another overlay only where that run's features hold its layer
+    summary, _ = _run_heads(layered, tmp_path / "more", bootstrap=1, include_heads=[f"L1={tmp_path / 'lay'}"])
+    assert json.loads((tmp_path / "more" / OVERLAY_META).read_text())["head_layers"] == [1, 1, 2]
+    with pytest.raises(ValueError, match="reads layer 1"):
+        _run_heads(frozen, tmp_path / "plain", include_heads=[f"L1={tmp_path / 'lay'}"])

@@ -1,6 +1,7 @@
 """Batch invariance, as a property: an input's reward is bit-identical (`==`, not a tolerance) whatever else shares
 its forward pass: alone, packed with random others in random order, in shared-prefix trees of any nesting, in fp32,
-bf16, int8x3 and int8x5, for a decoder and an encoder reward model."""
+bf16, int8x3 and int8x5, for a decoder and an encoder reward model, and for a decoder head that reads an earlier
+layer than the last (a multi-head overlay's `head_layers`)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,24 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 
 PARAMS = [(kind, dtype, "off") for kind in ("llama", "bert") for dtype in ("float32", "bfloat16", "int8x3", "int8x5")]
 PARAMS += [("llama", dtype, "on") for dtype in ("float32", "bfloat16", "int8x5")]  # fused by torch.compile
+PARAMS += [("llama-layers", "float32", "off"), ("llama-layers", "bfloat16", "off"), ("llama-layers", "bfloat16", "on")]
+
+
+@pytest.fixture(scope="module")
+def layered_overlay(tmp_path_factory, tiny_llama_dir):
+    """Two heads over the tiny 2-layer Llama: the first (the one `rewards` reads) reads layer 1, the second layer 2."""
+    from tests.helpers import make_head_overlay
+
+    rows = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    return make_head_overlay(tmp_path_factory.mktemp("layers") / "lay", tiny_llama_dir, rows, heads=["L1", "L2"],
+                             head_layers=[1, 2])
 
 
 @pytest.fixture(scope="module", params=PARAMS, ids=lambda p: "-".join(p[:2]) + ("-compiled" if p[2] == "on" else ""))
 def backend(request, tiny_llama_dir, tiny_bert_dir):
     kind, dtype, compile = request.param
+    if kind == "llama-layers":
+        tiny_llama_dir = request.getfixturevalue("layered_overlay")
     if dtype.startswith("int8") and not int8_gemm_exact("cpu"):
         pytest.skip("this machine's int8 GEMM is not exact: int8x3/int8x5 are refused here (test_int8_gemms.py)")
     if compile == "on":
@@ -31,10 +45,12 @@ def backend(request, tiny_llama_dir, tiny_bert_dir):
 
         if compiler_missing("cpu"):
             pytest.skip(f"torch.compile cannot build kernels here: {compiler_missing('cpu')}")
-    model_dir = tiny_llama_dir if kind == "llama" else tiny_bert_dir
+    model_dir = tiny_llama_dir if kind.startswith("llama") else tiny_bert_dir
     backend = HFBackend(test_config(model_dir, dtype=dtype, compile=compile))
     assert backend.invariant is not None
     assert backend.describe()["compiled"] is (compile == "on")
+    if kind == "llama-layers":
+        assert list(backend.invariant.taps) == [1]  # the first head reads the first layer: a tap, not the last
     return backend
 
 
