@@ -295,8 +295,10 @@ class Ensemble:
     async def score(self, inputs: Sequence[Any], *, deadline: float | None = None, normalize: bool = False,
                     encoder: Any = None, reservation: "MultiReservation | None" = None,
                     field: str = "inputs") -> ScoreOutcome:
-        if encoder is not None:
-            raise invalid(f"{self.name!r} is an ensemble: the vLLM-compatible routes score single models")
+        if encoder is not None and self.unfit_for_token_routes():
+            raise invalid(f"{self.name!r} is an ensemble that {self.unfit_for_token_routes()}: the vLLM-compatible "
+                          "routes score a single model or an ensemble of heads of one backbone without rules or a "
+                          "prompt-reading gate; use /v1/score")
         if reservation is None:
             reservation = self.admit(len(inputs), normalize=normalize, field=field)
         engines = self.engines()
@@ -316,8 +318,8 @@ class Ensemble:
             if along and e is self.gate.model.engine:
                 r.absorb(gate_reservation)
                 batch = [*inputs, *prompts]
-            jobs.append(e.evaluate(batch, deadline=deadline, encoder=self._member(e).encoder(field), reservation=r,
-                                   field=field))
+            jobs.append(e.evaluate(batch, deadline=deadline, encoder=encoder or self._member(e).encoder(field),
+                                   reservation=r, field=field))
         if prompts and not along:
             gate = self.gate.model
             jobs.append(gate.engine.evaluate(prompts, deadline=deadline, encoder=gate.encoder(field),
@@ -357,6 +359,25 @@ class Ensemble:
                                        tokens=first.tokens, members=raw, std=std, rules=terms or None))
         metrics.observe_results(self.name, [r.reward for r in results], sum(r.truncated for r in results))
         return ScoreOutcome(self.name, results, max(e.queue_s for e in evaluated), max(e.compute_s for e in evaluated))
+
+    def unfit_for_token_routes(self) -> str | None:
+        """Why vLLM's routes (their own token encoding, one model's tokenizer) cannot score this ensemble, or None:
+        they can where every model it reads is a head of one backbone and nothing reads the response apart (rules,
+        a prompt-reading gate), as a multi-head overlay served under its name (e.g. `helpful`)."""
+        if len(self.engines()) > 1:
+            return "reads several backbones"
+        if self.rules:
+            return "has rules"
+        if self.gate is not None and self.gate.reads == "prompt":
+            return "routes by the prompt"
+        return None
+
+    @property
+    def engine(self) -> RewardEngine:
+        """The one backbone of an ensemble fit for the token routes (unfit_for_token_routes() is None)."""
+        if self.unfit_for_token_routes():
+            raise AttributeError(f"ensemble {self.name!r} {self.unfit_for_token_routes()}: it has no single engine")
+        return self.engines()[0]
 
     def _gate_prompts(self, inputs: Sequence[Any], field: str) -> tuple[list[dict], list[int], Any]:
         """A gate that reads the prompt: the distinct prompts of the inputs (the response emptied), which one each

@@ -128,10 +128,13 @@ def compat_router(house: ModelHouse) -> APIRouter:
     tokenizing: dict[int, _Tokenizing] = {}
 
     def single(name: str | None) -> tuple[Any, _Tokenizing]:
-        """The named model (vLLM's routes read one model's tokenizer and head: not an ensemble)."""
+        """The named model (vLLM's routes read one model's tokenizer and head), or an ensemble of heads of one
+        backbone without rules or a prompt-reading gate (a multi-head overlay under its own name)."""
         scorer = house.resolve(name)
-        if scorer.kind != "model":
-            raise invalid(f"{scorer.name!r} is an ensemble: vLLM's routes score a single model; use /v1/score")
+        if scorer.kind != "model" and scorer.unfit_for_token_routes():
+            raise invalid(f"{scorer.name!r} is an ensemble that {scorer.unfit_for_token_routes()}: vLLM's routes "
+                          "score a single model or an ensemble of heads of one backbone without rules or a "
+                          "prompt-reading gate; use /v1/score")
         engine = scorer.engine
         if id(engine) not in tokenizing:
             tokenizing[id(engine)] = _Tokenizing(engine)

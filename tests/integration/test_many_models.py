@@ -257,7 +257,14 @@ def test_every_route_takes_a_model(server):
     classify = httpx.post(server.http_url + "/classify", json={"model": "hh", "input": texts[0],
                                                                "use_activation": False}).json()
     assert classify["model"] == "harmless"
-    assert httpx.post(server.http_url + "/classify", json={"model": "safe", "input": "x"}).status_code == 400
+    refused = httpx.post(server.http_url + "/classify", json={"model": "safe", "input": "x"})
+    assert refused.status_code == 400 and "reads several backbones" in refused.json()["error"]["message"]
+    # a multi-head overlay under its own name (heads of one backbone, no rules): vLLM's routes score it too
+    trio = httpx.post(server.http_url + "/classify", json={"model": "trio", "input": texts,
+                                                           "use_activation": False}).json()
+    assert [d["probs"][0] for d in trio["data"]] == rewards(server, "trio", [{"raw": t} for t in texts])
+    pooled = httpx.post(server.http_url + "/pooling", json={"model": "trio", "input": texts[:1]}).json()
+    assert pooled["data"][0]["data"][0] == pytest.approx(1 / (1 + np.exp(-trio["data"][0]["probs"][0])))
     ranked = httpx.post(server.http_url + "/v1/rerank", json={
         "model": "helpful", "prompt": PAIRS[0]["prompt"], "candidates": [PAIRS[0]["response"], PAIRS[1]["response"]],
     }).json()
