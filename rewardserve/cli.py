@@ -56,7 +56,10 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from training.rm import main as train_rm_main  # heavy (torch, accelerate, peft): imported only here
 
-    return train_rm_main(args)
+    try:
+        return train_rm_main(args)
+    except ValueError as exc:  # a refused combination of flags or inputs: one line, exit 2
+        return _fail("train rm", str(exc))
 
 
 def cmd_train_gate(args: argparse.Namespace) -> int:

@@ -270,9 +270,17 @@ def _main_head_only(args: Any, config: RMConfig) -> int:
     return 0
 
 
+HEAD_ONLY_FLAGS = ("l2", "pick_l2", "bootstrap", "include_head", "gate", "read_layers", "also_data", "also_eval",
+                   "feature_cache", "patience")
+
+
 def main(args: Any) -> int:
     if getattr(args, "head_only", False):
         return _main_head_only(args, config_from_args(args))
+    given = [f for f in HEAD_ONLY_FLAGS if getattr(args, f, None) not in (None, [], (), 0, False)]
+    if given:  # they would be ignored by a full fine-tune: say so rather than train something else
+        raise ValueError(f"--{given[0].replace('_', '-')} applies to --head-only training (a frozen base and its "
+                         "head); add --head-only, or drop it")
     result = train_rm(config_from_args(args))
     if not result.is_main:
         return 0

@@ -401,3 +401,13 @@ def test_heads_per_layer_are_one_overlay_served_in_one_pass(frozen, tiny_llama_d
     assert json.loads((tmp_path / "more" / OVERLAY_META).read_text())["head_layers"] == [1, 1, 2]
     with pytest.raises(ValueError, match="reads layer 1"):
         _run_heads(frozen, tmp_path / "plain", include_heads=[f"L1={tmp_path / 'lay'}"])
+
+
+def test_head_only_flags_without_head_only_are_refused_not_ignored(tmp_path, capsys) -> None:
+    from rewardserve.cli import main
+
+    for extra in (["--l2", "0.3"], ["--read-layers", "8", "30"], ["--bootstrap", "2"]):
+        code = main(["train", "rm", "--base", "smollm2", "--data", "x.jsonl", "--output", str(tmp_path / "o"),
+                     *extra])
+        assert code == 2 and f"{extra[0]} applies to --head-only" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing was trained
