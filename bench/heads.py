@@ -6,10 +6,12 @@ first --inputs HH harmless dev inputs, packed batches of at most 4,096 tokens) o
 timed (the best kept). Heads: a K-head overlay written to a temporary folder (row 0 is models/default's head,
 the others seeded random rows), served as one backbone whose pass reads all K columns. "two models": two
 backbones (two HFBackends over models/default), each input scored by both, as a server with two unrelated models
-would. Reported per configuration: seconds, ratio to K = 1, RSS after loading and peak RSS (MB), and whether head
-0's rewards are bit-identical to K = 1's (a head's column is computed alone).
+would. "layers": one head per layer of --layers (an overlay's `head_layers`, as `train rm --read-layers` writes:
+the read rows kept after each of those layers and put through the final norm), in the same one pass; its head 0
+reads the last layer. Reported per configuration: seconds, ratio to K = 1, RSS after loading and peak RSS (MB), and
+whether head 0's rewards are bit-identical to K = 1's (a head's column is computed alone).
 
-    python bench/heads.py [--dtype auto] [--inputs 48] [--heads 1,2,4,8]
+    python bench/heads.py [--dtype auto] [--inputs 48] [--heads 1,2,4,8] [--layers 30,8,12,16,20,24]
 
 The issue's goal: a head costs <= 2% time and <= 1% memory. Prints the machine first and one JSON object last.
 """
@@ -44,8 +46,9 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_overlay(out: Path, k: int) -> Path:
-    """models/default with k score rows: row 0 its own, the rest seeded random rows of the same scale."""
+def write_overlay(out: Path, k: int, layers: Sequence[int] | None = None) -> Path:
+    """models/default with k score rows: row 0 its own, the rest seeded random rows of the same scale; layers: the
+    layer each row reads."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -60,6 +63,8 @@ def write_overlay(out: Path, k: int) -> Path:
     meta = json.loads((src / OVERLAY_META).read_text())
     if k > 1:
         meta["heads"] = [f"h{i}" for i in range(k)]
+    if layers:
+        meta["head_layers"] = list(layers)
     (out / OVERLAY_META).write_text(json.dumps(meta))
     return out
 
@@ -78,7 +83,9 @@ def one(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     base = rss_mb()
     with tempfile.TemporaryDirectory(prefix="heads-") as tmp:
-        specs = ["default", "default"] if args.one == "two" else [str(write_overlay(Path(tmp) / "o", int(args.one)))]
+        layers = [int(k) for k in args.layers.split(",")] if args.one == "layers" else None
+        specs = (["default", "default"] if args.one == "two" else
+                 [str(write_overlay(Path(tmp) / "o", len(layers) if layers else int(args.one), layers))])
         backends = [HFBackend(ServeConfig(model=spec, dtype=args.dtype, warmup=False)) for spec in specs]
     loaded = rss_mb()
     pairs = load_preferences(read_records(args.data))
@@ -113,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--inputs", type=int, default=48)
     p.add_argument("--heads", default="1,2,4,8")
+    p.add_argument("--layers", default="30,8,12,16,20,24",
+                   help="the 'layers' configuration: one head per layer count, head 0 first ('' to skip it)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--data", default="../shared/data/hh_harmless/dev.jsonl.gz")
@@ -126,15 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     print(f"machine: {json.dumps(info)}", flush=True)
     results: dict[str, Any] = {}
-    for config in [*args.heads.split(","), "two"]:
+    for config in [*args.heads.split(","), *(["layers"] if args.layers else []), "two"]:
         cmd = [sys.executable, __file__, "--one", config, "--dtype", args.dtype, "--inputs", str(args.inputs),
-               "--repeats", str(args.repeats), "--threads", str(args.threads), "--data", args.data]
+               "--repeats", str(args.repeats), "--threads", str(args.threads), "--data", args.data,
+               "--layers", args.layers]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"{config}: failed\n{proc.stderr[-3000:]}")
         results[config] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[config]
-        print(f"{'K=' + config if config != 'two' else 'two models':10s} {r['seconds']:.3f} s  loaded "
+        label = {"two": "two models", "layers": f"layers {args.layers}"}.get(config, "K=" + config)
+        print(f"{label:10s} {r['seconds']:.3f} s  loaded "
               f"{r['rss_loaded_mb']} MB  peak {r['peak_rss_mb']} MB", flush=True)
     one_head = results[args.heads.split(",")[0]]
     summary: dict[str, Any] = {"bench": "heads", "dtype": one_head["dtype"], "tokens": one_head["tokens"],
