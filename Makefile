@@ -67,9 +67,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, transformers, vllm, service; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 	@touch $@
 
-# the shipped heads over one SmolLM2 backbone (one forward pass reads all 8): the harmless default (first: what a
-# request naming no model gets), the helpfulness head, and the 6-head ensemble (docs/training.md); a --model in
-# ARGS serves that instead
+# the shipped heads over one SmolLM2 backbone (one forward pass reads all 21, at six layers): the harmless default
+# (first: what a request naming no model gets), the helpfulness heads (one per layer, served as their normalized
+# mean), and the routed 14-head ensemble (docs/training.md); a --model in ARGS serves that instead
 SERVE_MODELS = --model rewardserve-default=default --model helpful=helpful --model ensemble=ensemble
 
 serve: setup

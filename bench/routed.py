@@ -2,8 +2,9 @@
 heads alone, on the same requests, in one process.
 
 The shipped overlay models/ensemble is served as the server serves it (service.house.ModelHouse, --dtype as given):
-`ensemble/helpful` is one head of the pass; `ensemble` reads all seven heads on the inputs and, besides, the gate
-head on each request's distinct prompt with the response emptied (one more short sequence per prompt). Workload:
+`ensemble/L30` is one head of the pass (one that reads the last layer); `ensemble` reads all fourteen heads (at six
+layers) on the inputs and, besides, the gate head on each request's distinct prompt with the response emptied (one
+more short sequence per prompt). Workload:
 the first --pairs pairs of each set, one request per pair (its two answers; one prompt), all requests in flight at
 once, as a trainer's scoring burst sends them; timed --repeats times after a warm-up, the best kept.
 
@@ -67,7 +68,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                               for r in requests)  # one prompt per request
             row: dict[str, Any] = {"pairs": len(requests), "distinct_prompts": prompts,
                                    "gate_prompt_tokens": gate_tokens}
-            for label, model in (("head", "ensemble/helpful"), ("routed", "ensemble")):
+            for label, model in (("head", "ensemble/L30"), ("routed", "ensemble")):
                 await burst(house, model, requests)  # warm-up
                 best = float("inf")
                 for _ in range(args.repeats):

@@ -1,5 +1,5 @@
-"""What `make serve` serves (the Makefile's SERVE_MODELS): the harmless default first, the helpfulness head and the
-6-head ensemble beside it over one backbone, each answering by name; the default's rewards have the same bits as
+"""What `make serve` serves (the Makefile's SERVE_MODELS): the harmless default first, the helpfulness heads (one per
+layer read) and the routed ensemble beside it over one backbone, each answering by name; the default's rewards have the same bits as
 `rewardserve serve` alone gives them (a head's column is computed alone, whatever other heads share the pass)."""
 
 import os
@@ -59,13 +59,15 @@ def test_make_serve_serves_default_helpful_and_the_ensemble():
         key = gate["model"] + "@prompt"
         for score in ensemble:
             members = score["members"]
-            assert set(members) >= {"ensemble/harmless", "ensemble/helpful", key} and len(members) == 7
+            heads = {m for m in listed if m.startswith("ensemble/")}  # every head but the gate is a member
+            assert set(members) == (heads - {gate["model"]}) | {key} and "ensemble/L30" in members
             assert members[key] <= gate["threshold"]  # a cooking question is not routed to the harmless head
             assert score["std"] > 0  # the helpfulness heads' spread
         assert ensemble[0]["members"][key] == ensemble[1]["members"][key]  # one prompt, one route
         assert ensemble[0]["members"]["ensemble/harmless"] == default[0]["reward"]  # the same head, the same bits
-        helpful = _rewards(url, "helpful")
-        assert ensemble[1]["members"]["ensemble/helpful"] == helpful[1]["reward"]
+        helpful = _rewards(url, "helpful")  # the normalized mean of heads over six layers, with its members
+        assert ensemble[1]["members"]["ensemble/L30"] == helpful[1]["members"]["helpful/L30"]
+        assert ensemble[1]["members"]["ensemble/L8"] == helpful[1]["members"]["helpful/L8"]
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)

@@ -43,26 +43,44 @@ def test_every_shipped_overlay_is_over_the_defaults_base_and_token_cap() -> None
         assert "--head-only" in meta["trained_with"]
 
 
-def test_single_head_overlays_keep_the_single_head_format_with_a_length_block() -> None:
-    for name in ("default", "helpful"):
-        assert "heads" not in _meta(name) and _rows(name).shape == (1, 576)
-        stats = _stats(name)
-        assert "heads" not in stats and stats["std"] > 0 and stats["max_length"] == 512
-        _check_length(stats["length"])
-    default = _stats("default")  # the keys it shipped with are unchanged
-    assert (default["mean"], default["std"], default["split"], default["rewards"]) == (
+def test_the_default_keeps_the_single_head_format_with_a_length_block() -> None:
+    assert "heads" not in _meta("default") and _rows("default").shape == (1, 576)
+    stats = _stats("default")
+    assert "heads" not in stats and stats["std"] > 0 and stats["max_length"] == 512
+    _check_length(stats["length"])
+    assert (stats["mean"], stats["std"], stats["split"], stats["rewards"]) == (  # the keys it shipped with
         0.1444859355688095, 0.6932157278060913, "eval", 800)
-    assert default["length"]["fit_on"].endswith("hh_harmless/dev.jsonl.gz")
-    assert _stats("helpful")["length"]["fit_on"].endswith("helpful/dev.jsonl.gz")
+    assert stats["length"]["fit_on"].endswith("hh_harmless/dev.jsonl.gz")
 
 
-def test_the_ensemble_names_its_rows_and_copies_the_single_heads_exactly() -> None:
-    heads = _meta("ensemble")["heads"]
-    rows = _rows("ensemble")
+def test_helpful_is_one_head_per_layer_served_as_their_normalized_mean() -> None:
+    meta = _meta("helpful")
+    layers = meta["read_layers"]
+    assert layers == sorted(layers) and len(layers) >= 2 and layers[-1] == 30  # the base's last layer among them
+    assert meta["heads"] == [f"L{k}" for k in layers] and meta["head_layers"] == layers
+    assert meta["ensemble"] == {"combine": "mean", "normalize": True, "members": meta["heads"]}
+    assert _rows("helpful").shape == (len(layers), 576) and "--read-layers" in meta["trained_with"]
+    stats = _stats("helpful")["heads"]
+    assert list(stats) == meta["heads"]
+    for entry in stats.values():
+        assert entry["std"] > 0 and entry["max_length"] == 512 and entry["length"]["fit_on"].endswith(
+            "helpful/dev.jsonl.gz")
+        _check_length(entry["length"])
+
+
+def test_the_ensemble_names_its_rows_and_copies_the_included_heads_exactly() -> None:
+    meta = _meta("ensemble")
+    heads, rows = meta["heads"], _rows("ensemble")
     assert rows.shape == (len(heads), 576) and rows.dtype == torch.float32 and len(set(heads)) == len(heads)
-    assert heads[:2] == ["harmless", "helpful"] and sum(h.startswith("boot") for h in heads) >= 4
-    assert torch.equal(rows[0], _rows("default")[0]) and torch.equal(rows[1], _rows("helpful")[0])
-    for a in range(2, len(heads)):
+    assert heads[:2] == ["harmless", "safety"] and torch.equal(rows[0], _rows("default")[0])
+    layers = dict(zip(heads, meta["head_layers"]))
+    assert layers["harmless"] == layers["safety"] == 30  # both read the last layer, as models/default does
+    helpful = _meta("helpful")
+    for name, row, k in zip(helpful["heads"], _rows("helpful"), helpful["head_layers"]):
+        assert torch.equal(rows[heads.index(name)], row) and layers[name] == k  # copied bit for bit, same layer
+    boots = [h for h in heads if "boot" in h]
+    assert len(boots) >= 4 and {layers[h] for h in boots} == set(helpful["head_layers"])
+    for a in range(len(heads)):
         assert not any(torch.equal(rows[a], rows[b]) for b in range(len(heads)) if b != a)
     stats = _stats("ensemble")
     assert list(stats) == ["heads"] and list(stats["heads"]) == heads
