@@ -30,6 +30,15 @@ def overlay_base_spec(spec: str) -> str:
     raise ValueError("--head-only exports an overlay over a packaged base: use --base minilm or --base smollm2")
 
 
+def layer_part(feats: torch.Tensor | None, reads: Sequence[int], layer: int | None) -> torch.Tensor | None:
+    """The slice of (.., len(reads) * H) features that layer `layer` fills (all of it without reads / layer)."""
+    if feats is None or not reads or layer is None:
+        return feats
+    width = feats.shape[-1] // len(reads)
+    i = list(reads).index(layer)
+    return feats[..., i * width:(i + 1) * width]
+
+
 FEATURE_BATCH = 8  # rows per frozen forward (length-sorted, so little padding)
 
 

@@ -18,9 +18,8 @@ from rewardmodel.modeling import OVERLAY_META, OVERLAY_TENSORS, sha256_file
 from rewardmodel.normalization import STATS_FILE
 from training.checkpoint import atomic_write_text
 from training.data import PreferencePair
-from training.heads import (
-    FittedHead, fit_heads, head_stats, layer_part, pair_metrics, pick_best, pick_one_se, write_tensors,
-)
+from training.frozen import layer_part
+from training.heads import FittedHead, fit_heads, head_stats, pair_metrics, pick_best, pick_one_se, write_tensors
 from training.overlay_io import overlay_meta, overlay_rows
 
 log = logging.getLogger("rewardserve.train.heads")

@@ -145,15 +145,6 @@ def head_stats(weight: torch.Tensor, feats: torch.Tensor, tokens: torch.Tensor |
     return stats
 
 
-def layer_part(feats: torch.Tensor | None, reads: Sequence[int], layer: int | None) -> torch.Tensor | None:
-    """The slice of (.., len(reads) * H) features that layer `layer` fills (all of it without reads / layer)."""
-    if feats is None or not reads or layer is None:
-        return feats
-    width = feats.shape[-1] // len(reads)
-    i = list(reads).index(layer)
-    return feats[..., i * width:(i + 1) * width]
-
-
 def write_tensors(out: Path, weights: torch.Tensor) -> None:
     """overlay.safetensors with score.weight (K, H), written atomically."""
     from safetensors.torch import save_file

@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rewardmodel.modeling import load_tokenizer, resolve_model
     from training.data import PreferenceCollator
     from training.features import FeatureStore, store_key
-    from training.heads import layer_part
+    from training.frozen import layer_part
     from training.overlay_io import loaded_layers, overlay_meta, overlay_rows
 
     folders = [Path(f) for f in args.overlay]

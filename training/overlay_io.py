@@ -65,7 +65,7 @@ def pair_rewards(frozen: Any, records: Sequence[Mapping[str, Any]], weights: tor
     the layer each head reads (an overlay's head_layers) where the frozen base reads several."""
     from training.data import parse_record
     from training.features import FeatureStore, pair_features
-    from training.heads import layer_part
+    from training.frozen import layer_part
 
     store = FeatureStore.open(store_path, frozen.store_key)
     feats = pair_features(frozen.head, frozen.collate, [parse_record(r) for r in records], store)  # (P, 2, L*H)

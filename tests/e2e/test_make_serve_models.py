@@ -68,6 +68,13 @@ def test_make_serve_serves_default_helpful_and_the_ensemble():
         helpful = _rewards(url, "helpful")  # the normalized mean of heads over six layers, with its members
         assert ensemble[1]["members"]["ensemble/L30"] == helpful[1]["members"]["helpful/L30"]
         assert ensemble[1]["members"]["ensemble/L8"] == helpful[1]["members"]["helpful/L8"]
+        texts = [f"{i['prompt']} {i['response']}" for i in INPUTS]  # vLLM's /classify (verl's route) takes helpful
+        classify = httpx.post(url + "/classify", json={"model": "helpful", "input": texts, "use_activation": False},
+                              timeout=120)
+        assert classify.status_code == 200, classify.text
+        raw = httpx.post(url + "/v1/score", json={"model": "helpful", "inputs": [{"raw": t} for t in texts]},
+                         timeout=120).json()["scores"]
+        assert [d["probs"][0] for d in classify.json()["data"]] == [s["reward"] for s in raw]
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
