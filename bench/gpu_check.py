@@ -13,6 +13,10 @@ classifier. Inputs are seeded random token ids of 16..--max-len tokens. For each
   compiled     the decoder in bf16 with its element-wise work fused by torch.compile (`--compile on`; Triton on
                CUDA): compile time, the same invariance checks, and its speed beside the unfused bf16 forward
                (`--no-compile` skips it).
+  layers       the decoder in bf16 with two score heads, the first reading the middle layer and the second the
+               last (an overlay's `head_layers`, as the shipped `helpful` reads six layers in one pass): the same
+               invariance checks on the middle-layer head, and its speed beside one head
+               (`ours_bf16_layers_vs_ours_bf16`).
   speed        tokens/s of our invariant forward (packed batches up to --batch-tokens) beside transformers'
                padded forward on the same inputs (length-sorted batches of --padded-batch), both on the device.
 
@@ -96,6 +100,22 @@ def build_model(kind: str, size: str, device: str) -> Any:
         config = BertConfig(**SIZES[size]["bert"], num_labels=1, pad_token_id=0)
         model = BertForSequenceClassification(config)
     return model.eval().to(device)
+
+
+def layered_copy(model: Any, device: str) -> Any:
+    """The decoder with a second score row and the rows reading layers (middle, last): a multi-head overlay whose
+    heads read two layers, as rewardmodel.modeling records it (HEAD_LAYERS)."""
+    import copy
+
+    from rewardmodel.modeling import HEAD_LAYERS
+
+    out = copy.deepcopy(model)
+    torch.manual_seed(1)
+    width, layers = model.config.hidden_size, model.config.num_hidden_layers
+    out.score = torch.nn.Linear(width, 2, bias=False).to(device)
+    out.config.num_labels = 2
+    setattr(out, HEAD_LAYERS, (max(1, layers // 2), layers))
+    return out.eval()
 
 
 def sync(device: str) -> None:
@@ -276,9 +296,13 @@ def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict
             report(f"{kind} ours bfloat16+compiled", result["ours/bfloat16+compiled"])
         else:
             precisions.append(("bfloat16+compiled", torch.bfloat16, "native"))
+    layered = layered_copy(model, args.device) if kind == "llama" else None
+    if layered is not None:
+        precisions.append(("bfloat16+layers", torch.bfloat16, "native"))
     for name, dtype, gemm in precisions:
         started = time.perf_counter()
-        ours = Ours(model, dtype, max_len, args.device, gemm, compile=name.endswith("+compiled"))
+        ours = Ours(layered if name.endswith("+layers") else model, dtype, max_len, args.device, gemm,
+                    compile=name.endswith("+compiled"))
         build_s = time.perf_counter() - started
         alone = [ours.rewards([s])[0] for s in seqs]
         entry: dict[str, Any] = {
@@ -299,12 +323,15 @@ def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict
         if name.endswith("+compiled"):
             entry |= {"compiled": ours.fwd.compiled, "compile_s": round(build_s, 1),
                       "compile_error": ours.fwd.compile_error}
+        if name.endswith("+layers"):
+            entry["reads_layers"] = sorted(int(k) for k in ours.fwd.taps)  # the earlier layers kept in the pass
         seconds = timed(lambda: score_in(ours, seqs, sorted_plan), args.device, args.repeats)
         entry["tokens_per_s"] = round(tokens / seconds, 1)
         if args.profile and name == "bfloat16":
             biggest = max(sorted_plan, key=lambda idx: sum(len(seqs[i]) for i in idx))
             entry["profile"] = profile_pass(ours, [seqs[i] for i in biggest], args.device, args.profile)
-        rewards[f"ours/{name}"] = alone
+        if not name.endswith("+layers"):  # another head: not comparable with the one-head model's rewards
+            rewards[f"ours/{name}"] = alone
         report(f"{kind} ours {name}", entry)
         result[f"ours/{name}"] = entry
         del ours
@@ -334,6 +361,9 @@ def check_model(kind: str, args: argparse.Namespace, report: Callable[[str, dict
     if "tokens_per_s" in result.get("ours/bfloat16+compiled", {}):
         result["speed"]["ours_bf16_compiled_vs_ours_bf16"] = round(
             result["ours/bfloat16+compiled"]["tokens_per_s"] / ours_bf16, 3)
+    if "ours/bfloat16+layers" in result:
+        result["speed"]["ours_bf16_layers_vs_ours_bf16"] = round(
+            result["ours/bfloat16+layers"]["tokens_per_s"] / ours_bf16, 3)
     report(f"{kind} speed", result["speed"])
     return result
 

@@ -29,6 +29,10 @@ def test_gpu_check_on_cpu(tmp_path):
         assert ours["grouped"]["mismatches"] == 0 and ours["grouped"]["of"] >= 6
         assert ours["tokens_per_s"] > 0
         assert "padded_batch_vs_alone" in llama[f"transformers/{dtype}"]
+    layers = llama["ours/bfloat16+layers"]  # a head reading the middle layer, in the same pass as the last's
+    assert layers["reads_layers"] == [1] and layers["packed_random"]["mismatches"] == 0
+    assert layers["grouped"]["mismatches"] == 0 and llama["speed"]["ours_bf16_layers_vs_ours_bf16"] > 0
+    assert "ours/bfloat16+layers" not in llama["precision_vs_transformers_fp32"]
     assert llama["ours/bfloat16"]["profile"]["top"]
     assert 0 < llama["precision_vs_transformers_fp32"]["ours/bfloat16"]["max_abs"] < 0.1
     probe = result["bf16x3"]  # the split-bf16 GEMM: measured where the device has fp32-result bf16 GEMMs
