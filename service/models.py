@@ -295,10 +295,11 @@ class Ensemble:
     async def score(self, inputs: Sequence[Any], *, deadline: float | None = None, normalize: bool = False,
                     encoder: Any = None, reservation: "MultiReservation | None" = None,
                     field: str = "inputs") -> ScoreOutcome:
-        if encoder is not None and self.unfit_for_token_routes():
-            raise invalid(f"{self.name!r} is an ensemble that {self.unfit_for_token_routes()}: the vLLM-compatible "
-                          "routes score a single model or an ensemble of heads of one backbone without rules or a "
-                          "prompt-reading gate; use /v1/score")
+        unfit = self.unfit_for_token_routes() if encoder is not None else None
+        if unfit:
+            raise invalid(f"{self.name!r} is an ensemble that {unfit}: the vLLM-compatible routes score a single "
+                          "model or an ensemble of heads of one backbone without rules or a prompt-reading gate; use "
+                          "/v1/score")
         if reservation is None:
             reservation = self.admit(len(inputs), normalize=normalize, field=field)
         engines = self.engines()
@@ -375,8 +376,9 @@ class Ensemble:
     @property
     def engine(self) -> RewardEngine:
         """The one backbone of an ensemble fit for the token routes (unfit_for_token_routes() is None)."""
-        if self.unfit_for_token_routes():
-            raise AttributeError(f"ensemble {self.name!r} {self.unfit_for_token_routes()}: it has no single engine")
+        unfit = self.unfit_for_token_routes()
+        if unfit:
+            raise AttributeError(f"ensemble {self.name!r} {unfit}: it has no single engine")
         return self.engines()[0]
 
     def _gate_prompts(self, inputs: Sequence[Any], field: str) -> tuple[list[dict], list[int], Any]:

@@ -175,8 +175,8 @@ class DecoderForward:
         if self.ops is not None:
             return self._fused(tl)
         rows = tl.rows
-        flat = [r for rs in tl.read for r in rs]
-        taps: dict[int, torch.Tensor] = {}
+        flat, taps = [r for rs in tl.read for r in rs], {}
+        picked = self._picked(flat)
         h = self.embed.index_select(0, tl.ids)  # (R, H) fp32 residual stream
         cos = self.cos.index_select(0, tl.positions)[:, None, :]  # (R, 1, D)
         sin = self.sin.index_select(0, tl.positions)[:, None, :]
@@ -191,14 +191,18 @@ class DecoderForward:
             gated = self.act(layer.gate(x).float())
             gated *= layer.up(x)  # act(gate) * up in fp32, in place
             h += layer.down(gated)
-            self._tap(taps, i + 1, h, flat)
+            self._tap(taps, i + 1, h, picked)
         h = rms_norm(h, self.norm, self.eps)
         return self._read(h, flat, taps)
 
-    def _tap(self, taps: dict[int, torch.Tensor], done: int, h: torch.Tensor, flat: list[int]) -> None:
+    def _picked(self, flat: list[int]) -> torch.Tensor | None:
+        """The read rows as an index, built once per pass where heads read earlier layers (else None)."""
+        return torch.as_tensor(flat, dtype=torch.long, device=self.embed.device) if self.taps else None
+
+    def _tap(self, taps: dict[int, torch.Tensor], done: int, h: torch.Tensor, picked: torch.Tensor | None) -> None:
         """Keep the read rows of the residual stream after `done` layers where a head reads that layer."""
         if done in self.taps:
-            taps[done] = h[torch.as_tensor(flat, dtype=torch.long, device=h.device)]  # a copy: h changes in place
+            taps[done] = h.index_select(0, picked)  # a copy: h changes in place
 
     def _read(self, final: torch.Tensor, flat: list[int], taps: dict[int, torch.Tensor]) -> torch.Tensor:
         """The head on the final (normed) hidden state; each head that reads an earlier layer on the final norm of
@@ -214,8 +218,8 @@ class DecoderForward:
     def _fused(self, tl: TileLayout) -> torch.Tensor:
         """The same layers with the element-wise work between GEMMs fused (service/backends/fused.py)."""
         ops, rows, eps, compute = self.ops, tl.rows, self.eps, self.compute
-        flat = [r for rs in tl.read for r in rs]
-        taps: dict[int, torch.Tensor] = {}
+        flat, taps = [r for rs in tl.read for r in rs], {}
+        picked = self._picked(flat)
         h = self.embed.index_select(0, tl.ids)  # (R, H) fp32 residual stream
         cos = self.cos.index_select(0, tl.positions)[:, None, :]  # (R, 1, D)
         sin = self.sin.index_select(0, tl.positions)[:, None, :]
@@ -229,7 +233,7 @@ class DecoderForward:
             last = i + 1 == len(self.layers)
             h, x = ops.add_norm(h, layer.down(gated), self.norm if last else self.layers[i + 1].ln1, eps,
                                 torch.float32 if last else compute)
-            self._tap(taps, i + 1, h, flat)
+            self._tap(taps, i + 1, h, picked)
         return self._read(x, flat, taps)
 
 

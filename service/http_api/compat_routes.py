@@ -131,10 +131,10 @@ def compat_router(house: ModelHouse) -> APIRouter:
         """The named model (vLLM's routes read one model's tokenizer and head), or an ensemble of heads of one
         backbone without rules or a prompt-reading gate (a multi-head overlay under its own name)."""
         scorer = house.resolve(name)
-        if scorer.kind != "model" and scorer.unfit_for_token_routes():
-            raise invalid(f"{scorer.name!r} is an ensemble that {scorer.unfit_for_token_routes()}: vLLM's routes "
-                          "score a single model or an ensemble of heads of one backbone without rules or a "
-                          "prompt-reading gate; use /v1/score")
+        unfit = scorer.unfit_for_token_routes() if scorer.kind != "model" else None
+        if unfit:
+            raise invalid(f"{scorer.name!r} is an ensemble that {unfit}: vLLM's routes score a single model or an "
+                          "ensemble of heads of one backbone without rules or a prompt-reading gate; use /v1/score")
         engine = scorer.engine
         if id(engine) not in tokenizing:
             tokenizing[id(engine)] = _Tokenizing(engine)
