@@ -30,6 +30,12 @@ def overlay_base_spec(spec: str) -> str:
     raise ValueError("--head-only exports an overlay over a packaged base: use --base minilm or --base smollm2")
 
 
+def store_kind(kind: str, read_layers: Sequence[int] | None) -> str:
+    """What a feature store is filed under besides base digest, length and layer cut: the head kind, or the layers
+    read (features of several layers, `--read-layers`)."""
+    return "layers:" + ",".join(map(str, read_layers)) if read_layers else kind
+
+
 def layer_part(feats: torch.Tensor | None, reads: Sequence[int], layer: int | None) -> torch.Tensor | None:
     """The slice of (.., len(reads) * H) features that layer `layer` fills (all of it without reads / layer)."""
     if feats is None or not reads or layer is None:
@@ -76,7 +82,7 @@ class Head:
     @property
     def store_kind(self) -> str:
         """What a feature store of this head's features is filed under (with the base digest, length, layers)."""
-        return "layers:" + ",".join(map(str, self.read_layers)) if self.read_layers else self.kind
+        return store_kind(self.kind, self.read_layers)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in self.modules.values() for p in m.parameters()]

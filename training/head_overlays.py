@@ -87,29 +87,30 @@ def ensemble_block(gate: dict[str, Any], names: Sequence[str]) -> dict[str, Any]
 
 
 def check_rows(frozen: Any, heads: Sequence[FittedHead], feats: torch.Tensor, pairs: Sequence[PreferencePair]) -> float:
-    """Max |served - training-time| reward over every row on a few pairs: the base's forward with each row as head,
-    reading the head's layer as the server does (rewardmodel.modeling.head_layers)."""
+    """Max |served - training-time| reward over every row on a few pairs: one pass of the base's forward with all
+    the rows as its score head, each reading its layer as the server reads it (rewardmodel.modeling.head_layers)."""
     from rewardmodel.modeling import HEAD_LAYERS, reward_forward
 
     model, batch = frozen.model, frozen.collate(list(pairs))
     reads = frozen.head.read_layers or ()
     loaded = int(model.config.num_hidden_layers)
-    saved = model.score.weight.detach().clone()
-    worst = 0.0
+    layers = tuple(h.layer or loaded for h in heads)
+    want = torch.stack([layer_part(feats, reads, h.layer).transpose(0, 1).flatten(0, 1) @ h.weight for h in heads],
+                       1)  # (2K', heads): chosen..., rejected...
+    score = model.score
+    model.score = torch.nn.Linear(score.in_features, len(heads), bias=False)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.stack([h.weight for h in heads]))
+    if any(k != loaded for k in layers):
+        setattr(model, HEAD_LAYERS, layers)
     try:
-        for h in heads:
-            want = layer_part(feats, reads, h.layer).transpose(0, 1).flatten(0, 1) @ h.weight  # chosen.., rejected..
-            with torch.no_grad():
-                model.score.weight.copy_(h.weight[None, :])
-                if h.layer not in (None, loaded):
-                    setattr(model, HEAD_LAYERS, (h.layer,))
-                got = reward_forward(model, batch.input_ids, batch.attention_mask)  # (2K',)
-            if hasattr(model, HEAD_LAYERS):
-                delattr(model, HEAD_LAYERS)
-            worst = max(worst, float((got - want).abs().max()))
-    finally:
         with torch.no_grad():
-            model.score.weight.copy_(saved)
+            got = reward_forward(model, batch.input_ids, batch.attention_mask, heads=True)  # (2K', heads)
+    finally:
+        model.score = score
+        if hasattr(model, HEAD_LAYERS):
+            delattr(model, HEAD_LAYERS)
+    worst = float((got - want).abs().max())
     if worst > 1e-3:
         raise RuntimeError(f"overlay check failed: served rewards differ from training-time ones by {worst:.3g}")
     return worst

@@ -189,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rewardmodel.modeling import load_tokenizer, resolve_model
     from training.data import PreferenceCollator
     from training.features import FeatureStore, store_key
-    from training.frozen import layer_part
-    from training.overlay_io import loaded_layers, overlay_meta, overlay_rows
+    from training.frozen import layer_part, store_kind
+    from training.overlay_io import loaded_layers, overlay_meta, overlay_rows, read_layers_of
 
     folders = [Path(f) for f in args.overlay]
     metas = [overlay_meta(f) for f in folders]
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for f, m in zip(folders[1:], metas[1:]):
         if any(m.get(k) != meta.get(k) for k in same):
             parser.error(f"{f} is over another base or max length than {folders[0]}")
-    reads = sorted({tuple(m["read_layers"]) for m in metas if m.get("read_layers")})
+    reads = sorted({tuple(read_layers_of(m)) for m in metas if read_layers_of(m)})
     if len(reads) > 1:
         parser.error(f"the overlays' features were read at different layer lists {reads}: one store holds one list")
     reads = list(reads[0]) if reads else []
@@ -218,8 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     weights = torch.cat(rows)  # (K, H)
     tokenizer = load_tokenizer(resolve_model(meta["base"]))
     collate = PreferenceCollator(tokenizer, int(meta["max_length"]))
-    kind = "layers:" + ",".join(map(str, reads)) if reads else "decoder"
-    key = store_key(meta["base_sha256"], int(meta["max_length"]), meta.get("num_hidden_layers"), kind)
+    key = store_key(meta["base_sha256"], int(meta["max_length"]), meta.get("num_hidden_layers"),
+                    store_kind("decoder", reads))
     store = FeatureStore.open(args.store, key)
     sets = load_sets(args.sets, collate, store)
 

@@ -40,10 +40,16 @@ def overlay_rows(folder: Path, load_base: bool = False) -> tuple[list[str], torc
         from training.frozen import load_frozen
 
         frozen = load_frozen(meta["base"], meta.get("max_length"), meta.get("num_hidden_layers"),
-                             meta.get("read_layers") or sorted(set(meta.get("head_layers") or [])) or None)
+                             read_layers_of(meta))
         if frozen.store_key["base_sha256"] != meta["base_sha256"]:
             raise ValueError(f"{folder} was trained over other base weights than the installed {meta['base']}")
     return names, weights, frozen
+
+
+def read_layers_of(meta: dict[str, Any]) -> list[int] | None:
+    """The layers an overlay's features are read at: its `read_layers` (train rm --read-layers), else the distinct
+    layers of its `head_layers`; None where every head reads the last layer."""
+    return meta.get("read_layers") or sorted(set(meta.get("head_layers") or [])) or None
 
 
 def loaded_layers(meta: dict[str, Any]) -> int:
