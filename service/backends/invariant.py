@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -137,63 +138,56 @@ def tile_layout(layout: Any, pad_id: int, causal: bool, widths: Sequence[int], r
     ids = torch.full((rows,), pad_id, dtype=torch.long)
     positions = torch.zeros(rows, dtype=torch.long)
     valid = torch.zeros(rows, dtype=torch.bool)
-    ids[:n] = torch.as_tensor(layout.ids, dtype=torch.long)
-    positions[:n] = torch.as_tensor(layout.positions, dtype=torch.long)
+    ids[:n] = torch.from_numpy(np.asarray(layout.ids, dtype=np.int64))
+    positions[:n] = torch.from_numpy(np.asarray(layout.positions, dtype=np.int64))
     valid[:n] = True
     read = [list(rs) for rs in (reads if reads is not None else [[r] for r in layout.read])]
-    seg_rows = [torch.arange(seg.start, seg.end) for seg in layout.segments]
-    return TileLayout(ids, positions, valid, read, _work(layout, seg_rows, causal))
+    return TileLayout(ids, positions, valid, read, _work(layout, causal))
 
 
-def _work(layout: Any, seg_dest: list[torch.Tensor], causal: bool) -> Work:
-    by_range = {(seg.start, seg.end): i for i, seg in enumerate(layout.segments)}
-    q_rows, q_pos, kv_rows, kv_pos = [], [], [], []
-    for i, seg in enumerate(layout.segments):
-        path = [seg_dest[by_range[c]] for c in seg.context] + [seg_dest[i]]
-        path_pos = [torch.as_tensor(layout.positions[s:e]) for s, e in seg.context]
-        path_pos.append(torch.as_tensor(layout.positions[seg.start:seg.end]))
-        k_rows, k_pos = torch.cat(path), torch.cat(path_pos)  # absolute positions 0 .. end-1, in order
-        own, own_pos = seg_dest[i], path_pos[-1]
+def _work(layout: Any, causal: bool) -> Work:
+    """The attention items of a pass, every index built with whole-array operations (the pass's Python cost must
+    stay small beside a GPU forward): one item per query tile of a decoder's segment (grouped by the tile's
+    index a: queries [aT, (a+1)T) against the key slots of absolute positions [0, (a+1)T)), one per encoder
+    sequence (grouped by its padded length)."""
+    segments = layout.segments
+    # Each segment's path: the row of every absolute position 0 .. end-1 (its ancestors' rows, then its own).
+    paths, depths = [], []
+    for seg in segments:
+        ranges = [np.arange(s, e) for s, e in seg.context] + [np.arange(seg.start, seg.end)]
+        paths.append(np.concatenate(ranges))
+        depths.append(len(paths[-1]) - (seg.end - seg.start))
+    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (Q, L) -> (segment, first query position)
+    for i, (path, depth) in enumerate(zip(paths, depths)):
         if not causal:  # an encoder's queries all see the same keys: one item holds the whole sequence
-            length = -(-len(own) // ROW_TILE) * ROW_TILE  # a function of its own length only
-            slots = torch.full((length,), -1, dtype=torch.long)
-            slots[own_pos] = own
-            q_rows.append(slots)
-            q_pos.append(torch.arange(length))
-            kv_rows.append(k_rows)
-            kv_pos.append(k_pos)
+            length = -(-len(path) // ROW_TILE) * ROW_TILE  # a function of its own length only
+            by_shape.setdefault((length, length), []).append((i, 0))
             continue
-        first = int(own_pos[0])
-        base = first - first % TILE
-        for t0 in range(base, int(own_pos[-1]) + 1, TILE):
-            slots = torch.full((TILE,), -1, dtype=torch.long)
-            in_tile = (own_pos >= t0) & (own_pos < t0 + TILE)
-            slots[own_pos[in_tile] - t0] = own[in_tile]
-            q_rows.append(slots)
-            q_pos.append(torch.arange(t0, t0 + TILE))
-            keep = k_pos < t0 + TILE  # a decoder's query sees keys up to itself
-            kv_rows.append(k_rows[keep])
-            kv_pos.append(k_pos[keep])
-    by_shape: dict[tuple[int, int], list[int]] = {}  # (Q, L): a decoder's keys in whole tiles; an encoder's Q
-    for w, r in enumerate(kv_rows):
-        queries = len(q_rows[w])
-        by_shape.setdefault((queries, -(-len(r) // TILE) * TILE if causal else queries), []).append(w)
+        for a in range(depth // TILE, (len(path) - 1) // TILE + 1):  # the tiles its own positions touch
+            by_shape.setdefault((TILE, (a + 1) * TILE), []).append((i, a * TILE))
     groups = []
     for (queries, length), items in sorted(by_shape.items()):
-        kr = torch.full((len(items), length), -1, dtype=torch.long)
-        kp = torch.full((len(items), length), 2**40, dtype=torch.long)
-        for j, w in enumerate(items):
-            kr[j, :len(kv_rows[w])] = kv_rows[w]
-            kp[j, :len(kv_pos[w])] = kv_pos[w]
-        qr = torch.stack([q_rows[w] for w in items])  # (n, Q)
-        qp = torch.stack([q_pos[w] for w in items])
-        mask = (kr >= 0)[:, None, :]  # (n, 1, L): the key slot holds a key
-        if causal:
-            mask = mask & (kp[:, None, :] <= qp[:, :, None])  # (n, T, L)
+        n = len(items)
+        kr = np.full((n, length), -1, dtype=np.int64)  # the row holding each key slot's position, or -1
+        qr = np.full((n, queries), -1, dtype=np.int64)  # the row of each query slot's position, or -1
+        for j, (i, t0) in enumerate(items):
+            path, depth = paths[i], depths[i]
+            seen = min(length, len(path))
+            kr[j, :seen] = path[:seen]
+            own_lo, own_hi = max(depth, t0), min(len(path), t0 + queries)
+            qr[j, own_lo - t0:own_hi - t0] = path[own_lo:own_hi]
+        has_key = kr >= 0
+        if causal:  # key slot p holds position p; query slot s is position t0 + s; a decoder sees p <= itself
+            t0s = np.array([t0 for _, t0 in items], dtype=np.int64)
+            qpos = t0s[:, None] + np.arange(queries)  # (n, Q)
+            mask = has_key[:, None, :] & (np.arange(length)[None, None, :] <= qpos[:, :, None])  # (n, Q, L)
+        else:
+            mask = has_key[:, None, :]  # (n, 1, L)
         flat = qr.reshape(-1)
-        src = (flat >= 0).nonzero().squeeze(1)
-        groups.append(AttentionGroup(flat.clamp(min=0), kr.reshape(-1).clamp(min=0), mask[:, None].contiguous(),
-                                     flat[src], src, len(items), length, queries))
+        src = np.flatnonzero(flat >= 0)
+        index = [np.maximum(flat, 0), np.maximum(kr.reshape(-1), 0), np.ascontiguousarray(mask[:, None]),
+                 flat[src], src]
+        groups.append(AttentionGroup(*map(torch.from_numpy, index), n, length, queries))
     return Work(groups)
 
 
