@@ -114,9 +114,12 @@ def _error_body(body: bytes) -> dict[str, Any]:
     return detail if isinstance(detail, dict) else {}
 
 
-def grpc_error(code_name: str, details: str, endpoint: str) -> RewardClientError:
-    """The error for a failed gRPC call, by status code name (e.g. "UNAVAILABLE")."""
+def grpc_error(code_name: str, details: str, endpoint: str, kind: str | None = None) -> RewardClientError:
+    """The error for a failed gRPC call, by status code name (e.g. "UNAVAILABLE"); `kind`: the server's
+    `rewardserve-error-type` (e.g. "overloaded"), else the code's name in lower case."""
     cls = GRPC_ERRORS.get(code_name, ServerError)
+    kind = kind or code_name.lower()
     if code_name == "RESOURCE_EXHAUSTED" and "larger than max" in details:  # message size, not queue
-        cls = PayloadTooLargeError
-    return cls(details or code_name, type=code_name.lower(), code=code_name, endpoint=endpoint)
+        # refused by gRPC itself (no handler ran, so no rewardserve-error-type): the kind HTTP's 413 has
+        cls, kind = PayloadTooLargeError, "payload_too_large"
+    return cls(details or code_name, type=kind, code=code_name, endpoint=endpoint)

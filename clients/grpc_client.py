@@ -77,6 +77,10 @@ def open_channel(module: Any, target: str, creds: grpc.ChannelCredentials | None
     return module.secure_channel(target, creds, options=options)
 
 
+ERROR_TYPE_KEY = "rewardserve-error-type"
+"""The trailing metadata in which the server names an error's kind (service/error_map.py: ERROR_TYPE_METADATA)."""
+
+
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
@@ -85,12 +89,15 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
 def rpc_error(exc: grpc.RpcError, endpoint: str) -> RewardClientError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return grpc_error(code.name, details or "", endpoint)
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    kind = next((str(v) for k, v in trailing or () if k == ERROR_TYPE_KEY), None)
+    return grpc_error(code.name, details or "", endpoint, kind)
 
 
 def parse_reply(reply: reward_pb2.ScoreResponse, endpoint: str, expected: int) -> list[ScoreResult]:
     if reply.HasField("error"):  # only ScoreStream answers set it; handled the same way if one does
-        raise grpc_error(CODE_NAMES.get(reply.error.code, "UNKNOWN"), reply.error.message, endpoint)
+        raise grpc_error(CODE_NAMES.get(reply.error.code, "UNKNOWN"), reply.error.message, endpoint,
+                         reply.error.type or None)
     results = [
         ScoreResult(s.reward, s.truncated, s.tokens, s.normalized if s.HasField("normalized") else None,
                     list(s.step_rewards) or None, dict(s.members) or None, s.std if s.HasField("std") else None)

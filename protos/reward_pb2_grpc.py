@@ -36,7 +36,9 @@ class RewardServiceStub:
     NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full, or a message over the server's max_body_bytes),
     DEADLINE_EXCEEDED, UNAVAILABLE (server draining: send to another replica), INTERNAL (the model failed).
     Every error status carries the machine-readable kind (HTTP's error `type`) in the trailing metadata
-    `rewardserve-error-type`, e.g. "overloaded" vs "payload_too_large" (both RESOURCE_EXHAUSTED).
+    `rewardserve-error-type`, e.g. "overloaded" vs "payload_too_large" (both RESOURCE_EXHAUSTED), except a
+    message over max_body_bytes: gRPC refuses it before any handler runs, with RESOURCE_EXHAUSTED, no metadata
+    and details "Received message larger than max (...)"; the clients report it as "payload_too_large".
     """
 
     def __init__(self, channel):
@@ -83,7 +85,9 @@ class RewardServiceServicer:
     NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full, or a message over the server's max_body_bytes),
     DEADLINE_EXCEEDED, UNAVAILABLE (server draining: send to another replica), INTERNAL (the model failed).
     Every error status carries the machine-readable kind (HTTP's error `type`) in the trailing metadata
-    `rewardserve-error-type`, e.g. "overloaded" vs "payload_too_large" (both RESOURCE_EXHAUSTED).
+    `rewardserve-error-type`, e.g. "overloaded" vs "payload_too_large" (both RESOURCE_EXHAUSTED), except a
+    message over max_body_bytes: gRPC refuses it before any handler runs, with RESOURCE_EXHAUSTED, no metadata
+    and details "Received message larger than max (...)"; the clients report it as "payload_too_large".
     """
 
     def Score(self, request, context):
@@ -182,7 +186,9 @@ class RewardService:
     NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full, or a message over the server's max_body_bytes),
     DEADLINE_EXCEEDED, UNAVAILABLE (server draining: send to another replica), INTERNAL (the model failed).
     Every error status carries the machine-readable kind (HTTP's error `type`) in the trailing metadata
-    `rewardserve-error-type`, e.g. "overloaded" vs "payload_too_large" (both RESOURCE_EXHAUSTED).
+    `rewardserve-error-type`, e.g. "overloaded" vs "payload_too_large" (both RESOURCE_EXHAUSTED), except a
+    message over max_body_bytes: gRPC refuses it before any handler runs, with RESOURCE_EXHAUSTED, no metadata
+    and details "Received message larger than max (...)"; the clients report it as "payload_too_large".
     """
 
     @staticmethod

@@ -293,6 +293,21 @@ def test_oversized_message_is_resource_exhausted(small_server):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_client_errors_carry_the_servers_kind(small_server):
+    """The client's error `type` is the server's `rewardserve-error-type` (as HTTP's body `type`), and a message
+    gRPC itself refuses for its size (no handler, no metadata) is `payload_too_large`, not a full queue."""
+    from clients import GrpcRewardClient
+    from clients.errors import NotFoundError, PayloadTooLargeError
+
+    with GrpcRewardClient(small_server.grpc_target, max_retries=0) as client:
+        with pytest.raises(PayloadTooLargeError) as too_big:
+            client.score([{"raw": "x" * 10_000}])
+        with pytest.raises(NotFoundError) as unknown:
+            client.score([{"raw": "x"}], model="nope")
+    assert too_big.value.type == "payload_too_large"
+    assert unknown.value.type == "not_found"
+
+
 def test_normalize_and_model_stats(small_server):
     with stub_for(small_server) as stub:
         reply = stub.Score(pb.ScoreRequest(normalize=True, inputs=[pair("a", "b")]), timeout=10)

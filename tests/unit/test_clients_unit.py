@@ -181,7 +181,16 @@ def test_http_error_table(status, payload, cls):
 ])
 def test_grpc_error_table(code, details, cls):
     exc = grpc_error(code, details, "h:1")
-    assert type(exc) is cls and exc.code == code and exc.type == code.lower()
+    kind = "payload_too_large" if cls is PayloadTooLargeError else code.lower()  # gRPC's own size refusal
+    assert type(exc) is cls and exc.code == code and exc.type == kind
+    assert grpc_error(code, "", "h:1", "some_kind").type == "some_kind"  # the server's metadata, where it sent one
+
+
+def test_error_type_metadata_key_is_the_servers():
+    from clients.grpc_client import ERROR_TYPE_KEY
+    from service.error_map import ERROR_TYPE_METADATA
+
+    assert ERROR_TYPE_KEY == ERROR_TYPE_METADATA
 
 
 def test_health_messages_match_grpc_health():
