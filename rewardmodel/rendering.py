@@ -109,13 +109,15 @@ def _leading_specials(ids: Sequence[int], special: set[int]) -> int:
 def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
     """All of `text`'s token ids, without touching the tokenizer's settings (thread-safe for a shared tokenizer).
 
-    A fast tokenizer is asked directly (its Rust `encode` takes no lock and changes no state) when it has no
-    truncation or padding configured; otherwise, and for slow tokenizers, the transformers call asks for no
-    truncation. Text that is not valid Unicode raises RenderError."""
+    A fast tokenizer is asked directly (its Rust `encode_batch` takes no lock and changes no state) when it has
+    no truncation or padding configured; otherwise, and for slow tokenizers, the transformers call asks for no
+    truncation. The batch call, not `encode`, because it lets go of Python's GIL while it works: a server's
+    event loop keeps answering while another thread tokenizes a long text (measured: `encode` of 4.8 MB froze
+    the loop of a running server for 2 s). Text that is not valid Unicode raises RenderError."""
     try:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and backend.truncation is None and backend.padding is None:
-            return backend.encode(text, add_special_tokens=add_special_tokens).ids
+            return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         # verbose=False: over-long inputs are expected here (truncated by the caller), no warning per input
         return list(tokenizer(text, add_special_tokens=add_special_tokens, truncation=False, verbose=False)["input_ids"])
     except (TypeError, UnicodeError) as exc:
@@ -124,20 +126,73 @@ def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> lis
         raise RenderError(reason) from None
 
 
-def encode_text(tokenizer: Any, text: str, max_length: int) -> Encoded:
-    """Tokenize with the tokenizer's special tokens, drop a doubled BOS, truncate from the left."""
-    ids = token_ids(tokenizer, text)
-    if not ids:
-        raise RenderError("the input renders to no tokens (empty text, and the tokenizer adds no special tokens)")
+TAIL_MIN_CHARS = 16384
+"""Texts longer than this (and than TAIL_CHARS_PER_TOKEN x the model's limit) are tokenized from their end only:
+see `encode_text`."""
+TAIL_CHARS_PER_TOKEN = 32
+TAIL_MARGIN = 64
+"""Tokens between a tail's cut and the tokens kept from it (and compared between two cuts)."""
+HEAD_CHARS = 2048
+
+
+def _without_doubled_bos(tokenizer: Any, ids: list[int]) -> list[int]:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]
+        return ids[1:]
+    return ids
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    return set(getattr(tokenizer, "all_special_ids", []) or [])
+
+
+def encode_text(tokenizer: Any, text: str, max_length: int) -> Encoded:
+    """Tokenize with the tokenizer's special tokens, drop a doubled BOS, truncate from the left (keeping the
+    leading special tokens, e.g. BOS).
+
+    A text far longer than the model's limit is not tokenized whole (megabytes would cost seconds of a core for
+    512 kept tokens, and hold up every later request's tokenizing): its leading special tokens come from its first
+    HEAD_CHARS characters and the kept tokens from its end, tokenized from two cuts TAIL_MARGIN+ tokens before the
+    kept ones. A tokenizer's choices are local (pre-tokenizers split words; merges happen inside them), so two cuts
+    that agree on the kept tokens and on the margin before them give the whole text's tokens; where they do not
+    agree (one word longer than the cut's reach, digits grouped from a run's start) the cut moves further back,
+    and in the end the whole text is tokenized. Same ids either way (tests/unit/test_rendering_tail.py)."""
+    if len(text) > max(TAIL_MIN_CHARS, TAIL_CHARS_PER_TOKEN * max_length):
+        tail = _encode_tail(tokenizer, text, max_length)
+        if tail is not None:
+            return tail
+    ids = _without_doubled_bos(tokenizer, token_ids(tokenizer, text))
+    if not ids:
+        raise RenderError("the input renders to no tokens (empty text, and the tokenizer adds no special tokens)")
     if len(ids) <= max_length:
         return Encoded(ids, False)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    head = min(_leading_specials(ids, special), max_length - 1) if max_length > 1 else 0
+    head = min(_leading_specials(ids, _special_ids(tokenizer)), max_length - 1) if max_length > 1 else 0
     keep_tail = max_length - head
     return Encoded(ids[:head] + ids[len(ids) - keep_tail :], True)
+
+
+def _encode_tail(tokenizer: Any, text: str, max_length: int) -> Encoded | None:
+    """`encode_text` of a long text from its head and its end (None: could not be sure; tokenize it whole)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate anywhere: the whole text's tokenizing says so
+        return None
+    special = _special_ids(tokenizer)
+    head_ids = _without_doubled_bos(tokenizer, token_ids(tokenizer, text[:HEAD_CHARS]))
+    lead = _leading_specials(head_ids, special)
+    if len(head_ids) - lead < TAIL_MARGIN:  # the leading specials might run on past the head's cut
+        return None
+    head = min(lead, max_length - 1) if max_length > 1 else 0
+    compared = max_length - head + TAIL_MARGIN
+    span = TAIL_CHARS_PER_TOKEN // 4 * max_length
+    while 2 * span < len(text):
+        near = token_ids(tokenizer, text[-span:])
+        if len(near) - _leading_specials(near, special) >= compared + TAIL_MARGIN:
+            far = token_ids(tokenizer, text[-span - 13:])  # another cut: 13 is prime (digit groups of 2, 3, 4 ...)
+            if near[-compared:] == far[-compared:]:
+                return Encoded(head_ids[:head] + near[len(near) - (max_length - head):], True)
+        span *= 4
+    return None
 
 
 def encode_input(tokenizer: Any, inp: Any, max_length: int) -> Encoded:

@@ -12,6 +12,7 @@ the vLLM routes, which score single models) -> encode.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -27,7 +28,7 @@ from rewardmodel.inputs import Text
 from rewardmodel.rendering import RenderError, token_ids
 from rewardmodel.steps import StepEncoded
 
-from service.engine import RewardEngine
+from service.engine import TOKENIZE_INLINE_MAX_CHARS, RewardEngine, input_chars
 from service.house import ModelHouse
 from service.errors import invalid
 from service.http_api.common import (
@@ -226,14 +227,19 @@ def compat_router(house: ModelHouse) -> APIRouter:
         body = await _parse(request, TokenizeRequest)
         scorer, _ = single(body.model)
         tokenizer = scorer.tokenizer
-        try:
+
+        def tokenize_body() -> tuple[list[int], list[str] | None]:
             if body.messages is not None:
                 ids = token_ids(tokenizer, render_chat(tokenizer, body), bool(body.add_special_tokens))
             else:
                 ids = token_ids(tokenizer, body.prompt or "", body.add_special_tokens is not False)
+            return ids, tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+
+        try:  # a long text off the event loop: other requests are answered meanwhile
+            long = input_chars(body.messages or body.prompt or "") > TOKENIZE_INLINE_MAX_CHARS
+            ids, strs = await asyncio.to_thread(tokenize_body) if long else tokenize_body()
         except RenderError as exc:
             raise invalid(str(exc)) from None
-        strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         payload = TokenizeResponse(count=len(ids), max_model_len=scorer.max_length, tokens=ids, token_strs=strs)
         return JSONResponse(payload.model_dump())
 
