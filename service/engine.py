@@ -75,12 +75,14 @@ def input_chars(inp: Any) -> int:
 def model_aliases(config: ServeConfig, name: str, source: Any) -> set[str]:
     """The names a model answers to: its served name, the spec and path it was started with (vLLM names a model
     by its path, and verl sends that path back), and the configured aliases (`--served-model-name`)."""
-    names = {name, config.model, *config.served_model_name}
-    path = getattr(source, "home", None) or getattr(source, "path", None)
-    if path is not None:
-        names.add(str(path))
-        names.add(str(Path(path).resolve()))
+    names = {name, config.model, *config.served_model_name} | source_paths(source)
     return {n for n in names if n}
+
+
+def source_paths(source: Any) -> set[str]:
+    """The folder a model was loaded from, as given and resolved (a client may send either as its name)."""
+    path = getattr(source, "home", None) or getattr(source, "path", None)
+    return set() if path is None else {str(path), str(Path(path).resolve())}
 
 
 class RewardEngine:

@@ -12,7 +12,7 @@ from typing import Any
 from rewardmodel.modeling import ModelSource, resolve_model
 from rewardmodel.normalization import load_stats, stats_block
 from service.config import ServeConfig
-from service.engine import RewardEngine, model_aliases
+from service.engine import RewardEngine, model_aliases, source_paths
 from service.errors import invalid
 from service.models import Ensemble, Gate, LengthFit, Rule, ServedModel, check_groups, group_advantages, not_found
 
@@ -54,12 +54,16 @@ class ModelHouse:
                 columns[i] = (engine, offset)
                 offset += sources[i].head_count
         scorers: dict[str, Any] = {}
+        folders: set[str] = set()
         for i, (entry, source) in enumerate(zip(entries, sources)):
             engine, offset = columns[i]
             name = entry.name or engine.name
             aliases = set(entry.aliases) | ({entry.path} if entry.path != name else set())
             if i == 0 and not config.models:  # `--model X` alone: every name the one model answers to
                 aliases |= model_aliases(config, name, source) - {name}
+            else:  # one of several: its own folder too (verl and vLLM clients send a model's path), if no
+                aliases |= source_paths(source) - {name} - folders  # earlier entry of the same folder has it
+            folders |= source_paths(source)
             scorers.update(_models_of(name, aliases, entry, source, engine, offset))
         for spec in config.ensembles:
             def served(member: str, role: str = "a member") -> ServedModel:

@@ -105,6 +105,21 @@ def test_every_model_is_listed_with_its_kind(server):
     assert [m.id for m in models.models] == list(listed) and models.models[0].dtype == "float32"
 
 
+def test_a_model_answers_to_its_folder_among_several(zoo, monkeypatch):
+    """Started by relative folders (as `--model name=folder`), each model answers to its folder's absolute path
+    too (verl sends a model's path as its name); a folder served twice answers as its first entry."""
+    monkeypatch.chdir(zoo["harmless"].parent)
+    served = ServeConfig(models=[{"name": "a", "path": "harmless"}, {"name": "b", "path": "trio"},
+                                 {"name": "a-debiased", "path": "harmless", "debias": "length"}],
+                         port=0, grpc_port=-1, log_level="warning", dtype="float32")
+    with LiveServer(served) as live:
+        assert score(live, str(zoo["harmless"].resolve()))["model"] == "a"
+        assert score(live, str(zoo["trio"].resolve()))["model"] == "b"
+        assert score(live, "harmless")["model"] == "a"
+        r = httpx.post(live.http_url + "/v1/score", json={"model": "/no/such/folder", "inputs": PAIRS}, timeout=60)
+        assert r.status_code == 404
+
+
 def test_heads_over_one_base_share_one_backbone(server):
     house = server.runtime.house
     assert len(house.engines) == 2  # the llama base (harmless, helpful, trio's three heads) and the BERT
