@@ -69,15 +69,24 @@ def prompt_only(inp: Any) -> dict[str, Any] | None:
     return {"messages": [*messages[:-1], {"role": "assistant", "content": ""}]}
 
 
-def _plain_turn(message: dict[str, Any]) -> str:
-    speaker = PLAIN_SPEAKERS[message["role"]]
-    if message.get("name") and message["role"] in ("tool", "function"):
-        speaker = f"{speaker} ({message['name']})"
+def _content_with_calls(message: dict[str, Any]) -> str:
+    """A message's content with its tool calls written after it as ` <tool_calls>JSON</tool_calls>`."""
     text = message.get("content") or ""
     if message.get("tool_calls"):
         calls = json.dumps(message["tool_calls"], ensure_ascii=False, sort_keys=True)
         text = f"{text} <tool_calls>{calls}</tool_calls>" if text else f"<tool_calls>{calls}</tool_calls>"
-    return f"\n\n{speaker}: {text}"
+    return text
+
+
+def _tool_name(message: dict[str, Any]) -> str | None:
+    return message.get("name") if message["role"] in ("tool", "function") and message.get("name") else None
+
+
+def _plain_turn(message: dict[str, Any]) -> str:
+    speaker = PLAIN_SPEAKERS[message["role"]]
+    if _tool_name(message):
+        speaker = f"{speaker} ({_tool_name(message)})"
+    return f"\n\n{speaker}: {_content_with_calls(message)}"
 
 
 def render_plain(messages: Sequence[dict[str, Any]]) -> str:
@@ -91,12 +100,36 @@ def render_text(tokenizer: Any, inp: Any) -> str:
     if isinstance(inp, dict) and "raw" in inp:
         return inp["raw"]
     messages = to_messages(inp)
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            return tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception as exc:  # jinja's TemplateError, or the template's own raise_exception(...)
-            raise RenderError(f"the reward model's chat template rejected the conversation: {exc}") from None
-    return render_plain(messages)
+    if not getattr(tokenizer, "chat_template", None):
+        return render_plain(messages)
+    text = _apply_template(tokenizer, messages)
+    if any(m.get("tool_calls") or _tool_name(m) for m in messages):
+        # Many templates (the shipped model's among them) drop tool calls and tool names: two different calls
+        # would get the same reward. Where the template renders the conversation without them exactly as with
+        # them, they are written into the content instead, as the plain format writes them.
+        if _apply_template(tokenizer, [_without_tool_fields(m) for m in messages]) == text:
+            text = _apply_template(tokenizer, [_tool_fields_in_content(m) for m in messages])
+    return text
+
+
+TOOL_FIELDS = ("tool_calls", "name", "tool_call_id")
+
+
+def _without_tool_fields(message: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in message.items() if k not in TOOL_FIELDS}
+
+
+def _tool_fields_in_content(message: dict[str, Any]) -> dict[str, Any]:
+    """The message with its tool calls (and a tool's name, in front) written into its content."""
+    name = _tool_name(message)
+    return dict(_without_tool_fields(message), content=(f"({name}) " if name else "") + _content_with_calls(message))
+
+
+def _apply_template(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # jinja's TemplateError, or the template's own raise_exception(...)
+        raise RenderError(f"the reward model's chat template rejected the conversation: {exc}") from None
 
 
 def _leading_specials(ids: Sequence[int], special: set[int]) -> int:

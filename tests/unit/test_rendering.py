@@ -116,6 +116,39 @@ def test_tool_messages_render_in_the_plain_format():
     assert '"name": "add"' in text and "\n\nTool (add): 2\n\nAssistant: It is 2." in text
 
 
+def _tool_conversation(function: str, tool: str = "add"):
+    from rewardmodel.inputs import MessagesInput
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": function, "arguments": "{\"a\": 1}"}}]
+    return MessagesInput(messages=[
+        {"role": "user", "content": "1 + 1?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "content": "2", "name": tool, "tool_call_id": "c1"},
+        {"role": "assistant", "content": "It is 2."},
+    ])
+
+
+def test_tool_calls_a_template_drops_are_written_into_the_content(smol_tok):
+    """SmolLM2's template ignores tool calls and tool names: two different calls must not read the same text."""
+    texts = {f: render_text(smol_tok, _tool_conversation(f)) for f in ("add", "delete_all_files")}
+    assert texts["add"] != texts["delete_all_files"]
+    assert '<tool_calls>[{"function": {"arguments": "{\\"a\\": 1}", "name": "delete_all_files"}' in texts[
+        "delete_all_files"]
+    assert "(add) 2" in texts["add"] and render_text(smol_tok, _tool_conversation("add", tool="sub")) != texts["add"]
+    plain = MessagesInput(messages=[{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}])
+    assert render_text(smol_tok, plain) == smol_tok.apply_chat_template(
+        [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}], tokenize=False)
+
+
+def test_a_template_that_renders_tool_calls_keeps_its_own_rendering(smollm2_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir))
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}"
+                         "[call {{ c.function.name }}]{% endfor %}{% if m.name %}[from {{ m.name }}]{% endif %}"
+                         "{% endfor %}")
+    text = render_text(tok, _tool_conversation("add"))
+    assert text == "<user>1 + 1?<assistant>[call add]<tool>2[from add]<assistant>It is 2."
+
+
 def test_content_may_be_missing_only_for_an_assistant_that_calls_tools():
     import pytest
     from pydantic import ValidationError
