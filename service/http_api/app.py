@@ -18,7 +18,7 @@ from service.errors import ErrorKind, RewardServeError
 from service.http_api.auth import AuthMiddleware
 from service.http_api.bon_routes import bon_router
 from service.error_map import kind_of_http_status
-from service.http_api.common import ErrorResponse, error_response
+from service.http_api.common import ErrorResponse, error_response, not_json_message
 from service.http_api.compat_routes import compat_router
 from service.http_api.edge import BodyLimitMiddleware, EdgeMiddleware, InFlight
 from service.http_api.score_routes import score_router
@@ -26,6 +26,24 @@ from service.keys import key_checker
 from service.schemas import describe_validation_error
 
 log = logging.getLogger("rewardserve.http")
+
+
+def body_problem(request: Request, errors: Any) -> tuple[int, str] | None:
+    """A request whose body as a whole is wrong (not JSON, not an object, absent), said as such: FastAPI's own
+    words ("12: JSON decode error", "Field required") name no field and read like one."""
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            where = f" at character {loc[1]}" if len(loc) > 1 else ""
+            return 400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', 'decode error')}{where}"
+        if loc != ("body",) or isinstance(err.get("input"), dict):  # a field's, or the object's own check
+            continue
+        if isinstance(err.get("input"), (bytes, str)):  # not parsed: the content type did not say JSON
+            return 400, not_json_message(request.headers.get("content-type"))
+        if err.get("type") == "missing":
+            return 422, "the request body is empty (or null): send a JSON object"
+        return 422, f"the request body must be a JSON object, got {type(err.get('input')).__name__}"
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -38,9 +56,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _on_validation(_: Request, exc: RequestValidationError) -> Response:
-        message = describe_validation_error(exc)  # type: ignore[arg-type]
-        return error_response(RewardServeError(ErrorKind.INVALID_ARGUMENT, message), status=422)
+    async def _on_validation(request: Request, exc: RequestValidationError) -> Response:
+        status, message = body_problem(request, exc.errors()) or (422, describe_validation_error(exc))
+        return error_response(RewardServeError(ErrorKind.INVALID_ARGUMENT, message), status=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(_: Request, exc: StarletteHTTPException) -> Response:

@@ -58,6 +58,10 @@ async def run_unless_disconnected(request: Request, work: Awaitable[Any]) -> Any
     return task.result()
 
 
+def not_json_message(content_type: str | None) -> str:
+    return f"the request body must be JSON (content-type application/json), got content-type {content_type!r}"
+
+
 def parse_timeout_header(value: str | None) -> float | None:
     if value is None:
         return None

@@ -32,7 +32,7 @@ from service.engine import TOKENIZE_INLINE_MAX_CHARS, RewardEngine, input_chars
 from service.house import ModelHouse
 from service.errors import invalid
 from service.http_api.common import (
-    ERROR_RESPONSES, TIMEOUT_HEADER, parse_timeout_header, run_unless_disconnected, timing_headers,
+    ERROR_RESPONSES, TIMEOUT_HEADER, not_json_message, parse_timeout_header, run_unless_disconnected, timing_headers,
 )
 from service.http_api.vllm_protocol import (
     ChatPrompt, ClassificationData, ClassificationResponse, DetokenizeRequest, DetokenizeResponse, ModelInfo,
@@ -96,8 +96,7 @@ def _is_json(request: Request) -> bool:
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
     if not _is_json(request):
-        raise invalid(f"the request body must be JSON (content-type application/json), got "
-                      f"{request.headers.get('content-type')!r}")
+        raise invalid(not_json_message(request.headers.get("content-type")))
     try:
         data = json.loads(await request.body())
     except (ValueError, RecursionError):  # bad UTF-8 / JSON, or nesting deeper than the parser goes

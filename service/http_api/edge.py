@@ -97,6 +97,8 @@ class BodyLimitMiddleware:
             return
         body_receive = await self._read_limited(scope, receive, send)
         if body_receive is not None:
+            if header(scope, b"content-type") is None:  # read as JSON, as vLLM's FastAPI routes read it
+                scope = dict(scope, headers=[*scope.get("headers", []), (b"content-type", b"application/json")])
             await self.app(scope, body_receive, send)
 
     async def _too_large(self, send: Send) -> None:

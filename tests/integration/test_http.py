@@ -113,6 +113,35 @@ def test_malformed_bodies_are_4xx(bert_server, raw):
     assert r.json()["error"]["type"] == "invalid_argument"
 
 
+BODIES = [  # (body, content-type, status, what the message says)
+    (b'{"inputs": [', "application/json", 400, "the request body is not valid JSON: Expecting value at character 12"),
+    (b"not json", "application/json", 400, "the request body is not valid JSON"),
+    (b"", "application/json", 422, "the request body is empty (or null)"),
+    (b"null", "application/json", 422, "the request body is empty (or null)"),
+    (b"[1, 2]", "application/json", 422, "the request body must be a JSON object, got list"),
+    (b'{"inputs": [{"raw": "a"}]}', "text/plain", 400, "must be JSON (content-type application/json), got "
+                                                       "content-type 'text/plain'"),
+    (b'{"inputs": [{"raw": "a"}]}', "application/x-www-form-urlencoded", 400, "must be JSON"),  # curl -d alone
+]
+
+
+@pytest.mark.parametrize("route", ["/v1/score", "/get_reward"])
+@pytest.mark.parametrize("raw,content_type,code,needle", BODIES)
+def test_a_wrong_body_is_named_as_such(bert_server, route, raw, content_type, code, needle):
+    r = httpx.post(bert_server.http_url + route, content=raw, headers={"content-type": content_type})
+    assert r.status_code == code and needle in r.json()["error"]["message"], r.text
+
+
+def test_a_body_without_content_type_is_read_as_json(bert_server):
+    """As vLLM's routes read it: the same answer as with `content-type: application/json`."""
+    body = b'{"inputs": [{"prompt": "a", "response": "b"}]}'
+    bare = httpx.Client().send(httpx.Request("POST", bert_server.http_url + "/v1/score", content=body))
+    with_type = httpx.post(bert_server.http_url + "/v1/score", content=body,
+                           headers={"content-type": "application/json"})
+    assert "content-type" not in bare.request.headers
+    assert bare.status_code == 200 and bare.json()["scores"] == with_type.json()["scores"]
+
+
 def test_unknown_route_and_method(bert_server):
     r = httpx.get(bert_server.http_url + "/v1/nope")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
