@@ -4,6 +4,7 @@ headers, and cancelling work when the client goes away."""
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, Awaitable
 
 from fastapi import Request
@@ -65,12 +66,13 @@ def not_json_message(content_type: str | None) -> str:
 def parse_timeout_header(value: str | None) -> float | None:
     if value is None:
         return None
+    shown = value.encode("latin-1", "replace").decode("utf-8", "replace")  # ASGI hands header bytes as latin-1
     try:
         seconds = float(value)
     except ValueError:
-        raise invalid(f"{TIMEOUT_HEADER} must be a number of seconds, got {value!r}") from None
-    if not seconds > 0:
-        raise invalid(f"{TIMEOUT_HEADER} must be positive, got {value!r}")
+        raise invalid(f"{TIMEOUT_HEADER} must be a number of seconds, got {shown!r}") from None
+    if not 0 < seconds < math.inf:
+        raise invalid(f"{TIMEOUT_HEADER} must be a positive, finite number of seconds, got {shown!r}")
     return seconds
 
 

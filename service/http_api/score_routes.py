@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Header, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from service.house import ModelHouse
 from service.http_api.common import (
@@ -18,10 +18,10 @@ class ScoreRequest(BaseModel):
     model: str | None = Field(default=None, description="A served model or ensemble (its name or an alias); "
                               "default: the first model.")
     inputs: list[ScoreInput] = Field(min_length=1, description="Inputs to score, answered in the same order.")
-    groups: list[list[int]] | None = Field(
+    groups: list[list[StrictInt]] | None = Field(  # strict: true/false or 1.0 are not indices
         default=None, description="GRPO groups: lists of input indices that answer the same prompt; each grouped "
         "score also gets `advantage` and `advantage_centered` within its group.")
-    normalize: bool = Field(default=False, description="Also return rewards normalized with the model's stats.")
+    normalize: StrictBool = Field(default=False, description="Also return rewards normalized with the model's stats.")
     timeout: float | None = Field(
         default=None, gt=0, description="Seconds before the request fails with 504 (also the X-Request-Timeout header)."
     )

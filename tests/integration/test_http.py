@@ -95,6 +95,9 @@ BAD = [
     ({"inputs": [PAIR], "extra": 1}, 422, "extra"),
     ({"inputs": [PAIR], "timeout": -1}, 422, "timeout"),
     ({"model": "other-model", "inputs": [PAIR]}, 404, "unknown model 'other-model'"),
+    ({"inputs": [PAIR, PAIR], "groups": [[True, False]]}, 422, "groups.0.0"),  # not indices, whatever Python says
+    ({"inputs": [PAIR, PAIR], "groups": [[0.0, 1.0]]}, 422, "groups.0.0"),
+    ({"inputs": [PAIR], "normalize": "yes"}, 422, "normalize"),
 ]
 
 
@@ -149,9 +152,12 @@ def test_unknown_route_and_method(bert_server):
     assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
 
 
-def test_bad_timeout_header(bert_server):
-    r = httpx.post(bert_server.http_url + "/v1/score", json={"inputs": [PAIR]}, headers={"X-Request-Timeout": "soon"})
-    assert r.status_code == 400 and "X-Request-Timeout" in r.json()["error"]["message"]
+@pytest.mark.parametrize("value,shown", [(b"soon", "'soon'"), (b"inf", "'inf'"), (b"1e309", "'1e309'"),
+                                         (b"nan", "'nan'"), (b"-1", "'-1'"), ("5é".encode(), "'5é'")])
+def test_bad_timeout_header(bert_server, value, shown):
+    r = httpx.post(bert_server.http_url + "/v1/score", json={"inputs": [PAIR]}, headers={"X-Request-Timeout": value})
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and message.startswith("X-Request-Timeout must be") and message.endswith(shown)
 
 
 @pytest.fixture(scope="module")
