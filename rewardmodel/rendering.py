@@ -112,11 +112,10 @@ def render_text(tokenizer: Any, inp: Any) -> str:
     return text
 
 
-TOOL_FIELDS = ("tool_calls", "name", "tool_call_id")
-
-
 def _without_tool_fields(message: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in message.items() if k not in TOOL_FIELDS}
+    """The message without its tool calls and, a tool's answer, its name (what the reward must see)."""
+    dropped = ("tool_calls", "name") if _tool_name(message) else ("tool_calls",)
+    return {k: v for k, v in message.items() if k not in dropped}
 
 
 def _tool_fields_in_content(message: dict[str, Any]) -> dict[str, Any]:
