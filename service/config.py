@@ -280,8 +280,8 @@ FLAG_ALIASES: dict[str, tuple[str, ...]] = {"api_keys": ("--api-key",)}
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
-    if annotation in (bool, "bool"):
-        return value.strip().lower() in ("1", "true", "yes", "on")
+    if annotation in (bool, "bool"):  # an environment variable's text, or a --flag / --no-flag's bool as it is
+        return value if isinstance(value, bool) else value.strip().lower() in ("1", "true", "yes", "on")
     if annotation == list[str]:
         values = value if isinstance(value, list) else [value]  # a repeated flag gives a list (of lists: nargs)
         flat = [v for item in values for v in (item if isinstance(item, list) else [item])]

@@ -34,3 +34,12 @@ def test_a_command_line_model_replaces_the_files_models_and_their_ensembles(tmp_
     assert config.max_queue == 128  # the file's other fields stay
     config = _resolve(tmp_path, "--model", "a=minilm", "--model", "b=default")
     assert [m.name for m in config.model_entries()] == ["a", "b"] and config.ensembles == []
+
+
+def test_boolean_flags_both_ways_and_over_the_environment(tmp_path):
+    """`--no-warmup` / `--warmup` (argparse gives a bool) beat REWARDSERVE_WARMUP (text)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert resolve(parser.parse_args(["--no-warmup"]), environ={}).warmup is False
+    assert resolve(parser.parse_args(["--warmup"]), environ={"REWARDSERVE_WARMUP": "false"}).warmup is True
+    assert resolve(parser.parse_args([]), environ={"REWARDSERVE_WARMUP": "false"}).warmup is False
