@@ -272,7 +272,7 @@ def load_backbone(sources: list[ModelSource], dtype: Any, device: str) -> Any:
         raise ValueError("models that share a backbone must be score-head overlays of the same base")
     labels = sum(s.head_count for s in sources)
     auto = AutoModelForTokenClassification if source.prm is not None else AutoModelForSequenceClassification
-    kwargs: dict[str, Any] = {"num_labels": labels, "dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"num_labels": labels, "dtype": dtype, "attn_implementation": _attention(source)}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     if source.num_layers:
@@ -280,13 +280,27 @@ def load_backbone(sources: list[ModelSource], dtype: Any, device: str) -> Any:
     if source.overlay is not None:  # the overlays supply the head, whatever head the base has
         kwargs["ignore_mismatched_sizes"] = True
         kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(labels)}
+    if source.overlay is None and not source.untrained_head:
+        _check_labels(source, labels)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG (e.g. a trainer's --seed) is left as it was
         if source.untrained_head or source.overlay is not None:
             # The score head is freshly initialised (an overlay then replaces it): seed it so every process
             # serves the same rewards.
             torch.manual_seed(DEFAULT_SEED)
         with _expected_missing_head(source.overlay is not None):
-            model = auto.from_pretrained(str(source.path), **kwargs)
+            try:
+                model, info = _from_pretrained(auto, source, labels, kwargs)
+            except ValueError as exc:  # e.g. DeBERTa-v2: no SDPA attention in transformers; ours is not used
+                if "scaled_dot_product_attention" not in str(exc):
+                    raise
+                log.info("%s has no SDPA attention in transformers: loading it with eager attention", source.path)
+                kwargs["attn_implementation"] = "eager"
+                model, info = _from_pretrained(auto, source, labels, kwargs)
+    if not (source.untrained_head or source.overlay is not None):
+        head = sorted(k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier"))
+        if head:  # a base checkpoint: its head would be random, its rewards meaningless
+            raise ValueError(f"{source.path} is not a reward model: its checkpoint has no trained head ({head[0]} "
+                             "is missing). Train one with `rewardserve train rm --base <it>`")
     if model.config.num_labels != labels:
         raise ValueError(f"{source.path} has num_labels={model.config.num_labels}; expected {labels} "
                          f"({'a reward model has 1' if labels == 1 else 'its heads'})")
@@ -299,6 +313,40 @@ def load_backbone(sources: list[ModelSource], dtype: Any, device: str) -> Any:
         _load_heads(model, sources)
     _set_head_layers(model, sources)
     return model.to(device).eval()
+
+
+def _from_pretrained(auto: Any, source: ModelSource, labels: int, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    try:
+        return auto.from_pretrained(str(source.path), output_loading_info=True, **kwargs)
+    except RuntimeError as exc:  # a head of another shape (transformers 5 saves no num_labels when it is 2)
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise ValueError(f"{source.path}: its checkpoint's head does not have {labels} output(s) (saved with "
+                         f"another num_labels; {'a reward model has 1' if labels == 1 else 'one per head'})") from None
+
+
+def _raw_config(source: ModelSource) -> dict[str, Any]:
+    try:
+        raw = json.loads((Path(source.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # a GGUF file, or no readable config: the load itself says what is wrong
+    return raw if isinstance(raw, dict) else {}
+
+
+def _attention(source: ModelSource) -> str:
+    """transformers' SDPA attention, except where it would drop what the model's attention does (soft-capped
+    logits: Gemma 2's SDPA path ignores them; eager applies them)."""
+    return "eager" if _raw_config(source).get("attn_logit_softcapping") is not None else "sdpa"
+
+
+def _check_labels(source: ModelSource, labels: int) -> None:
+    """A checkpoint whose config names another number of labels than its heads is refused before loading (its
+    head's shape would fail the load with transformers' long report)."""
+    raw = _raw_config(source)
+    named = len(raw["id2label"]) if isinstance(raw.get("id2label"), dict) else raw.get("num_labels")
+    if isinstance(named, int) and named != labels:
+        raise ValueError(f"{source.path} has num_labels={named}; expected {labels} "
+                         f"({'a reward model has 1' if labels == 1 else 'its heads'})")
 
 
 HEAD_LAYERS = "rewardserve_head_layers"

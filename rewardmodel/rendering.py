@@ -231,10 +231,22 @@ def encode_input(tokenizer: Any, inp: Any, max_length: int) -> Encoded:
     return encode_text(tokenizer, render_text(tokenizer, inp), max_length)
 
 
+OFFSET_POSITIONS = {
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "ibert", "longformer", "luke",
+    "markuplm", "mpnet", "roberta-prelayernorm", "xmod", "esm", "lilt", "layoutlmv3",
+}
+"""Model types whose position ids count from padding_idx + 1 (RoBERTa's scheme, transformers'
+create_position_ids_from_input_ids): max_position_embeddings - padding_idx - 1 tokens fit."""
+
+
 def model_max_length(tokenizer: Any, config: Any, cap: int = 0) -> int:
     """The longest input the model takes: the smaller of its positions, the tokenizer's limit and the cap."""
     limits = []
     positions = getattr(config, "max_position_embeddings", None)
+    pad = getattr(config, "pad_token_id", None)
+    offset = getattr(config, "model_type", None) in OFFSET_POSITIONS and isinstance(pad, int)
+    if isinstance(positions, int) and offset:
+        positions -= pad + 1  # position ids start after the padding index: roberta-base's 514 fit 512 tokens
     if isinstance(positions, int) and positions > 0:
         limits.append(positions)
     tok_limit = getattr(tokenizer, "model_max_length", None)

@@ -92,6 +92,10 @@ class HFBackend:
                 raise ValueError(f"the invariant forward does not support {type(self.model).__name__}; "
                                  "use --forward transformers" + (" with another --dtype" if self.gemm != "native"
                                                                  else ""))
+        if config.compile == "on" and self.invariant is None:  # (an encoder's invariant forward says so itself)
+            log.warning("--compile on: %s runs transformers' forward, which is not compiled (only the invariant "
+                        "forward of a Llama-family decoder is); /v1/models says compiled: false",
+                        type(self.model).__name__)
             if self.invariant is None and self.dtype != torch.float32:
                 self.model = self.model.to(self.dtype)
         self.packed = True if self.invariant is not None else self._want_packing(config.packing)
@@ -117,9 +121,13 @@ class HFBackend:
     def _want_packing(self, mode: str) -> bool:
         if mode == "off":
             return False
-        if self.head is None:
+        reason = packing.unpackable(self.model.config, self.max_length)
+        if self.head is None or reason:
             if mode == "on":
-                raise ValueError(f"packing is not supported for {type(self.model).__name__}; use --packing off")
+                raise ValueError(f"packing is not supported for {type(self.model).__name__}"
+                                 f"{f' ({reason})' if reason else ''}; use --packing off")
+            if reason:
+                log.info("%s: %s; its batches are padded (transformers' forward)", self.source.path, reason)
             return False
         return mode == "on" or not self.device.startswith("cuda")
 

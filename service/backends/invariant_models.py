@@ -66,7 +66,8 @@ def build_forward(model: Any, compute: torch.dtype, max_length: int, gemm: str =
         if getattr(config, "hidden_act", "gelu") not in ACTIVATIONS:
             return None
         if compile:
-            log.info("invariant forward: encoders run unfused (--compile fuses decoders)")
+            log.warning("invariant forward: encoders run unfused (--compile fuses decoders); /v1/models says "
+                        "compiled: false")
         return EncoderForward(model, compute, gemm)
     return None
 

@@ -48,12 +48,14 @@ def _packed_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     if prefix_tree is not None:
+        _check_unsupported(kwargs, max(e - s + sum(ce - cs for cs, ce in c) for s, e, c, _ in prefix_tree))
         return _tree_attention(module, query, key, value, dropout, scaling, is_causal, prefix_tree)
     if cu_seq_lens_q is None:
         raise RuntimeError("packed attention needs cu_seq_lens_q (segment boundaries)")
     causal = bool(getattr(module, "is_causal", False)) if is_causal is None else bool(is_causal)
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: SDPA shares the key/value heads itself
     bounds = cu_seq_lens_q.tolist()
+    _check_unsupported(kwargs, max(e - s for s, e in zip(bounds[:-1], bounds[1:])))
     outs = [
         F.scaled_dot_product_attention(
             query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=causal,
@@ -105,6 +107,29 @@ def register() -> str:
         AttentionMaskInterface.register(ATTN_NAME, _no_mask)
         _registered = True
     return ATTN_NAME
+
+
+def unpackable(config: Any, max_length: int) -> str | None:
+    """Why this model's attention is more than our packed attention computes (a reason), or None. Its inputs then
+    run transformers' own padded forward, which applies it."""
+    window = getattr(config, "sliding_window", None)
+    sliding = getattr(config, "use_sliding_window", True) is not False and (
+        "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"]))
+    if isinstance(window, int) and sliding and window < max_length:
+        return f"a sliding attention window ({window} tokens) shorter than its inputs may be ({max_length})"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping"
+    return None
+
+
+def _check_unsupported(kwargs: dict[str, Any], longest: int) -> None:
+    """A safety net under `unpackable`: attention arguments that would change the numbers are never dropped."""
+    window = kwargs.get("sliding_window")
+    if window is not None and longest > window:
+        raise RuntimeError(f"packed attention has no sliding window ({window} tokens, a sequence of {longest})")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise RuntimeError(f"packed attention does not apply {name}")
 
 
 def head_kind(model: Any) -> str | None:

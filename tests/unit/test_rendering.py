@@ -94,6 +94,23 @@ def test_model_max_length(bert_tok):
     assert model_max_length(bert_tok, Cfg(), cap=128) == 128
 
 
+def test_roberta_positions_start_after_the_padding_index(bert_tok):
+    """RoBERTa-style models number positions from padding_idx + 1: with 66 position embeddings and padding id 1,
+    64 tokens fit (65 index past the table), whatever the tokenizer's own limit says."""
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(vocab_size=bert_tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=66, pad_token_id=1, num_labels=1)
+    model = RobertaForSequenceClassification(config).eval()
+    limit = model_max_length(bert_tok, config)
+    assert limit == 64
+    with torch.no_grad():
+        model(torch.full((1, limit), 5))  # fits
+        with pytest.raises((IndexError, RuntimeError), match="out of"):
+            model(torch.full((1, limit + 1), 5))
+
+
 def test_render_plain_roles():
     assert render_plain([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]) == (
         "\n\nHuman: a\n\nAssistant: b"
