@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 
 def _thread_discipline() -> None:
@@ -52,14 +53,70 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train_rm(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
-    from training.rm import main as train_rm_main  # heavy (torch, accelerate, peft): imported only here
+# Config fields whose flag is not the field's own name (training/cli_args.py); LoraSettings' fields are --lora-*.
+_FLAG_OF_FIELD = {"output_dir": "output", "progress": "no_progress"}
+_LORA_FLAG_OF_FIELD = {"target_modules": "lora_targets"}
+
+
+def _flag(title: str, loc: tuple) -> str:
+    """A config field's location -> the flag that sets it: ('train', 'lr') -> --lr; LoraSettings ('r',) -> --lora-r."""
+    names = [str(part) for part in loc if not isinstance(part, int)]  # list indices say nothing about the flag
+    lora = title == "LoraSettings" or "lora" in names[:-1]
+    names = [n for n in names if n not in ("train", "lora")] or names
+    field = names[-1] if names else ""
+    if lora:
+        field = _LORA_FLAG_OF_FIELD.get(field, f"lora_{field}")
+    return "--" + _FLAG_OF_FIELD.get(field, field).replace("_", "-")
+
+
+_FLAG_CONFIGS = ("RMConfig", "DPOConfig", "PPOConfig", "GRPOConfig", "PRMConfig", "TrainConfig", "LoraSettings")
+
+
+def _bad_flags(exc: Any) -> str:
+    """A pydantic ValidationError as one line naming each field, no pydantic URL; a trainer's config field by its
+    flag: '--lr: Input should be greater than 0 (got -1.0)'."""
+    parts = []
+    for error in exc.errors():
+        got = error.get("input")
+        shown = "" if error.get("type") == "missing" or isinstance(got, (dict, list)) else f" (got {got!r})"
+        where = _flag(exc.title, error["loc"]) if exc.title in _FLAG_CONFIGS else ".".join(map(str, error["loc"]))
+        parts.append(f"{where}: {error['msg']}{shown}" if where else f"{error['msg']}{shown}")
+    return "; ".join(parts)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of a refused input, on one line (peft's and json's messages span several)."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"  # not "[Errno 2] No such file or directory: 'x'"
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError's str() adds quotes
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
+# A user's mistake in a command's inputs: a bad or missing file, folder or record, a refused flag value or combination
+# (pydantic's ValidationError is a ValueError; so are rewardmodel's RenderError and UnsafePattern, and peft's
+# NoMatchingPeftModuleError for --lora-targets). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _run(command: str, entry: Any, args: argparse.Namespace, *errors: type[BaseException]) -> int:
+    """entry(args), with a user's mistake (USER_ERRORS, or one of `errors`: the command's own kinds) reported the
+    way argparse reports a bad flag: one line `rewardserve <command>: error: <message>`, exit status 2."""
+    from pydantic import ValidationError
 
     try:
-        return train_rm_main(args)
-    except ValueError as exc:  # a refused combination of flags or inputs: one line, exit 2
-        return _fail("train rm", str(exc))
+        return entry(args)
+    except ValidationError as exc:  # before ValueError, which it subclasses: one line naming the flags
+        return _fail(command, _bad_flags(exc))
+    except (*USER_ERRORS, *errors) as exc:
+        return _fail(command, _one_line(exc))
+
+
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from training.loop import TrainingDiverged
+    from training.rm import main as train_rm_main  # heavy (torch, accelerate, peft): imported only here
+
+    return _run("train rm", train_rm_main, args, TrainingDiverged)
 
 
 def cmd_train_gate(args: argparse.Namespace) -> int:
@@ -69,76 +126,65 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
     from training.gate import main as train_gate_main
 
     args.command_line = "rewardserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    try:
-        return train_gate_main(args)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        return _fail("train gate", str(exc))
+    return _run("train gate", train_gate_main, args, KeyError)
 
 
 def cmd_train_dpo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from training.dpo import main as train_dpo_main
+    from training.loop import TrainingDiverged
 
-    return train_dpo_main(args)
+    return _run("train dpo", train_dpo_main, args, TrainingDiverged)
 
 
 def cmd_train_ppo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
+    from training.loop import TrainingDiverged
     from training.ppo import RewardCallFailed
     from training.ppo import main as train_ppo_main
 
-    try:
-        return train_ppo_main(args)
-    except RewardCallFailed as exc:  # the run stops at the failed step; no zero reward is made up
-        return _fail("train ppo", str(exc))
+    # RewardCallFailed: the run stops at the failed step; no zero reward is made up
+    return _run("train ppo", train_ppo_main, args, RewardCallFailed, TrainingDiverged)
 
 
 def cmd_train_grpo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from training.grpo import RewardCallFailed
     from training.grpo import main as train_grpo_main
+    from training.loop import TrainingDiverged
 
-    try:
-        return train_grpo_main(args)
-    except RewardCallFailed as exc:  # the run stops at the failed step; no zero reward is made up
-        return _fail("train grpo", str(exc))
+    # RewardCallFailed: the run stops at the failed step; no zero reward is made up
+    return _run("train grpo", train_grpo_main, args, RewardCallFailed, TrainingDiverged)
 
 
 def cmd_train_prm(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
+    from training.loop import TrainingDiverged
     from training.prm import main as train_prm_main
 
-    try:
-        return train_prm_main(args)
-    except (FileNotFoundError, ValueError) as exc:  # bad data file or record, a base that is no model folder
-        return _fail("train prm", str(exc))
+    return _run("train prm", train_prm_main, args, TrainingDiverged)
 
 
 def cmd_eval_prm(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from training.evaluate_prm import main as eval_prm_main
 
-    try:
-        return eval_prm_main(args)
-    except (FileNotFoundError, ValueError) as exc:
-        return _fail("eval prm", str(exc))
+    return _run("eval prm", eval_prm_main, args)
 
 
 def cmd_eval_rm(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     from training.evaluate import main as eval_rm_main
 
-    return eval_rm_main(args)
+    return _run("eval rm", eval_rm_main, args)
 
 
 def cmd_eval_bon(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
+    from service.errors import RewardServeError  # e.g. the generator did not start
     from training.evaluate_bon import main as eval_bon_main
 
-    try:
-        return eval_bon_main(args)
-    except (FileNotFoundError, ValueError) as exc:
-        return _fail("eval bon", str(exc))
+    return _run("eval bon", eval_bon_main, args, RewardServeError)
 
 
 def _add_train_and_eval(sub: argparse._SubParsersAction) -> None:

@@ -10,8 +10,37 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+
+def int_at_least(low: int, why: str) -> Any:
+    """An argparse type: an integer of at least `low` (`why`: its docstring, what a smaller one would do)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__doc__ = why
+    return parse
+
+
+positive_int = int_at_least(1, "a 0 would read as 'unset' downstream and run a whole epoch")
+non_negative_int = int_at_least(0, "0: the default, e.g. torch's threads or the model's length")
+
+
+def device(text: str) -> str:
+    """argparse type: auto | cpu | cuda | cuda:N."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"use auto, cpu, cuda or cuda:N, got {text!r}")
+
+
 LOOP_FLAGS = (
-    ("--epochs", int, "passes over the data (default 1)"), ("--max-steps", int, "optimizer steps; overrides --epochs"),
+    ("--epochs", int, "passes over the data (default 1)"),
+    ("--max-steps", positive_int, "optimizer steps (at least 1); overrides --epochs"),
     ("--lr", float, "peak learning rate (default 2e-5)"), ("--weight-decay", float, "AdamW weight decay (default 0)"),
     ("--grad-accum", int, "micro-batches per step (default 1)"),
     ("--max-grad-norm", float, "clip norm; 0: off (default 1)"), ("--warmup-steps", int, "linear warmup steps"),
@@ -84,7 +113,8 @@ def add_ppo(train: Any, handler: Any) -> None:
         ("--cliprange", float, "policy ratio clip (default 0.2)"), ("--cliprange-value", float, "value clip (default 0.2)"),
         ("--vf-coef", float, "value-loss weight (default 0.1)"), ("--gamma", float, "discount (default 1)"),
         ("--lam", float, "GAE lambda (default 0.95)"), ("--kl-coef", float, "initial KL coefficient (default 0.05)"),
-        ("--kl-estimator", str, "k1 | k3 per-token KL (default k1)"), ("--kl-target", float, "adaptive KL target (default 6)"),
+        ("--kl-estimator", str, "k1 | k2 | k3 per-token KL estimator (default k1)"),
+        ("--kl-target", float, "adaptive KL target (default 6)"),
         ("--kl-horizon", float, "adaptive KL horizon (default 10000)"),
         ("--missing-eos-penalty", float, "subtracted from the score of a response without EOS (default off)"),
         ("--reward-clip", float, "clip scores to [-x, x] (default off)"),
@@ -147,7 +177,8 @@ def add_rm(train: Any, handler: Any) -> None:
     rm.add_argument("--eval", help="Eval pairs: periodic eval, final accuracy and reward_stats.json.")
     rm.add_argument("--output", required=True, help="Run folder; the exported model is written into it.")
     for flag, kind, text in (
-        ("--epochs", int, "passes over the data (default 1)"), ("--max-steps", int, "optimizer steps; overrides --epochs"),
+        ("--epochs", int, "passes over the data (default 1)"),
+        ("--max-steps", positive_int, "optimizer steps (at least 1); overrides --epochs"),
         ("--lr", float, "peak learning rate (default 2e-5)"), ("--weight-decay", float, "AdamW weight decay (default 0)"),
         ("--batch-size", int, "pairs per micro-batch per process (default 8)"),
         ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
@@ -163,7 +194,7 @@ def add_rm(train: Any, handler: Any) -> None:
         ("--lora-targets", str, "comma-separated module names (default: peft's for the architecture)"),
     ):
         rm.add_argument(flag, type=kind, help=text)
-    rm.add_argument("--lora", action="store_true", help="train LoRA adapters (merged into the export)")
+    rm.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters (merged into the export)")
     rm.add_argument("--head-only", action="store_true",
                     help="freeze the base (minilm or smollm2), cache its features once, train only the reward head "
                     "for many fast epochs, keep the epoch with the best eval accuracy, export a small overlay "
@@ -226,9 +257,9 @@ def add_gate(train: Any, handler: Any) -> None:
     gate.add_argument("--output", required=True, help="overlay folder to write")
     gate.add_argument("--l2", type=float, nargs="+", help="penalty candidates on standardized weights, chosen by "
                       "5-fold cross-validation grouped by prompt (default 0.001 0.01 0.1)")
-    gate.add_argument("--max-length", type=int, default=512, help="token cap per sequence (default 512)")
+    gate.add_argument("--max-length", type=positive_int, default=512, help="token cap per sequence (default 512)")
     gate.add_argument("--feature-cache", help="a .pt feature store shared with `train rm --head-only`")
-    gate.add_argument("--threads", type=int, help="torch CPU threads")
+    gate.add_argument("--threads", type=non_negative_int, help="torch CPU threads")
     gate.add_argument("--seed", type=int, default=42, help="fold assignment seed (default 42)")
     gate.add_argument("--log-level", default="info")
     gate.set_defaults(func=handler)
@@ -239,10 +270,10 @@ def add_eval_rm(evaluate: Any, handler: Any) -> None:
     erm.add_argument("--model", required=True, help="A reward-model folder (e.g. the output of `train rm`).")
     erm.add_argument("--data", required=True, help="Preference pairs to evaluate on.")
     erm.add_argument("--report", required=True, help="Folder for report.json, the PNG plots and report.html.")
-    erm.add_argument("--max-length", type=int, default=512, help="token cap per side (default 512)")
-    erm.add_argument("--batch-size", type=int, default=16, help="rows per forward (default 16)")
-    erm.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    erm.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    erm.add_argument("--max-length", type=positive_int, default=512, help="token cap per side (default 512)")
+    erm.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward (default 16)")
+    erm.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda")
+    erm.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads")
     erm.add_argument("--log-level", default="info")
     erm.set_defaults(func=handler)
 
@@ -255,12 +286,12 @@ def add_eval_bon(evaluate: Any, handler: Any) -> None:
     ebon.add_argument("--report", required=True, help="Folder for report.json and bon_curve.png.")
     ebon.add_argument("--model", default="default", help="reward model (as `serve --model`; default: default)")
     ebon.add_argument("--generator", default="vllm", choices=["vllm", "hf"], help="how --policy runs (default vllm)")
-    ebon.add_argument("--max-tokens", type=int, default=128, help="new tokens per candidate (default 128)")
+    ebon.add_argument("--max-tokens", type=positive_int, default=128, help="new tokens per candidate (default 128)")
     ebon.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     ebon.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1)")
     ebon.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    ebon.add_argument("--limit", type=int, help="only the first K prompts")
-    ebon.add_argument("--concurrency", type=int, default=4, help="prompts in flight at once (default 4)")
+    ebon.add_argument("--limit", type=positive_int, help="only the first K prompts")
+    ebon.add_argument("--concurrency", type=positive_int, default=4, help="prompts in flight at once (default 4)")
     ebon.add_argument("--log-level", default="info")
     ebon.set_defaults(func=handler)
 
@@ -295,13 +326,14 @@ def add_eval_prm(evaluate: Any, handler: Any) -> None:
                       "folder without rewardserve_prm.json gets an untrained head (a baseline).")
     eprm.add_argument("--data", required=True, help="Stepwise data (prompt, completions, labels) to evaluate on.")
     eprm.add_argument("--report", required=True, help="Folder for report.json.")
-    eprm.add_argument("--max-length", type=int, default=0, help="token cap per example (default: the model's)")
-    eprm.add_argument("--limit", type=int, help="only the first N examples")
+    eprm.add_argument("--max-length", type=non_negative_int, default=0,
+                      help="token cap per example (default: the model's)")
+    eprm.add_argument("--limit", type=positive_int, help="only the first N examples")
     eprm.add_argument("--threshold", type=float, default=0.0, help="a step is good when its raw score is above this "
                       "(default 0)")
-    eprm.add_argument("--num-layers", type=int, help="an untrained baseline over a base's first N layers only")
-    eprm.add_argument("--batch-size", type=int, default=16, help="examples per forward (default 16)")
-    eprm.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    eprm.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    eprm.add_argument("--num-layers", type=positive_int, help="an untrained baseline over a base's first N layers only")
+    eprm.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward (default 16)")
+    eprm.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda")
+    eprm.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads")
     eprm.add_argument("--log-level", default="info")
     eprm.set_defaults(func=handler)

@@ -9,19 +9,21 @@ Accepted records (TRL column conventions, plus Anthropic HH-RLHF):
 - explicit prompt     {"prompt": str, "chosen": str, "rejected": str}
 - conversational      {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
 - implicit prompt     {"chosen": [messages], "rejected": [messages]}
-each with an optional numeric "margin". The prompt of an implicit-prompt record is the longest common prefix of
-the two conversations, as in TRL's `extract_prompt`, so each side keeps its own full conversation even when the
-two sides' histories differ (5 of the 2,312 upstream HH harmless-base test pairs).
+each with an optional finite numeric "margin" (on every record of a source, or on none). The prompt of an
+implicit-prompt record is the longest common prefix of the two conversations, as in TRL's `extract_prompt`, so each
+side keeps its own full conversation even when the two sides' histories differ (5 of the 2,312 upstream HH
+harmless-base test pairs).
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -111,8 +113,41 @@ def _full_conversations(record: Mapping[str, Any]) -> tuple[list[Message], list[
     return _side(chosen, "chosen"), _side(rejected, "rejected"), prompt_msgs
 
 
+class NotAnObject(ValueError):
+    """A record that is no JSON object (a string, a number, a list, null); `str(exc)` reads "is not a JSON object
+    (got ...)", which parse_records puts after "<kind> record <i> "."""
+
+
+_JSON_KINDS = ((bool, "a boolean"), (str, "a string"), (int, "a number"), (float, "a number"), (list, "a list"),
+               (tuple, "a list"), (type(None), "null"))
+
+
+def require_object(record: Any) -> Mapping[str, Any]:
+    """The record itself when it is a JSON object (a mapping); NotAnObject otherwise, saying what it is."""
+    if isinstance(record, Mapping):
+        return record
+    kind = next((name for t, name in _JSON_KINDS if isinstance(record, t)), type(record).__name__)
+    raise NotAnObject(f"is not a JSON object (got {kind})")
+
+
+def parse_margin(value: Any) -> float | None:
+    """The optional margin as a finite float: a number or a numeric string; NaN and infinities are refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"margin must be a number, got {value!r}")
+    try:
+        margin = float(value)
+    except ValueError:
+        raise ValueError(f"margin must be a number, got {value!r}") from None
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite number, got {value!r}")
+    return margin
+
+
 def parse_record(record: Mapping[str, Any]) -> PreferencePair:
     """One record in any accepted format -> PreferencePair (ValueError says what is wrong)."""
+    record = require_object(record)
     if "chosen" not in record or "rejected" not in record:
         raise ValueError(f"a preference record needs 'chosen' and 'rejected'; got keys {sorted(record)}")
     chosen, rejected, prompt = _full_conversations(record)
@@ -121,25 +156,29 @@ def parse_record(record: Mapping[str, Any]) -> PreferencePair:
     for name, side in (("chosen", chosen), ("rejected", rejected)):
         if side[-1]["role"] != "assistant":
             raise ValueError(f"{name}: the last message must be the assistant's (the response being scored)")
-    margin = record.get("margin")
-    return PreferencePair(list(prompt), chosen, rejected, None if margin is None else float(margin))
+    return PreferencePair(list(prompt), chosen, rejected, parse_margin(record.get("margin")))
 
 
 # ----------------------------------------------------------------------------------------------- reading
 
 
 def _open_text(path: Path) -> Any:
+    """Text of a (gzipped) file; utf-8-sig reads a leading byte-order mark as nothing (Windows editors write one)."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return path.open("r", encoding="utf-8-sig")
 
 
-def _read_json_or_jsonl(path: Path) -> list[dict]:
-    """A JSON list, or one JSON object per line (blank lines skipped)."""
+def _read_json_or_jsonl(path: Path) -> list[Any]:
+    """A JSON list, or one JSON value per line (blank lines skipped)."""
     with _open_text(path) as f:
         text = f.read()
     if text.lstrip().startswith("["):
-        return list(json.loads(text))
+        try:
+            return list(json.loads(text))
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # "Extra data": a JSONL file whose first line is a list, read line by line
+                raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -158,31 +197,81 @@ def _read_parquet(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def _read_saved_dataset(path: Path) -> list[Mapping[str, Any]]:
+    """Rows of a folder written by `datasets.Dataset.save_to_disk`; a saved DatasetDict names its splits."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise ValueError(f"{path} holds a DatasetDict with splits {splits}: give one split's folder, "
+                         f"e.g. {path / (splits[0] if splits else 'train')}")
+    if not (path / "state.json").is_file() or not (path / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"{path} is a folder but no saved dataset (datasets' save_to_disk writes "
+                                "state.json and dataset_info.json); give a data file or such a folder")
+    from datasets import load_from_disk
+
+    return list(load_from_disk(str(path)))
+
+
 def read_records(source: str | Path | Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Rows from a .jsonl / .json / .parquet file (.gz for JSON), a `datasets.Dataset` or an iterable of dicts."""
+    """Rows from a .jsonl / .json / .parquet file (.gz for JSON), a folder saved by `datasets.Dataset.save_to_disk`,
+    a `datasets.Dataset` or an iterable of dicts."""
     if isinstance(source, Mapping):
         raise TypeError("got a mapping (a DatasetDict?): pass one split, e.g. dataset['train']")
     if not isinstance(source, (str, Path)):
         return list(source)  # datasets.Dataset / IterableDataset iterate rows as dicts
     path = Path(source)
+    if path.is_dir():
+        return _read_saved_dataset(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no preference data file at {path}")
+        raise FileNotFoundError(f"no data file or saved dataset at {path}")
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes[-1:] == [".parquet"]:
         return _read_parquet(path)
     if any(s in (".jsonl", ".json") for s in suffixes[-2:]):
         return _read_json_or_jsonl(path)
-    raise ValueError(f"{path}: unknown format; use .jsonl, .json, .jsonl.gz, .json.gz or .parquet")
+    raise ValueError(f"{path}: unknown format; use .jsonl, .json, .jsonl.gz, .json.gz, .parquet or a folder saved "
+                     "by datasets' save_to_disk")
+
+
+T = TypeVar("T")
+
+
+def parse_records(source: str | Path | Iterable[Any], parse: Callable[[Any], T], kind: str) -> list[T]:
+    """parse(record) for every record of a source; a bad record fails with its index ("<kind> record <i>: ...")."""
+    out = []
+    for i, record in enumerate(read_records(source)):
+        try:
+            out.append(parse(record))
+        except NotAnObject as exc:
+            raise ValueError(f"{kind} record {i} {exc}") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{kind} record {i}: {exc}") from None
+    return out
+
+
+def require_records(items: Sequence[Any], source: Any, flag: str) -> Sequence[Any]:
+    """`items` read from `source`, given as `flag`; an empty source is refused (a given file is never ignored)."""
+    if not items:
+        raise ValueError(f"{flag} {source} holds no records")
+    return items
+
+
+def check_margins(pairs: Sequence[PreferencePair]) -> None:
+    """Margins on every pair or on none: a batch cannot mix the two (the loss would change meaning mid-epoch)."""
+    if not pairs:
+        return
+    first = pairs[0].margin is not None
+    for i, pair in enumerate(pairs):
+        if (pair.margin is not None) != first:
+            has, lacks = (0, i) if first else (i, 0)
+            raise ValueError(f"preference record {lacks} has no margin but record {has} has one: give every "
+                             "pair a margin, or none")
 
 
 def load_preferences(source: str | Path | Iterable[Mapping[str, Any]]) -> list[PreferencePair]:
-    """All records of a source as PreferencePairs; a bad record fails with its index."""
-    pairs = []
-    for i, record in enumerate(read_records(source)):
-        try:
-            pairs.append(parse_record(record))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"preference record {i}: {exc}") from None
+    """All records of a source as PreferencePairs; a bad record fails with its index, and so does the first record
+    that has a margin where the first record has none (or the other way round)."""
+    pairs = parse_records(source, parse_record, "preference")
+    check_margins(pairs)
     return pairs
 
 

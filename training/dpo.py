@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from training import loop
 from training.checkpoint import atomic_write_text
-from training.data import PreferencePair, load_preferences, pad_right
+from training.data import PreferencePair, load_preferences, pad_right, require_records
 from training.loop import TrainConfig, given_flags, train_config_from_args
 from training.kto import KTOCollator, kto_step, load_unpaired, tokenize_unpaired
 from training.losses import DPO_LOSS_TYPES, dpo_loss, orpo_loss, simpo_loss
@@ -221,7 +221,7 @@ def check_config(config: DPOConfig) -> None:
     if config.loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown DPO loss {config.loss_type!r}; use one of {LOSS_TYPES}")
     if config.loss_type in ("ipo", "hinge", "orpo", "kto") and config.label_smoothing:
-        raise ValueError(f"label_smoothing does not apply to the {config.loss_type} loss")
+        raise ValueError(f"--label-smoothing does not apply to --loss-type {config.loss_type}")
     if config.loss_type in REFERENCE_FREE and (config.ref or config.precompute_ref):
         raise ValueError(f"{config.loss_type} uses no reference model: drop --ref / --precompute-ref")
     if config.loss_type == "kto" and config.precompute_ref:
@@ -238,16 +238,24 @@ def make_step(config: DPOConfig) -> Callable:
     return partial(dpo_step, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
 
 
-def load_items(config: DPOConfig, tokenizer: Any) -> tuple[Any, list, list | None]:
-    """(collator, training items, eval items or None): pairs, or for KTO unpaired examples (pairs split in two)."""
+def read_data(config: DPOConfig) -> tuple[list, list | None]:
+    """(training records, eval records or None): preference pairs, or for KTO unpaired examples (pairs split in two).
+    Read before any model is loaded, so a bad file fails at once; a given file with no records is refused."""
+    read = load_unpaired if config.loss_type == "kto" else load_preferences
+    data = require_records(read(config.data), config.data, "--data")
+    return data, require_records(read(config.eval), config.eval, "--eval") if config.eval else None
+
+
+def load_items(config: DPOConfig, tokenizer: Any, data: list, eval_data: list | None) -> tuple[Any, list, list | None]:
+    """(collator, training items, eval items or None): the records of read_data, tokenized."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if config.loss_type == "kto":
-        read = lambda source: tokenize_unpaired(tokenizer, load_unpaired(source), config.max_length)  # noqa: E731
+        tokenize: Any = tokenize_unpaired
         collate: Any = KTOCollator(pad, config.max_length)
     else:
-        read = lambda source: tokenize_pairs(tokenizer, load_preferences(source), config.max_length)  # noqa: E731
-        collate = DPOCollator(pad)
-    return collate, read(config.data), read(config.eval) if config.eval else None
+        tokenize, collate = tokenize_pairs, DPOCollator(pad)
+    items = tokenize(tokenizer, data, config.max_length)
+    return collate, items, tokenize(tokenizer, eval_data, config.max_length) if eval_data else None
 
 
 def train_dpo(config: DPOConfig) -> DPOResult:
@@ -256,8 +264,9 @@ def train_dpo(config: DPOConfig) -> DPOResult:
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     loop.seed_everything(config.train.seed)
+    data, eval_data = read_data(config)
     module, tokenizer, peft_model, policy_path = build_module(config)
-    collate, items, eval_items = load_items(config, tokenizer)
+    collate, items, eval_items = load_items(config, tokenizer, data, eval_data)
     log.info("DPO (%s, beta %g) on %d items (eval: %s) from %s", config.loss_type, config.beta, len(items),
              len(eval_items) if eval_items else "none", policy_path)
     if config.precompute_ref:

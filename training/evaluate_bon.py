@@ -78,25 +78,11 @@ def curve(rewards: np.ndarray, ns: Sequence[int]) -> list[dict[str, float]]:
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[list[dict[str, str]]]:
-    """JSONL prompts as conversations: `turns` (MT-Bench: the first turn), `question` (GSM8K), `prompt`, or
-    `messages` (not ending with the assistant)."""
-    prompts = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if "messages" in record:
-            prompts.append([{"role": m["role"], "content": m["content"]} for m in record["messages"]])
-        else:
-            text = record["turns"][0] if "turns" in record else record.get("question", record.get("prompt"))
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: no prompt (expected turns, question, prompt or messages)")
-            prompts.append([{"role": "user", "content": text}])
-        if limit is not None and len(prompts) >= limit:
-            break
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
+    """Prompts as conversations, in training.prompts' formats: `turns` (MT-Bench: the first turn), `question`
+    (GSM8K), `prompt`, `messages` (a trailing assistant message dropped) or a plain string; the first `limit`."""
+    from training.prompts import load_prompts as read_prompts  # torch: imported only here
+
+    return read_prompts(str(path))[:limit]
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -197,6 +183,8 @@ def eval_bon(policy: str, prompts_file: str, ns: Sequence[int], report_dir: str,
     ns = sorted({int(n) for n in ns})
     if not ns or ns[0] < 1:
         raise ValueError(f"--n takes positive integers, got {ns}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
     prompts = load_prompts(prompts_file, limit)
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
     spec = generator_spec(policy, generator)

@@ -101,14 +101,15 @@ def pick_l2(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, l2s: Sequenc
     return best["l2"], table
 
 
-def read_items(files: Sequence[str], reads: str) -> list[Any]:
+def read_items(files: Sequence[str], reads: str, flag: str = "--positive/--negative") -> list[Any]:
     """Preference pairs of the files; with reads="prompt" a file may also hold prompts alone (`{"prompt": str}` or
     `{"messages": [...]}` ending with the user's turn), returned as message lists."""
-    from training.data import load_preferences, read_records
+    from training.data import load_preferences, parse_records, require_object, require_records
 
     items: list[Any] = []
     for path in files:
-        records = read_records(path)
+        records = parse_records(path, require_object, "preference")  # objects only: a string record says so
+        require_records(records, path, flag)  # a given file is never ignored
         if records and all("chosen" not in r and "rejected" not in r for r in records):
             if reads != "prompt":
                 raise ValueError(f"{path} holds prompts alone: only a gate that reads the prompt can learn from it")
@@ -166,12 +167,13 @@ def train_gate(args: Any, frozen: Any = None) -> dict[str, Any]:
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0
     for role, files in (("positive", args.positive), ("negative", args.negative)):
-        x, g = distinct_sequences(frozen, read_items(files, args.reads), store, args.reads)
+        x, g = distinct_sequences(frozen, read_items(files, args.reads, f"--{role}"), store, args.reads)
         g = g + offset
         offset = int(g.max()) + 1
         parts[role] = (x, g)
         log.info("gate: %s: %d sequences from %s", role, len(x), ", ".join(files))
-    held_out = {role: {path: distinct_sequences(frozen, read_items([path], args.reads), store, args.reads)[0]
+    held_out = {role: {path: distinct_sequences(frozen, read_items([path], args.reads, "--" + role.replace("_", "-")),
+                                                store, args.reads)[0]
                        for path in getattr(args, role) or []} for role in ("eval_positive", "eval_negative")}
     (xp, gp), (xn, gn) = parts["positive"], parts["negative"]
     x, groups = torch.cat([xp, xn]), torch.cat([gp, gn])

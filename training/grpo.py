@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from training import loop
 from training.checkpoint import atomic_write_text
-from training.data import Message, read_records
+from training.data import Message, parse_records
 from training.grpo_experience import GroupMaker, GRPOModule, grpo_step
 from training.grpo_math import AGGREGATIONS, SCALES
 from training.grpo_rewards import GroupRewards
@@ -90,18 +90,19 @@ class GRPOItem:
     reference: str | None  # the reference answer, when the record has one
 
 
-def _reference(record: Mapping[str, Any]) -> str | None:
+def _reference(record: Mapping[str, Any] | str) -> str | None:
+    if isinstance(record, str):  # a prompt alone
+        return None
     value = record.get("answer", record.get("reference"))
     return None if value is None else str(value)
 
 
-def load_grpo_prompts(source: str | Iterable[Mapping[str, Any]]) -> list[tuple[list[Message], str | None]]:
-    out = []
-    for i, record in enumerate(read_records(source)):
-        try:
-            out.append((parse_prompt(record), _reference(record)))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"prompt record {i}: {exc}") from None
+def _prompt_and_reference(record: Mapping[str, Any] | str) -> tuple[list[Message], str | None]:
+    return parse_prompt(record), _reference(record)
+
+
+def load_grpo_prompts(source: str | Iterable[Mapping[str, Any] | str]) -> list[tuple[list[Message], str | None]]:
+    out = parse_records(source, _prompt_and_reference, "prompt")
     if not out:
         raise ValueError(f"{source}: no prompts")
     return out

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from rewardmodel.rules import answer_match, compile_pattern, format_match
+from rewardmodel.rules import UnsafePattern, answer_match, compile_pattern, format_match
 from training.rewards import LocalReward, RemoteReward, RewardCallFailed, _checked
 
 log = logging.getLogger("rewardserve.train.grpo")
@@ -96,7 +96,10 @@ class GroupRewards:
         self.weights = parse_weights(config.reward_weights, has_model, bool(config.format_pattern))
         self.pattern = config.format_pattern
         if self.pattern:
-            compile_pattern(self.pattern)  # refuse an unsafe pattern before training starts
+            try:
+                compile_pattern(self.pattern)  # refuse an unsafe pattern before training starts
+            except UnsafePattern as exc:
+                raise UnsafePattern(f"--format-pattern {self.pattern!r}: {exc}") from None
         self.model: LocalReward | GroupRemoteReward | None = None
         if "model" in self.weights:
             self.model = (LocalReward(config.reward_model) if config.reward_model else

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from training.data import Message, _messages, pad_right, parse_record, read_records
+from training.data import Message, _messages, pad_right, parse_record, parse_records, require_object
 from training.losses import kto_loss, kto_reference_point
 from training.policy import fit, split_completions
 
@@ -39,6 +39,7 @@ def _turns(value: Any, role: str, what: str) -> list[Message]:
 
 def parse_unpaired(record: Mapping[str, Any]) -> list[KTOExample]:
     """One record -> one example (unpaired format) or two (a preference pair)."""
+    record = require_object(record)
     if "completion" in record and "label" in record:
         if not isinstance(record["label"], bool):
             raise ValueError(f"label must be true or false, got {record['label']!r}")
@@ -53,13 +54,7 @@ def parse_unpaired(record: Mapping[str, Any]) -> list[KTOExample]:
 
 def load_unpaired(source: str | Iterable[Mapping[str, Any]]) -> list[KTOExample]:
     """Every record of a source as KTO examples (pairs split in two); a bad record fails with its index."""
-    out: list[KTOExample] = []
-    for i, record in enumerate(read_records(source)):
-        try:
-            out += parse_unpaired(record)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"KTO record {i}: {exc}") from None
-    return out
+    return [ex for examples in parse_records(source, parse_unpaired, "KTO") for ex in examples]
 
 
 # ---------------------------------------------------------------------------------------------------- batches

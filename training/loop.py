@@ -34,7 +34,7 @@ import torch
 
 from training import checkpoint as ckpt
 from training.types import (  # noqa: F401  (re-exported: trainers import them from here)
-    LoraSettings, Metrics, RolloutFn, StepFn, TrainConfig, TrainState, Update,
+    LoraSettings, Metrics, RolloutFn, StepFn, TrainConfig, TrainingDiverged, TrainState, Update,
 )
 from training.run_log import RunLog, Window
 from training.sampler import item_lengths, lengths_digest, micro_batches
@@ -68,9 +68,26 @@ def given_flags(args: Any, names: Sequence[str]) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+EVAL_FLAGS = ("eval_every", "eval_batch_size")
+
+
+def refuse_orphan_flags(args: Any) -> None:
+    """A flag that only means something beside another one is refused without it, not ignored: the --lora-* flags
+    need --lora; --eval-every and --eval-batch-size need --eval (in the commands that take --eval)."""
+    orphans = [] if getattr(args, "lora", None) else [f"--{n.replace('_', '-')} needs --lora" for n in
+                                                       given_flags(args, LORA_FLAGS)]
+    if hasattr(args, "eval") and not args.eval:
+        orphans += [f"--{n.replace('_', '-')} needs --eval (there is no eval set)"
+                    for n in given_flags(args, EVAL_FLAGS)]
+    if orphans:
+        raise ValueError(f"{orphans[0]}: add it, or drop the flag")
+
+
 def train_config_from_args(args: Any, defaults: dict[str, Any] | None = None) -> TrainConfig:
     """The loop's flags (plus --output, --no-progress and the --lora group) -> TrainConfig; `defaults` are a
     trainer's own defaults, which given flags override."""
+    refuse_orphan_flags(args)
     train = dict(defaults or {}) | given_flags(args, TRAIN_FLAGS)
     train |= {"output_dir": args.output, "progress": not args.no_progress}
     if args.lora:
@@ -109,12 +126,19 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def add_lora(model: torch.nn.Module, settings: LoraSettings, task_type: str = "SEQ_CLS") -> Any:
     """Wrap a transformers model with LoRA adapters (peft); SEQ_CLS keeps the score/classifier head trainable."""
     from peft import LoraConfig, get_peft_model
+    from peft.utils.error import NoMatchingPeftModuleError
 
     config = LoraConfig(
         task_type=task_type, r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=settings.target_modules, modules_to_save=settings.modules_to_save,
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except NoMatchingPeftModuleError:  # a ValueError: the command reports it as one line
+        names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        asked = f"--lora-targets {','.join(settings.target_modules)}" if settings.target_modules else "LoRA"
+        raise ValueError(f"{asked}: no module of {type(model).__name__} matches; its linear layers are named "
+                         f"{', '.join(names)}") from None
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -163,10 +187,29 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------- the loop
 
 
+def check_finite(accelerator: Any, step: int, worst_loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """Raise TrainingDiverged when a micro-batch loss or the gradient norm is NaN or infinite (on any process),
+    before the optimizer step: one host sync per update, and a collective only with several processes."""
+    values = torch.stack([worst_loss.detach().float(), torch.as_tensor(grad_norm, dtype=torch.float32,
+                                                                       device=worst_loss.device)])  # (2,)
+    bad = (~torch.isfinite(values)).float()  # (2,) 1 where non-finite
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    loss_bad, norm_bad = (bool(b) for b in bad.tolist())
+    if loss_bad or norm_bad:
+        what = "loss" if loss_bad else "gradient norm"
+        raise TrainingDiverged(
+            f"step {step}: the {what} is {float(values[0 if loss_bad else 1])} (not finite); stopped before the "
+            "optimizer step, no model exported: check the data (margins, labels) or lower --lr")
+
+
 def _update(accelerator, model, params, optimizer, config: TrainConfig, step_fn: StepFn, update: Update,
-            window: Window, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer update over micro-batches; gradients are item-weighted means. (last loss, grad norm)"""
+            window: Window, count: bool = True, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer update over micro-batches; gradients are item-weighted means. (last loss, grad norm)
+    A non-finite loss or gradient norm raises TrainingDiverged instead of stepping (`step`, 1-based: for the
+    message)."""
     total_items = sum(items for _, items in update)
+    worst = None  # the first non-finite micro-batch loss, else the last loss (a 0-dim tensor: no sync per micro-batch)
     for i, (batch, items) in enumerate(update):
         batch = to_device(batch, accelerator.device)  # rollout experience may come from another device
         last = i == len(update) - 1
@@ -174,8 +217,11 @@ def _update(accelerator, model, params, optimizer, config: TrainConfig, step_fn:
             with accelerator.autocast():
                 loss, metrics = step_fn(model, batch)  # loss: mean over this micro-batch
             accelerator.backward(loss * (items / total_items))
+        detached = loss.detach().float()
+        worst = detached if worst is None else torch.where(torch.isfinite(worst), detached, worst)
         window.add({"loss": loss, **metrics}, items, count)
     grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+    check_finite(accelerator, step, worst, grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
@@ -256,46 +302,52 @@ def train(
     run_evaluation = partial(evaluate, model, eval_data, collate, step_fn, config.eval_batch_size or 2 * config.batch_size, accelerator)
     window = Window()
 
-    while state.step < total:
-        groups = micro_batches(len(train_data), config.batch_size, state.epoch, config.seed, world, rank, lengths)
-        groups = [groups[i : i + config.grad_accum] for i in range(0, len(groups), config.grad_accum)]
-        for group in groups[state.step_in_epoch :]:
-            # ---- one optimizer step over grad_accum micro-batches; gradients are item-weighted means
-            started = time.perf_counter()
-            batches = [(to_device(collate([train_data[j] for j in idx]), accelerator.device), len(idx)) for idx in group]
-            updates = [batches]  # one optimizer update over the grad_accum micro-batches
-            if rollout is not None:  # e.g. PPO: the batches become experience for several optimizer updates
-                updates, rollout_metrics = rollout(model, batches)
-                window.add(rollout_metrics, sum(items for _, items in batches))
-            for update in updates:
-                loss, grad_norm = _update(accelerator, model, params, optimizer, config, step_fn, update, window,
-                                          count=rollout is None)
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            state.step += 1
-            state.step_in_epoch += 1
-            window.seconds += time.perf_counter() - started
-            window.steps += 1
-            runlog.advance()
+    try:
+        while state.step < total:
+            groups = micro_batches(len(train_data), config.batch_size, state.epoch, config.seed, world, rank, lengths)
+            groups = [groups[i : i + config.grad_accum] for i in range(0, len(groups), config.grad_accum)]
+            for group in groups[state.step_in_epoch :]:
+                # ---- one optimizer step over grad_accum micro-batches; gradients are item-weighted means
+                started = time.perf_counter()
+                batches = [(to_device(collate([train_data[j] for j in idx]), accelerator.device), len(idx))
+                           for idx in group]
+                updates = [batches]  # one optimizer update over the grad_accum micro-batches
+                if rollout is not None:  # e.g. PPO: the batches become experience for several optimizer updates
+                    updates, rollout_metrics = rollout(model, batches)
+                    window.add(rollout_metrics, sum(items for _, items in batches))
+                for update in updates:
+                    loss, grad_norm = _update(accelerator, model, params, optimizer, config, step_fn, update, window,
+                                              count=rollout is None, step=state.step + 1)
+                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                scheduler.step()
+                state.step += 1
+                state.step_in_epoch += 1
+                window.seconds += time.perf_counter() - started
+                window.steps += 1
+                runlog.advance()
 
-            # ---- log, evaluate, save
-            done = state.step == total
-            if done or state.step % config.log_every == 0:
-                extra = {"lr": lr, "grad_norm": float(grad_norm),
-                         "epoch": state.epoch + state.step_in_epoch / len(groups)}
-                result.train_metrics = window.flush(accelerator) | extra
-                runlog.write(state.step, result.train_metrics)
-            if eval_data and (done or (config.eval_every and state.step % config.eval_every == 0)):
-                result.eval_metrics = run_evaluation()
-                runlog.write(state.step, result.eval_metrics)
-            if done or (config.save_every and state.step % config.save_every == 0):
-                ckpt.save_run(accelerator, config, model, optimizer, scheduler, state, dict(run_config or {}), extra_state)
-            if done:
-                result.last_loss = float(loss.detach())  # the final step's last micro-batch loss
-                break
-        else:  # the epoch ran out: next epoch
-            state.epoch += 1
-            state.step_in_epoch = 0
+                # ---- log, evaluate, save
+                done = state.step == total
+                if done or state.step % config.log_every == 0:
+                    extra = {"lr": lr, "grad_norm": float(grad_norm),
+                             "epoch": state.epoch + state.step_in_epoch / len(groups)}
+                    result.train_metrics = window.flush(accelerator) | extra
+                    runlog.write(state.step, result.train_metrics)
+                if eval_data and (done or (config.eval_every and state.step % config.eval_every == 0)):
+                    result.eval_metrics = run_evaluation()
+                    runlog.write(state.step, result.eval_metrics)
+                if done or (config.save_every and state.step % config.save_every == 0):
+                    ckpt.save_run(accelerator, config, model, optimizer, scheduler, state, dict(run_config or {}),
+                                  extra_state)
+                if done:
+                    result.last_loss = float(loss.detach())  # the final step's last micro-batch loss
+                    break
+            else:  # the epoch ran out: next epoch
+                state.epoch += 1
+                state.step_in_epoch = 0
+    except TrainingDiverged:
+        runlog.close()  # the bar and TensorBoard end here; nothing of the failed step was saved
+        raise
 
     if eval_data and not result.eval_metrics:  # resumed a run that had already finished
         result.eval_metrics = run_evaluation()

@@ -44,10 +44,32 @@ def load_policy(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any
     if getattr(model.config.get_text_config(), "final_logit_softcapping", None):
         raise ValueError(f"{source.path}: models with final_logit_softcapping are not supported")
     disable_dropout(model)
+    check_causal(model, source.path)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id  # smollm2's GGUF names another EOS than the chat's
     return model.train(), tokenizer, source
+
+
+@torch.no_grad()
+def check_causal(model: Any, where: Any) -> None:
+    """Refuse a model whose output at a position depends on later tokens (an encoder such as BERT, which
+    AutoModelForCausalLM maps to BertLMHeadModel with bidirectional attention): a policy must be a decoder. Two rows
+    that differ only in their last token must give the same logits at every earlier position."""
+    vocab = int(model.config.get_text_config().vocab_size)
+    ids = [vocab // 7, vocab // 5, vocab // 3, vocab // 2, vocab // 2 + 1]  # distinct ordinary ids, no special ones
+    rows = torch.tensor([ids[:4], ids[:3] + ids[4:]], device=model.device)  # (2, 4): only the last token differs
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=rows, attention_mask=torch.ones_like(rows)).logits.float()  # (2, 4, V)
+    finally:
+        model.train(was_training)
+    before = logits[:, :-1]  # (2, 3, V): positions before the changed token
+    if not torch.allclose(before[0], before[1], rtol=1e-3, atol=1e-4):
+        raise ValueError(f"{where} is not a causal language model: its {type(model).__name__} reads later tokens "
+                         "(its logits at a position change with the tokens after it); DPO, PPO and GRPO need a "
+                         "decoder-only policy, such as smollm2")
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

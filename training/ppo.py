@@ -144,10 +144,11 @@ def train_ppo(config: PPOConfig) -> PPOResult:
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     loop.seed_everything(config.train.seed)
+    messages = load_prompts(config.prompts)  # before any model is loaded: a bad file fails at once
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     module, tokenizer, peft_model, policy_path = build(config)
-    prompts = tokenize_prompts(tokenizer, load_prompts(config.prompts), config.max_prompt_length)
+    prompts = tokenize_prompts(tokenizer, messages, config.max_prompt_length)
     scorer = make_scorer(config.reward_model, config.reward_url, config.reward_timeout, config.reward_retries,
                          config.reward_api_key, config.reward_model_name)
     generator = make_generator(config, module, tokenizer, out)

@@ -33,6 +33,7 @@ from rewardmodel.rendering import model_max_length
 from rewardmodel.steps import DEFAULT_SEPARATOR, PRM_META, PRMSpec
 from training import loop
 from training.checkpoint import atomic_write_text
+from training.data import require_records
 from training.loop import TrainConfig, given_flags, train_config_from_args
 from training.prm_batch import StepBatch, StepCollator, StepExample, encode_example, encode_examples, load_stepwise, pad_id
 from training.prm_loss import batch_step_scores, prm_loss
@@ -132,13 +133,13 @@ def train_prm(config: PRMConfig) -> PRMResult:
         torch.set_num_threads(config.train.threads)
     loop.seed_everything(config.train.seed)
     spec = PRMSpec(step_separator=config.step_separator)
+    examples = require_records(load_stepwise(config.data), config.data, "--data")  # the data first: quick errors
+    eval_examples = require_records(load_stepwise(config.eval), config.eval, "--eval") if config.eval else []
     source = resolve_model(config.base)
     tokenizer = load_tokenizer(source)
     hf_model = load_base(source, spec, config.train.seed, config.num_layers)
     max_length = model_max_length(tokenizer, hf_model.config, config.max_length)
     encode = partial(encode_examples, tokenizer, max_length=max_length, separator=spec.step_separator)
-    examples = load_stepwise(config.data)
-    eval_examples = load_stepwise(config.eval) if config.eval else []
     items, eval_items = encode(examples, what="train data"), encode(eval_examples, what="eval data") if eval_examples else None
     log.info("training a PRM over %s on %d examples (eval: %s), max_length %d", source.path, len(items),
              len(eval_items) if eval_items else "none", max_length)

@@ -22,7 +22,7 @@ import torch
 
 from rewardmodel.rendering import RenderError
 from rewardmodel.steps import DEFAULT_SEPARATOR, encode_steps
-from training.data import pad_right, read_records
+from training.data import pad_right, parse_records, require_object
 
 log = logging.getLogger("rewardserve.train.prm")
 
@@ -50,6 +50,7 @@ class StepItem:
 
 def parse_stepwise(record: Mapping[str, Any]) -> StepExample:
     """A TRL stepwise record -> StepExample (ValueError says what is wrong)."""
+    record = require_object(record)
     prompt, steps, labels = record.get("prompt"), record.get("completions"), record.get("labels")
     if not isinstance(prompt, str):
         raise ValueError(f"'prompt' must be a string; got keys {sorted(record)}")
@@ -64,13 +65,7 @@ def parse_stepwise(record: Mapping[str, Any]) -> StepExample:
 
 def load_stepwise(source: str | Iterable[Mapping[str, Any]]) -> list[StepExample]:
     """All records of a source as StepExamples; a bad record fails with its index."""
-    out = []
-    for i, record in enumerate(read_records(source)):
-        try:
-            out.append(parse_stepwise(record))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"stepwise record {i}: {exc}") from None
-    return out
+    return parse_records(source, parse_stepwise, "stepwise")
 
 
 def encode_example(tokenizer: Any, example: StepExample, max_length: int,

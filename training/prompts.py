@@ -1,6 +1,8 @@
 """Prompt datasets for PPO: one conversation to continue per record.
 
-Accepted records (JSONL / JSON / parquet, or any iterable of dicts, read by training.data.read_records):
+Accepted records (JSONL / JSON / parquet, a saved `datasets` folder, or any iterable of dicts, read by
+training.data.read_records):
+- "a string"                      one user message (so a JSON list of strings is a prompt list)
 - {"prompt": str}                 one user message
 - {"prompt": [messages]}          TRL's conversational prompt
 - {"messages": [messages]}        a conversation; a trailing assistant message (a reference answer) is dropped
@@ -16,12 +18,16 @@ from typing import Any
 
 import torch
 
-from training.data import Message, _messages, read_records
+from training.data import Message, _messages, parse_records, require_object
 from training.policy import prompt_ids
 
 
-def parse_prompt(record: Mapping[str, Any]) -> list[Message]:
-    """One record -> the messages to continue (ValueError says what is wrong)."""
+def parse_prompt(record: Mapping[str, Any] | str) -> list[Message]:
+    """One record (an object, or a plain string: one user message) -> the messages to continue (ValueError says what
+    is wrong)."""
+    if isinstance(record, str):
+        record = {"prompt": record}
+    record = require_object(record)
     if "prompt" in record:
         value = record["prompt"]
         messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, "prompt")
@@ -35,21 +41,20 @@ def parse_prompt(record: Mapping[str, Any]) -> list[Message]:
             raise ValueError("turns: expected a non-empty list of strings")
         messages = [{"role": "user", "content": turns[0]}]
     elif "question" in record:
-        messages = [{"role": "user", "content": str(record["question"])}]
+        if not isinstance(record["question"], str):
+            raise ValueError(f"question: expected a string, got {record['question']!r}")
+        messages = [{"role": "user", "content": record["question"]}]
     else:
-        raise ValueError(f"a prompt record needs 'prompt', 'messages', 'turns' or 'question'; got keys {sorted(record)}")
+        raise ValueError(f"no prompt: a prompt record needs 'prompt', 'messages', 'turns' or 'question' (or is a "
+                         f"string); got keys {sorted(record)}")
     if not messages or messages[-1]["role"] == "assistant" or not any(m["content"].strip() for m in messages):
         raise ValueError("the prompt must end with a user (or system) message and say something")
     return messages
 
 
-def load_prompts(source: str | Iterable[Mapping[str, Any]]) -> list[list[Message]]:
-    out = []
-    for i, record in enumerate(read_records(source)):
-        try:
-            out.append(parse_prompt(record))
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"prompt record {i}: {exc}") from None
+def load_prompts(source: str | Iterable[Mapping[str, Any] | str]) -> list[list[Message]]:
+    """Every record of a source as the messages to continue; a bad record fails with its index, no record at all too."""
+    out = parse_records(source, parse_prompt, "prompt")
     if not out:
         raise ValueError(f"{source}: no prompts")
     return out

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from pydantic import BaseModel, Field
@@ -31,7 +31,7 @@ from rewardmodel.normalization import RewardStats, save_stats
 from rewardmodel.rendering import model_max_length
 from training import loop
 from training.checkpoint import atomic_write_text
-from training.data import PreferenceBatch, PreferenceCollator, load_preferences
+from training.data import PreferenceBatch, PreferenceCollator, load_preferences, require_records
 from training.losses import bradley_terry_loss
 from training.loop import TrainConfig, given_flags, train_config_from_args
 
@@ -185,13 +185,13 @@ def train_rm(config: RMConfig) -> RMResult:
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     loop.seed_everything(config.train.seed)
+    pairs = require_records(load_preferences(config.data), config.data, "--data")  # the data first: quick errors
+    eval_pairs = require_records(load_preferences(config.eval), config.eval, "--eval") if config.eval else None
     source = resolve_model(config.base)
     tokenizer = load_tokenizer(source)
     hf_model = load_reward_model(source, torch.float32, "cpu")
     drop_dequantized_gguf_marker(hf_model)
     max_length = model_max_length(tokenizer, hf_model.config, config.max_length)
-    pairs = load_preferences(config.data)
-    eval_pairs = load_preferences(config.eval) if config.eval else None
     log.info("training %s on %d pairs (eval: %s), max_length %d", source.path, len(pairs),
              len(eval_pairs) if eval_pairs else "none", max_length)
     if config.disable_dropout:
@@ -271,16 +271,52 @@ def _main_head_only(args: Any, config: RMConfig) -> int:
 
 
 HEAD_ONLY_FLAGS = ("l2", "pick_l2", "bootstrap", "include_head", "gate", "read_layers", "also_data", "also_eval",
-                   "feature_cache", "patience")
+                   "feature_cache", "patience", "num_layers")
+"""Flags of --head-only training alone: a full fine-tune refuses them."""
+
+IGNORED_BY_HEAD_ONLY = (
+    "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "max_steps", "batch_size", "grad_accum",
+    "max_grad_norm", "warmup_steps", "warmup_ratio", "lr_schedule", "eval_every", "save_every", "keep_checkpoints",
+    "log_every", "eval_batch_size", "center_rewards_coefficient", "bf16", "resume", "disable_dropout",
+    "group_by_length",
+)
+"""Flags of the training loop (or of fine-tuning the base) that --head-only has no use for: it refuses them."""
+
+IGNORED_WITH_L2 = ("epochs", "lr", "weight_decay", "patience")
+"""--head-only flags of the epoch loop, which --l2 (a solve to convergence) replaces."""
+
+
+def _given(args: Any, names: Sequence[str]) -> list[str]:
+    """The flags among `names` given on the command line (argparse leaves the others None or [])."""
+    return [n for n in names if getattr(args, n, None) not in (None, [])]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(args: Any) -> None:
+    """Refuse flags that the chosen mode would silently ignore: say so rather than train something else."""
+    if getattr(args, "head_only", False):
+        ignored = _given(args, IGNORED_BY_HEAD_ONLY)
+        if ignored:
+            raise ValueError(f"{_flag(ignored[0])} does not apply to --head-only training (a frozen base, features "
+                             "computed once, only the head fit on them): drop it, or drop --head-only")
+        ignored = _given(args, IGNORED_WITH_L2) if getattr(args, "l2", None) else []
+        if ignored:
+            raise ValueError(f"{_flag(ignored[0])} does not apply to --head-only --l2 (the head is solved to "
+                             "convergence, not trained for epochs): drop it, or drop --l2")
+        return
+    given = [f for f in HEAD_ONLY_FLAGS if getattr(args, f, None) not in (None, [], (), 0, False)]
+    if given:  # they would be ignored by a full fine-tune
+        raise ValueError(f"{_flag(given[0])} applies to --head-only training (a frozen base and its head); add "
+                         "--head-only, or drop it")
 
 
 def main(args: Any) -> int:
+    check_flags(args)
     if getattr(args, "head_only", False):
         return _main_head_only(args, config_from_args(args))
-    given = [f for f in HEAD_ONLY_FLAGS if getattr(args, f, None) not in (None, [], (), 0, False)]
-    if given:  # they would be ignored by a full fine-tune: say so rather than train something else
-        raise ValueError(f"--{given[0].replace('_', '-')} applies to --head-only training (a frozen base and its "
-                         "head); add --head-only, or drop it")
     result = train_rm(config_from_args(args))
     if not result.is_main:
         return 0

@@ -37,7 +37,7 @@ from rewardmodel.modeling import (
 )
 from rewardmodel.normalization import RewardStats, save_stats
 from training.checkpoint import atomic_write_text
-from training.data import PreferenceCollator, PreferencePair, load_preferences, read_records
+from training.data import PreferenceCollator, PreferencePair, load_preferences, read_records, require_records
 from training.features import FeatureStore, pair_features
 from training.frozen import Frozen, Head, load_frozen, overlay_base_spec
 from training.heads import solve_l2
@@ -71,7 +71,7 @@ def fit_head(head: Head, train: torch.Tensor, dev: torch.Tensor | None, *, epoch
         opt.zero_grad()
         loss.backward()
         opt.step()
-        row = {"epoch": epoch, "train/loss": float(loss), "train/accuracy": float(metrics["accuracy"])}
+        row = {"epoch": epoch, "train/loss": loss.item(), "train/accuracy": metrics["accuracy"].item()}
         if dev is not None:
             ev = _evaluate(head, dev)
             row |= {f"eval/{k}": v for k, v in ev.items()}
@@ -148,10 +148,11 @@ class Sets:
     sizes: list[int]
 
 
-def read_sets(files: Sequence[str]) -> Sets:
+def read_sets(files: Sequence[str], flag: str = "--data") -> Sets:
+    """The pairs of every file (each must hold some: a given file is never ignored)."""
     sets = Sets(list(files), [], [], [])
     for path in files:
-        records = read_records(path)
+        records = require_records(read_records(path), path, flag)
         sets.records += records
         sets.pairs += load_preferences(records)
         sets.sizes.append(len(records))
@@ -208,9 +209,9 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     base_spec = overlay_base_spec(config.base)
+    train_sets = read_sets([config.data, *also_data], "--data/--also-data")  # the data first: its errors are quick
+    eval_sets = read_sets([config.eval, *also_eval], "--eval/--also-eval") if config.eval else None
     frozen = load_frozen(base_spec, config.max_length, num_layers, read_layers)
-    train_sets = read_sets([config.data, *also_data])
-    eval_sets = read_sets([config.eval, *also_eval]) if config.eval else None
     log.info("head-only: %s features of %d train + %d eval pairs (max_length %d)", frozen.head.kind,
              len(train_sets.pairs), len(eval_sets.pairs) if eval_sets else 0, frozen.max_length)
     store = FeatureStore.open(feature_cache, frozen.store_key)

@@ -16,6 +16,11 @@ Update = list[tuple[Any, int]]  # (micro-batch, items) accumulated into one opti
 RolloutFn = Callable[[torch.nn.Module, Update], tuple[list[Update], Metrics]]
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm: the loop stops before the optimizer step, so nothing bad is saved or
+    exported (the message is one line, for the command's error)."""
+
+
 class LoraSettings(BaseModel):
     """LoRA adapters (peft). The task head (`score` / `classifier`) stays fully trainable (modules_to_save)."""
 

@@ -135,3 +135,18 @@ def test_l2_solve_fits_a_linear_signal_and_shrinks_with_the_penalty(tiny_llama_d
     with torch.no_grad():  # the head's rewards are exactly w.x: what the served model computes at the last token
         x = dev[:3, 0]
         assert torch.allclose(head.rewards(x), x @ model.score.weight[0], atol=1e-5)
+
+
+def test_fitting_a_head_warns_of_nothing(tiny_bert_dir: Path) -> None:
+    """The epoch loop logs its loss as a number without the autograd warning about float() on a grad tensor."""
+    import warnings
+
+    from training.frozen import Head
+    from training.rm_head import fit_head
+
+    head = Head(load_reward_model(resolve_model(str(tiny_bert_dir)), torch.float32, "cpu"))  # BERT pooler + classifier
+    feats = torch.randn(6, 2, head.model.config.hidden_size, generator=torch.Generator().manual_seed(0))  # (P, 2, H)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = fit_head(head, feats[:4], feats[4:], epochs=3, lr=1e-2, weight_decay=0.0, patience=5, seed=0)
+    assert fit["epochs_run"] == 3

@@ -339,3 +339,74 @@ def test_dataloader_batches_and_batched_rewards_equal_single_rewards(tokenizer):
             ids = torch.tensor([encode_input(tokenizer, side, 64).input_ids])  # (1, T_i)
             alone = reward_forward(model, ids, torch.ones_like(ids))
             assert abs(alone.item() - rewards[i].item()) < 1e-5
+
+
+# --------------------------------------------------------------------------- refused records, BOM, saved datasets
+
+
+@pytest.mark.parametrize("margin", ["nan", float("nan"), float("inf"), "-inf", "1e999", True, [1.0]])
+def test_a_margin_that_is_no_finite_number_is_refused(margin):
+    with pytest.raises(ValueError, match="margin"):
+        parse_record({"prompt": "q", "chosen": "a", "rejected": "b", "margin": margin})
+
+
+def test_a_bare_json_nan_margin_is_refused_naming_its_record(tmp_path):
+    path = tmp_path / "nan.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": NaN}\n')
+    with pytest.raises(ValueError, match=r"^preference record 1: margin must be a finite number, got nan$"):
+        load_preferences(path)
+    assert parse_record({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "0.5"}).margin == 0.5
+
+
+def test_margins_on_some_records_only_are_refused_at_load_naming_the_first_that_differs():
+    plain = [{k: v for k, v in r.items() if k != "margin"} for r in RECORDS]
+    with pytest.raises(ValueError, match=r"record 2 has no margin but record 0 has one"):
+        load_preferences([RECORDS[0], RECORDS[1], plain[0]])
+    with pytest.raises(ValueError, match=r"record 0 has no margin but record 1 has one"):
+        load_preferences([plain[0], RECORDS[1]])
+    assert [p.margin for p in load_preferences(plain)] == [None, None]
+
+
+@pytest.mark.parametrize("record, kind", [("a string", "a string"), (42, "a number"), (["a", "b"], "a list"),
+                                          (None, "null")])
+def test_a_record_that_is_no_json_object_says_so(record, kind):
+    with pytest.raises(ValueError, match=rf"^preference record 1 is not a JSON object \(got {kind}\)$"):
+        load_preferences([RECORDS[0], record])
+
+
+def test_a_jsonl_file_whose_first_line_is_a_list_is_read_line_by_line(tmp_path):
+    path = tmp_path / "first_line_list.jsonl"
+    path.write_text('["a", "b"]\n' + json.dumps(RECORDS[0]) + "\n")
+    with pytest.raises(ValueError, match=r"^preference record 0 is not a JSON object \(got a list\)$"):
+        load_preferences(path)
+    (tmp_path / "broken.json").write_text('[{"chosen": "x",\n')
+    with pytest.raises(ValueError, match=r"broken.json: not JSON"):
+        read_records(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "jsonl.gz"])
+def test_a_utf8_byte_order_mark_is_read_as_nothing(tmp_path, kind):
+    plain = _write(tmp_path, kind)
+    marked = tmp_path / f"bom.{kind}"
+    if kind.endswith(".gz"):
+        with gzip.open(plain, "rb") as f:
+            body = f.read()
+        with gzip.open(marked, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + body)
+    else:
+        marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_preferences(marked) == [parse_record(r) for r in RECORDS]
+
+
+def test_a_folder_saved_by_datasets_is_a_data_source(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "saved"))
+    assert load_preferences(tmp_path / "saved") == [parse_record(r) for r in RECORDS]
+    assert load_preferences(str(tmp_path / "saved")) == [parse_record(r) for r in RECORDS]
+    DatasetDict({"train": Dataset.from_list(RECORDS)}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['train'\].*dict/train"):
+        read_records(tmp_path / "dict")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match="no saved dataset"):
+        read_records(tmp_path / "plain")

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from training import checkpoint as ckpt
-from training.loop import TrainConfig, evaluate, make_accelerator, micro_batches, steps_per_epoch, train
+from training.loop import (
+    TrainConfig, TrainingDiverged, evaluate, make_accelerator, micro_batches, steps_per_epoch, train,
+)
 
 torch.set_num_threads(1)
 
@@ -161,6 +163,41 @@ def test_resume_refuses_a_different_batch_shape_and_fresh_runs_refuse_old_checkp
         train(config(tmp_path, "run", max_steps=6, batch_size=4, resume=True), Toy(0), data, collate, plain_step)
     with pytest.raises(ValueError, match="--resume"):
         train(config(tmp_path, "run", max_steps=6), Toy(0), data, collate, plain_step)
+
+
+# ------------------------------------------------------------------------------------------- non-finite values
+
+
+def poisoned_at(call: int, poison):
+    """plain_step whose `call`-th training call returns poison(loss, pred) instead of its loss (fault injection)."""
+    calls = {"n": 0}
+
+    def step(model, batch):
+        loss, metrics = plain_step(model, batch)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == call:
+                return poison(loss, model(batch["x"])), metrics
+        return loss, metrics
+
+    return step
+
+
+@pytest.mark.parametrize("poison, what", [
+    (lambda loss, pred: loss * float("nan"), "the loss is nan"),
+    (lambda loss, pred: loss + float("inf"), "the loss is inf"),
+    # a finite loss whose gradient is NaN: d sqrt(z)/dz at z = 0 is infinite, times 0
+    (lambda loss, pred: loss + 0 * torch.sqrt((pred * 0).sum()), "the gradient norm is nan"),
+])
+def test_a_non_finite_loss_or_gradient_stops_the_run_before_the_optimizer_step(tmp_path, poison, what):
+    # grad_accum 2: the 5th training call is the FIRST micro-batch of step 3, whose last micro-batch is fine
+    model = Toy(0, 0.0)
+    run = config(tmp_path, "diverged", save_every=1)
+    with pytest.raises(TrainingDiverged, match=rf"^step 3: {what} \(not finite\); stopped before the optimizer step"):
+        train(run, model, toy_data(), collate, poisoned_at(5, poison))
+    assert torch.isfinite(params(model)).all()  # the poisoned gradients were never applied
+    assert ckpt.find_latest(tmp_path / "diverged" / "checkpoints").name == "step-00000002"
+    assert [r["step"] for r in metrics_without_timing(tmp_path / "diverged" / "metrics.jsonl")] == [1, 2]
 
 
 # ----------------------------------------------------------------------------------------- atomic checkpoints
