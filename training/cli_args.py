@@ -8,6 +8,7 @@ training.ppo.PPOConfig / training.loop.TrainConfig (the help texts quote them).
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 
@@ -29,6 +30,17 @@ def int_at_least(low: int, why: str) -> Any:
 
 positive_int = int_at_least(1, "a 0 would read as 'unset' downstream and run a whole epoch")
 non_negative_int = int_at_least(0, "0: the default, e.g. torch's threads or the model's length")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan or inf would make every comparison say the same)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def device(text: str) -> str:
@@ -329,7 +341,7 @@ def add_eval_prm(evaluate: Any, handler: Any) -> None:
     eprm.add_argument("--max-length", type=non_negative_int, default=0,
                       help="token cap per example (default: the model's)")
     eprm.add_argument("--limit", type=positive_int, help="only the first N examples")
-    eprm.add_argument("--threshold", type=float, default=0.0, help="a step is good when its raw score is above this "
+    eprm.add_argument("--threshold", type=finite_float, default=0.0, help="a step is good when its raw score is above this "
                       "(default 0)")
     eprm.add_argument("--num-layers", type=positive_int, help="an untrained baseline over a base's first N layers only")
     eprm.add_argument("--batch-size", type=positive_int, default=16, help="examples per forward (default 16)")

@@ -210,6 +210,9 @@ def train_head_only(config: Any, *, epochs: int, lr: float, weight_decay: float,
         torch.set_num_threads(config.train.threads)
     base_spec = overlay_base_spec(config.base)
     train_sets = read_sets([config.data, *also_data], "--data/--also-data")  # the data first: its errors are quick
+    if any(p.margin is not None for p in train_sets.pairs):  # the head's fit is a plain pairwise logistic loss
+        log.warning("--head-only ignores the pairs' margins (only a full fine-tune, `train rm` without --head-only, "
+                    "uses them in its loss)")
     eval_sets = read_sets([config.eval, *also_eval], "--eval/--also-eval") if config.eval else None
     frozen = load_frozen(base_spec, config.max_length, num_layers, read_layers)
     log.info("head-only: %s features of %d train + %d eval pairs (max_length %d)", frozen.head.kind,

@@ -200,6 +200,14 @@ def test_max_steps_zero_is_refused_not_read_as_unset(capsys, tmp_path, argv):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_prm_threshold_must_be_finite(capsys, tmp_path, value):
+    with pytest.raises(SystemExit) as stopped:
+        main(["eval", "prm", "--model", "x", "--data", "x.jsonl", "--report", str(tmp_path / "r"),
+              f"--threshold={value}"])
+    assert stopped.value.code == 2 and f"must be a finite number, got '{value}'" in capsys.readouterr().err
+
+
 def test_the_kl_estimator_help_names_every_estimator():
     from training.rl_math import KL_ESTIMATORS
 
