@@ -105,8 +105,8 @@ class RewardServiceServicer:
 
         Errors. A stream ends with a single status, so:
         - a request that is invalid (INVALID_ARGUMENT, NOT_FOUND: a client bug, retrying cannot help) ends the
-        whole stream with that code; the message starts with `request_id=<id> sequence=<n>:`. Responses sent
-        before stay valid; requests still in flight are cancelled (resend them on a new stream);
+        whole stream with that code; the message starts with `request_id=<id> sequence=<n>:`. The requests read
+        before it are answered first; those read after it are cancelled (resend them on a new stream);
         - a request that fails for a transient reason (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE,
         INTERNAL) is answered in-band: its response has `error` set and no `scores`; the stream goes on.
         The stream ends OK once the client has half-closed and every request has been answered.

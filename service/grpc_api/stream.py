@@ -24,15 +24,16 @@ _END = object()  # queue marker: the client half-closed and every request was an
 
 class ScoreStream:
     """One ScoreStream call: a reader task spawns one task per request, at most `max_stream_in_flight` at a
-    time; answers go out in completion order through a queue. A fatal error (see STREAM_FATAL) aborts the call;
-    leaving `run` in any way cancels the reader and every request still in flight."""
+    time; answers go out in completion order through a queue. A fatal error (see STREAM_FATAL) aborts the call,
+    once the requests read before the failing one are answered (those read after it are cancelled); leaving `run`
+    in any way cancels the reader and every request still in flight."""
 
     def __init__(self, servicer: Any, context: grpc.aio.ServicerContext):
         self.servicer = servicer
         self.house = servicer.house
         self.context = context
         self.out: asyncio.Queue = asyncio.Queue()
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: dict[asyncio.Task, int] = {}  # request tasks in flight -> their sequence
         # requests being answered at once; past it the reader stops reading (gRPC flow control pushes back), so
         # the answers queued in `out` are bounded by it too
         self.slots = asyncio.Semaphore(self.house.config.max_stream_in_flight)
@@ -45,10 +46,24 @@ class ScoreStream:
                     raise item
                 await self.context.write(item)
         except _StreamAbort as stop:
+            reader.cancel()  # nothing more is read
+            await self._answer_earlier(stop.sequence)
             await abort(self.context, stop.error)
         finally:
             for task in (reader, *self.tasks):
                 task.cancel()
+
+    async def _answer_earlier(self, sequence: int) -> None:
+        """Answer the requests read before the invalid one (accepted work is not thrown away, whatever the
+        timing); cancel those read after it."""
+        for task, seq in list(self.tasks.items()):
+            if seq > sequence:
+                task.cancel()
+        await asyncio.gather(*(t for t, seq in list(self.tasks.items()) if seq < sequence), return_exceptions=True)
+        while not self.out.empty():
+            item = self.out.get_nowait()
+            if isinstance(item, reward_pb2.ScoreResponse) and item.sequence < sequence:
+                await self.context.write(item)
 
     async def _read(self, request_iterator: AsyncIterator) -> None:
         try:
@@ -56,8 +71,8 @@ class ScoreStream:
             async for request in request_iterator:
                 await self.slots.acquire()
                 task = asyncio.create_task(self._answer(request, sequence))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                self.tasks[task] = sequence
+                task.add_done_callback(lambda done: self.tasks.pop(done, None))
                 sequence += 1
             while self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -81,11 +96,12 @@ class ScoreStream:
     def _on_error(self, exc: RewardServeError, request_id: str, sequence: int) -> Any:
         if exc.kind in STREAM_FATAL:
             message = f"request_id={request_id} sequence={sequence}: {exc.message}"
-            return _StreamAbort(RewardServeError(exc.kind, message))
+            return _StreamAbort(RewardServeError(exc.kind, message), sequence)
         return encode_error(self.house.default, exc, request_id, sequence)
 
 
 class _StreamAbort(Exception):
-    def __init__(self, error: RewardServeError):
+    def __init__(self, error: RewardServeError, sequence: int):
         super().__init__(error.message)
         self.error = error
+        self.sequence = sequence

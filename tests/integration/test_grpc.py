@@ -129,6 +129,21 @@ def test_stream_invalid_request_aborts_naming_it(bert_server):
     assert "inputs.0: no input set" in err.value.details()
 
 
+def test_requests_before_an_invalid_one_are_answered_before_the_stream_ends(bert_server):
+    """Accepted work is not thrown away by a later client bug, whatever the timing: the requests read before the
+    invalid one are all answered (sent at once, they are still being scored when it fails validation)."""
+    requests = stream_requests(10)
+    requests.insert(10, pb.ScoreRequest(request_id="bad-one", inputs=[]))
+    requests += stream_requests(3)
+    replies = []
+    with stub_for(bert_server) as stub, pytest.raises(grpc.RpcError) as err:
+        for reply in stub.ScoreStream(iter(requests), timeout=60):
+            replies.append(reply)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sequence=10" in err.value.details()
+    assert sorted(r.sequence for r in replies) == list(range(10))
+    assert all(len(r.scores) >= 1 and not r.HasField("error") for r in replies)
+
+
 def test_empty_stream_ends_ok(bert_server):
     with stub_for(bert_server) as stub:
         assert list(stub.ScoreStream(iter([]), timeout=10)) == []
