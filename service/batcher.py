@@ -43,6 +43,7 @@ class WorkItem:
     enqueued: float = field(default_factory=time.monotonic)
     queue_s: float = 0.0
     compute_s: float = 0.0
+    computed_at: float = 0.0  # the start of the forward pass that computed it (one value per pass)
     finished: bool = False  # answered or dropped: no longer counted in the queue depth
 
     @property
@@ -304,15 +305,15 @@ class DynamicBatcher:
         now = time.monotonic()
         live, gone, expired = [], [], []
         for item in items:
+            past = item.deadline is not None and now >= item.deadline
             if item.future.done():
                 gone.append(item)
-            elif item.deadline is not None and now >= item.deadline:
+            elif past:
                 expired.append(item)
             else:
                 live.append(item)
-        for reason, dropped in (("cancelled", gone), ("deadline", expired)):
-            for _ in dropped:
-                self._observer.on_dropped(reason)
+            if item.future.done() or past:  # a caller that gave up at its deadline (the engine cancels then)
+                self._observer.on_dropped("deadline" if past else "cancelled")  # missed it: "deadline"
         self._finish(gone)
         self._finish(expired, error=RewardServeError(ErrorKind.DEADLINE, "deadline passed while queued"))
         return live
@@ -368,5 +369,5 @@ class DynamicBatcher:
             self._observer.on_groups(shared, saved)
         self._observer.on_batch(len(batch), cost, real, seconds)
         for item in batch:
-            item.compute_s = seconds
+            item.compute_s, item.computed_at = seconds, start
         self._finish(batch, result.values)

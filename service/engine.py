@@ -248,7 +248,8 @@ class RewardEngine:
 
     async def _run(self, batch: Sequence[Sequence[int]], deadline: float | None, reservation: Reservation,
                    reads: Sequence[tuple[int, ...] | None] | None = None) -> tuple[list[Any], float, float]:
-        """Backend values for token-id lists, plus the longest queue wait and compute time among them."""
+        """Backend values for token-id lists, plus the longest queue wait among them and the compute time of the
+        forward passes that computed them (each pass once: a request over several passes sums them)."""
         if deadline is not None and deadline <= time.monotonic():
             raise RewardServeError(ErrorKind.DEADLINE, "deadline passed before the request was queued")
         items = self.batcher.submit(batch, deadline, reservation, reads)
@@ -266,5 +267,5 @@ class RewardEngine:
         return (
             list(rewards),
             max(item.queue_s for item in items),
-            max(item.compute_s for item in items),
+            sum({item.computed_at: item.compute_s for item in items}.values()),
         )

@@ -261,7 +261,8 @@ def test_deadline_while_queued(bert_server):
     """The call's deadline passes while its inputs wait: DEADLINE_EXCEEDED, counted as such, inputs skipped."""
     batcher = bert_server.engine.batcher
     expired = ("rewardserve_requests_total", {"transport": "grpc", "route": "Score", "code": "DEADLINE_EXCEEDED"})
-    before = sample(*expired)
+    dropped = ("rewardserve_dropped_inputs_total", {"model": "tiny-bert", "reason": "deadline"})
+    before, before_dropped = sample(*expired), sample(*dropped)
     with stub_for(bert_server) as stub, gated_worker(bert_server) as (entered, gate):
         first = stub.Score.future(pb.ScoreRequest(inputs=[pair("a", "b")]), timeout=30)
         assert entered.wait(10)
@@ -272,6 +273,7 @@ def test_deadline_while_queued(bert_server):
         gate.set()
         first.result(timeout=30)
         wait_until(lambda: batcher.depth == 0)
+    assert sample(*dropped) == before_dropped + 2  # missed their deadline (not "cancelled": nobody hung up early)
 
 
 # ---- health and reflection ----------------------------------------------------------------------------

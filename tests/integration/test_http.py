@@ -213,6 +213,15 @@ def test_deadline_gives_504(limited_server, how):
     assert r.json()["error"]["type"] == "deadline_exceeded"
 
 
+def test_compute_time_sums_the_passes_of_a_request(tiny_bert_dir):
+    """A request whose inputs take three forward passes (one input per pass here) reports the three passes'
+    compute time, not the longest one's."""
+    cfg = test_config(tiny_bert_dir, grpc_port=-1, max_batch_size=1, warmup=False)
+    with LiveServer(cfg) as server, inject_latency(server, 0.2):
+        r = httpx.post(server.http_url + "/v1/score", json={"inputs": [PAIR, RAW, PAIR]}, timeout=60)
+    assert r.status_code == 200 and float(r.headers["X-Compute-Time-Ms"]) >= 3 * 200
+
+
 async def test_client_gone_is_dropped_before_compute(limited_server):
     url = limited_server.http_url
     while limited_server.engine.batcher.depth:  # earlier tests' abandoned work finishes first
