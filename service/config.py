@@ -211,7 +211,7 @@ class ServeConfig(BaseModel):
     """Policy for Best-of-N (`POST /v1/best-of-n`, gRPC BestOfN): `vllm:PATH` (in-process vLLM), `openai:URL`
     (a remote OpenAI-compatible server, e.g. vLLM's) or `hf:PATH` (transformers generate); PATH may be
     `smollm2`. Unset: Best-of-N answers HTTP 501 / gRPC UNIMPLEMENTED (rerank works without one)."""
-    max_n: int = Field(16, ge=1)
+    max_n: int = Field(16, ge=1, le=65536)  # below generation.base.SEED_STRIDE: seeds stay apart
     """Most candidates one Best-of-N request may ask for (`n`)."""
     max_new_tokens: int = Field(512, ge=1)
     """Most new tokens per candidate a Best-of-N request may ask for (`max_tokens`)."""

@@ -29,6 +29,16 @@ class Sampling:
     max_tokens: int = 128
     seed: int | None = None
 
+    @property
+    def engine_seed(self) -> int | None:
+        """The seed handed to the generator: the request's seed times SEED_STRIDE. vLLM seeds the i-th of n
+        samples with seed + i, so requests with seeds s and s + 1 would share n - 1 candidates; spread out, seeds
+        give unrelated candidate sets (for any n below the stride) and the same seed still the same ones."""
+        return None if self.seed is None else self.seed * SEED_STRIDE
+
+
+SEED_STRIDE = 1 << 20
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -93,12 +103,15 @@ def render_prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
     return ids
 
 
-def check_prompt_fits(prompt_tokens: int, max_model_len: int) -> None:
-    if prompt_tokens >= max_model_len:
+def check_prompt_fits(prompt_tokens: int, max_model_len: int, max_tokens: int) -> None:
+    """The prompt and the answer it asks for must fit the policy (as vLLM's own server checks): refused, not a
+    silently shorter answer."""
+    if prompt_tokens + max_tokens > max_model_len:
         raise RewardServeError(
             ErrorKind.INVALID_ARGUMENT,
-            f"prompt: {prompt_tokens} tokens once rendered with the policy's template; the policy takes at most "
-            f"{max_model_len - 1} (max_model_len={max_model_len}) to leave room for the response",
+            f"prompt: {prompt_tokens} tokens once rendered with the policy's template, plus max_tokens={max_tokens}, "
+            f"is more than the policy takes (max_model_len={max_model_len}): shorten the prompt or ask for at most "
+            f"{max(max_model_len - prompt_tokens, 0)} new tokens",
         )
 
 

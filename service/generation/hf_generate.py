@@ -78,7 +78,7 @@ class HFGenerator:
         if self.model is None:
             raise generator_error(self.name, "not started")
         prompt_ids = render_prompt_ids(self.tokenizer, messages)
-        check_prompt_fits(len(prompt_ids), self.max_model_len)
+        check_prompt_fits(len(prompt_ids), self.max_model_len, sampling.max_tokens)
         stop = _Stop(threading.Event(), deadline)
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(self._pool, self._generate_sync, prompt_ids, sampling, stop)

@@ -106,7 +106,7 @@ class OpenAIGenerator:
             "top_p": sampling.top_p, "max_tokens": sampling.max_tokens,
         }
         if sampling.seed is not None:
-            body["seed"] = sampling.seed
+            body["seed"] = sampling.engine_seed
         answer = await self._send("POST", path, body, remaining_s(deadline), deadline)
         return self._parse(answer, sampling.n, chat=path.endswith("chat/completions"))
 

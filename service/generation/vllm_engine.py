@@ -218,7 +218,7 @@ class VllmGenerator:
 
         return SamplingParams(
             n=1 if sampling.temperature == 0 else sampling.n, temperature=sampling.temperature,
-            top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=sampling.seed,
+            top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=sampling.engine_seed,
             stop_token_ids=[self.tokenizer.eos_token_id], skip_special_tokens=True,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
@@ -227,7 +227,7 @@ class VllmGenerator:
         if self._thread is None or not self._thread.is_alive():
             raise generator_error(self.name, self._dead or "the vLLM engine is not running")
         prompt_ids = render_prompt_ids(self.tokenizer, messages)
-        check_prompt_fits(len(prompt_ids), self.max_model_len)
+        check_prompt_fits(len(prompt_ids), self.max_model_len, sampling.max_tokens)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         request_id = f"bon-{next(self._ids)}"

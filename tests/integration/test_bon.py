@@ -147,6 +147,8 @@ def test_rerank_http_and_grpc(server, stub):
      "must not be the assistant's"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
     ({"prompt": "hi", "extra": 1}, 422, "extra"),
+    # fits the policy's 512 alone, not with the answer asked for: refused, not a silently shorter answer
+    ({"prompt": "word " * 495, "max_tokens": 32}, 400, "plus max_tokens=32, is more than the policy takes"),
 ])
 def test_best_of_n_bad_requests(server, body, status, needle):
     r = post(server, "/v1/best-of-n", body)

@@ -71,6 +71,14 @@ def test_vllm_best_of_n_http_and_grpc(server):
     assert [c.reward for c in reply.candidates] == pytest.approx(rewards, abs=ATOL)
 
 
+def test_vllm_consecutive_seeds_give_unrelated_candidates(server):
+    """vLLM seeds the i-th of n samples with seed + i: unspread, seeds 6 and 7 would share 3 of 4 candidates."""
+    texts = {seed: [c["text"] for c in sorted(best_of_n(server, prompt=PROMPT, n=4, max_tokens=16, seed=seed)
+                                               .json()["candidates"], key=lambda c: c["index"])]
+             for seed in (6, 7)}
+    assert texts[6][1:] != texts[7][:-1] and not set(texts[6]) & set(texts[7])
+
+
 def test_vllm_messages_and_greedy(server):
     messages = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
                 {"role": "user", "content": PROMPT}]
