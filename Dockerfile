@@ -26,7 +26,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TOKENIZERS_PARALLELISM=false \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
-    VLLM_CPU_KVCACHE_SPACE=1 \
     HF_HOME=/home/app/.cache/huggingface \
     VLLM_CACHE_ROOT=/home/app/.cache/vllm \
     TORCHINDUCTOR_CACHE_DIR=/home/app/.cache/inductor \

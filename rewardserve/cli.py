@@ -17,10 +17,11 @@ def _thread_discipline() -> None:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    """`level` for the rewardserve loggers; other libraries' loggers stay at INFO or above (their debug output,
+    grpc's and asyncio's, is not ours to turn on)."""
+    chosen = getattr(logging, level.upper(), logging.DEBUG if level == "trace" else logging.INFO)
+    logging.basicConfig(level=max(chosen, logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rewardserve").setLevel(chosen)
 
 
 def _fail(command: str, message: str) -> int:

@@ -205,8 +205,8 @@ class ServeConfig(BaseModel):
     """PEM private key of tls_cert."""
     tls_client_ca: str | None = None
     """PEM CA bundle: when set, gRPC requires client certificates signed by it (mutual TLS)."""
-    log_level: str = "info"
-    """Log level of the rewardserve loggers."""
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    """Log level of the rewardserve loggers (and uvicorn's; `trace` is uvicorn's most verbose)."""
     generator: str | None = None
     """Policy for Best-of-N (`POST /v1/best-of-n`, gRPC BestOfN): `vllm:PATH` (in-process vLLM), `openai:URL`
     (a remote OpenAI-compatible server, e.g. vLLM's) or `hf:PATH` (transformers generate); PATH may be
@@ -279,9 +279,18 @@ class ServeConfig(BaseModel):
 FLAG_ALIASES: dict[str, tuple[str, ...]] = {"api_keys": ("--api-key",)}
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
 def _coerce(value: Any, annotation: Any) -> Any:
     if annotation in (bool, "bool"):  # an environment variable's text, or a --flag / --no-flag's bool as it is
-        return value if isinstance(value, bool) else value.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(value, bool):
+            return value
+        text = value.strip().lower()
+        if text not in TRUE_WORDS + FALSE_WORDS:  # a typo ("flase") must not quietly mean false
+            raise ValueError(f"not a boolean: {value!r} (use one of {', '.join(TRUE_WORDS + FALSE_WORDS)})")
+        return text in TRUE_WORDS
     if annotation == list[str]:
         values = value if isinstance(value, list) else [value]  # a repeated flag gives a list (of lists: nargs)
         flat = [v for item in values for v in (item if isinstance(item, list) else [item])]
@@ -294,9 +303,16 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     if str(path).endswith((".yaml", ".yml")):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(exc).split())}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"config file {path} is not valid JSON ({exc}; a YAML file must end in .yaml or "
+                             ".yml)") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping")
     return data
@@ -308,7 +324,13 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     for name, field in ServeConfig.model_fields.items():
         key = ENV_PREFIX + name.upper()
         if key in environ:
-            out[name] = _coerce(environ[key], field.annotation)
+            try:
+                out[name] = _coerce(environ[key], field.annotation)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+            if name == "api_keys" and not out[name]:  # e.g. an empty Kubernetes secret: never auth switched off
+                raise ValueError(f"{key} is set but holds no key: set keys, or unset it to serve without "
+                                 "authentication")
     return out
 
 

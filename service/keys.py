@@ -36,10 +36,12 @@ def load_keys(inline: Iterable[str], key_file: str | None) -> list[str]:
     """Keys from the config (flag/env, comma-separated) and from a file (one per line, # comments)."""
     keys = [k.strip() for k in inline if k.strip()]
     if key_file:
-        for line in Path(key_file).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                keys.append(line)
+        found = [line.split("#", 1)[0].strip() for line in Path(key_file).read_text().splitlines()]
+        found = [key for key in found if key]
+        if not found:  # an emptied key file must not turn authentication off
+            raise ValueError(f"api_key_file {key_file} holds no key: add keys (one per line), or drop the setting "
+                             "to serve without authentication")
+        keys += found
     return keys
 
 

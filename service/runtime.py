@@ -19,6 +19,7 @@ from service.config import ServeConfig
 from service.engine import RewardEngine
 from service.house import ModelHouse
 from service.http_api.app import create_app
+from service.keys import load_keys
 
 log = logging.getLogger("rewardserve.runtime")
 
@@ -42,7 +43,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:  # e.g. the port is taken: a configuration problem, said in one line
+        sock.close()
+        raise ValueError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -98,10 +103,12 @@ class Runtime:
         except BaseException:
             await self._stop_all()
             raise
+        keys = len(load_keys(self.config.api_keys, self.config.api_key_file))
         log.info(
-            "rewardserve serving %s: HTTP %s://%s:%d  gRPC %s",
+            "rewardserve serving %s: HTTP %s://%s:%d  gRPC %s  API keys %s",
             ", ".join(self.house.scorers), "https" if self.config.tls_cert else "http", self.config.host,
             self.http_port, f"{self.config.host}:{self.grpc_port}" if self.grpc_port else "off",
+            f"required ({keys})" if keys else "off (anyone may call)",
         )
 
     async def _start_http(self) -> None:

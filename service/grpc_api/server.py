@@ -82,7 +82,8 @@ async def start_grpc_server(
     limit = config.max_body_bytes
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(key_checker(config))],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                 ("grpc.so_reuseport", 0)],  # a port another process listens on is refused, not shared with it
     )
     add_reward_service(RewardServicer(house, bon), server)
     health = HealthReporter()
@@ -94,9 +95,12 @@ async def start_grpc_server(
     address = f"{config.host}:{config.grpc_port}"
     bind = f"[{config.host}]:{config.grpc_port}" if ":" in config.host else address
     credentials = server_credentials(config)
-    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    except RuntimeError:  # grpcio raises "Failed to bind to address ..." (older versions return 0)
+        port = 0
     if port == 0:
-        raise RuntimeError(f"gRPC could not bind {address}")
+        raise ValueError(f"cannot listen for gRPC on {address}: the address is in use or not available")
     await server.start()
     await health.set_all_serving()
     log.info("gRPC serving %s on %s:%d", SERVICE_NAME, config.host, port)

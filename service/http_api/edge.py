@@ -47,6 +47,11 @@ class InFlight:
         self.count = 0
 
 
+PROBE_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+"""Answered however many requests are in flight: no model work, and what probes and scrapes need most under load
+(a liveness probe refused while the server is busy would have it restarted)."""
+
+
 class EdgeMiddleware:
     def __init__(self, app: Any, known_routes: set[str], max_in_flight: int, in_flight: InFlight):
         self.app = app
@@ -74,7 +79,7 @@ class EdgeMiddleware:
         self.in_flight.count += 1
         metrics.IN_FLIGHT.labels("http").inc()
         try:
-            if self.in_flight.count > self.max_in_flight:
+            if self.in_flight.count > self.max_in_flight and scope["path"] not in PROBE_ROUTES:
                 await send_error(send_wrapper, ErrorKind.UNAVAILABLE,
                                  f"too many requests in flight (max_http_in_flight={self.max_in_flight}); retry later")
             else:

@@ -176,12 +176,32 @@ def test_http_requests_in_flight_are_bounded(tiny_bert_dir):
                     await asyncio.to_thread(entered.wait, 30)
                     await asyncio.sleep(0.2)
                     third = await client.post("/v1/score", json={"inputs": [{"raw": "t3"}]})
+                    probes = [(await client.get(path)).status_code for path in ("/health", "/ready", "/metrics")]
                     gate.set()
-                    return third, await asyncio.gather(*held)
+                    return third, probes, await asyncio.gather(*held)
 
-            third, held = asyncio.run(flow())
+            third, probes, held = asyncio.run(flow())
     assert third.status_code == 503 and third.json()["error"]["type"] == "unavailable"
+    assert probes == [200, 200, 200]  # probes and scrapes are answered however busy: a busy pod is not restarted
     assert [r.status_code for r in held] == [200, 200]
+
+
+def test_a_taken_port_is_one_line_not_a_traceback(tiny_bert_dir):
+    """HTTP and gRPC alike: the port's owner keeps it (gRPC would share it through SO_REUSEPORT), and the second
+    server stops with the address named."""
+    from service.runtime import bind_socket
+
+    taken = bind_socket("127.0.0.1", 0)
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(ValueError, match=f"cannot listen for HTTP on 127.0.0.1:{port}"):
+            bind_socket("127.0.0.1", port)
+        with LiveServer(test_config(tiny_bert_dir, grpc_port=0, warmup=False)) as first:
+            with pytest.raises(ValueError, match=f"cannot listen for gRPC on 127.0.0.1:{first.runtime.grpc_port}"):
+                with LiveServer(test_config(tiny_bert_dir, grpc_port=first.runtime.grpc_port, warmup=False)):
+                    pass
+    finally:
+        taken.close()
 
 
 # ---- 5. errors: one table, JSON always ------------------------------------------------------------------

@@ -43,3 +43,32 @@ def test_boolean_flags_both_ways_and_over_the_environment(tmp_path):
     assert resolve(parser.parse_args(["--no-warmup"]), environ={}).warmup is False
     assert resolve(parser.parse_args(["--warmup"]), environ={"REWARDSERVE_WARMUP": "false"}).warmup is True
     assert resolve(parser.parse_args([]), environ={"REWARDSERVE_WARMUP": "false"}).warmup is False
+
+
+def test_operator_typos_are_refused_not_guessed(tmp_path):
+    """A boolean that is no boolean, an emptied key secret or key file, an unknown log level and a broken
+    config file stop the server with the reason: none of them may quietly mean false / no authentication."""
+    import pytest
+
+    from service.config import ServeConfig, load_file
+    from service.keys import load_keys
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match="REWARDSERVE_WARMUP: not a boolean: 'flase'"):
+        resolve(parser.parse_args([]), environ={"REWARDSERVE_WARMUP": "flase"})
+    with pytest.raises(ValueError, match="REWARDSERVE_API_KEYS is set but holds no key"):
+        resolve(parser.parse_args([]), environ={"REWARDSERVE_API_KEYS": " "})
+    empty = tmp_path / "keys.txt"
+    empty.write_text("# rotate soon\n\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        load_keys([], str(empty))
+    with pytest.raises(ValueError, match="log_level"):
+        ServeConfig(log_level="verbose")
+    broken = tmp_path / "serve.yaml"
+    broken.write_text("port: [1\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        load_file(broken)
+    (tmp_path / "serve.json").write_text("{port: 1}")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_file(tmp_path / "serve.json")
