@@ -5,10 +5,13 @@ chunking, and the retry loop. Subclasses add one transport: `_prepare`, `_score_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
-from typing import Any, Iterable, Sequence
+import re
+from typing import Any, Iterable, Iterator, Sequence
 
+from .errors import InvalidInputError
 from .retry import Deadline, EndpointPool, RetryPolicy, acall_with_retries, call_with_retries
 from .types import InputLike, ModelInfo, ScoreResult, chunk_request_ids, split, to_input_dicts
 
@@ -50,6 +53,9 @@ class ClientBase:
 
     def _plan(self, inputs: Iterable[InputLike], timeout: float | None,
               request_id: str | None) -> tuple[Deadline, list[tuple[Sequence[Any], str]]]:
+        if request_id is not None and not (request_id.isascii() and request_id.isprintable()):
+            # it travels as an HTTP header (and gRPC metadata): said before anything is sent, on both transports
+            raise InvalidInputError(f"request_id must be printable ASCII, got {request_id!r}", type="invalid_argument")
         wire = self._prepare(to_input_dicts(inputs))
         deadline = Deadline(self.timeout if timeout is None else timeout)
         chunks = split(wire, self.max_batch_size)
@@ -77,7 +83,8 @@ class SyncClient(ClientBase):
         for chunk, rid in plan:
             send = functools.partial(self._score_once, chunk=chunk, request_id=rid, normalize=normalize,
                                      model=model or self.model)
-            results.extend(self._call(send, deadline))
+            with inputs_counted_from(len(results)):
+                results.extend(self._call(send, deadline))
         return results
 
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -121,13 +128,15 @@ class AsyncClient(ClientBase):
         deadline, plan = self._plan(inputs, timeout, request_id)
         limit = asyncio.Semaphore(self.max_concurrency)
 
-        async def one(chunk: Sequence[Any], rid: str) -> list[ScoreResult]:
+        async def one(chunk: Sequence[Any], rid: str, offset: int) -> list[ScoreResult]:
             send = functools.partial(self._score_once, chunk=chunk, request_id=rid, normalize=normalize,
                                      model=model or self.model)
             async with limit:
-                return await self._call(send, deadline)
+                with inputs_counted_from(offset):
+                    return await self._call(send, deadline)
 
-        parts = await gather_or_cancel([one(chunk, rid) for chunk, rid in plan])
+        offsets = [sum(len(chunk) for chunk, _ in plan[:k]) for k in range(len(plan))]
+        parts = await gather_or_cancel([one(chunk, rid, offset) for (chunk, rid), offset in zip(plan, offsets)])
         return [result for part in parts for result in part]
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -155,6 +164,19 @@ class AsyncClient(ClientBase):
         await self.close()
 
 
+@contextlib.contextmanager
+def inputs_counted_from(offset: int) -> Iterator[None]:
+    """A server's refusal of one request of a split call names `inputs.K` within that request: said of the whole
+    call, K counts from the request's first input."""
+    try:
+        yield
+    except InvalidInputError as exc:
+        if offset:
+            exc.message = re.sub(r"\binputs\.(\d+)", lambda m: f"inputs.{int(m.group(1)) + offset}", exc.message)
+            exc.args = (exc.message,)
+        raise
+
+
 async def gather_or_cancel(coros: list[Any]) -> list[Any]:
     """Results in order; the first failure (in input order) is raised and the others are cancelled."""
     if len(coros) == 1:
@@ -168,7 +190,8 @@ async def gather_or_cancel(coros: list[Any]) -> list[Any]:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+    errors = [task.exception() for task in tasks if not task.cancelled()]  # every one read: no "never retrieved"
+    first = next((error for error in errors if error is not None), None)
+    if first is not None:
+        raise first
     return [task.result() for task in tasks]

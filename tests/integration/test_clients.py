@@ -110,6 +110,25 @@ def test_chunks_are_reassembled_in_order(bert_server, kind):
     assert rewards == pytest.approx(expected, abs=1e-5)  # same input, same score whatever its batch
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_split_calls_error_names_the_input_in_the_whole_call(bert_server, kind, capsys):
+    """Sent as requests of 2, the bad input at position 3 is `inputs.3` (the server said `inputs.1` of its
+    request); an async call's other failed requests leave no "never retrieved" tracebacks; a request id that cannot
+    travel as a header is refused before anything is sent."""
+    bad = {"messages": [{"role": "user", "content": "no answer to score"}]}
+    calls = ["ok", "ok", "ok", bad, "ok", bad]
+    with pytest.raises(InvalidInputError) as info:
+        use(kind, address(kind, bert_server), lambda c: c.score(calls), max_batch_size=2, **FAST)
+    assert info.value.message.startswith(("inputs.3.messages", "inputs.5.messages")), info.value.message
+    if not kind.startswith("async"):  # sent one request after another: the first failure is the first bad input
+        assert info.value.message.startswith("inputs.3.messages") and "inputs.3" in repr(info.value)
+    before = requests_seen(bert_server, kind)
+    with pytest.raises(InvalidInputError, match="request_id must be printable ASCII"):
+        use(kind, address(kind, bert_server), lambda c: c.score(["a"], request_id="a\nb"), **FAST)
+    assert requests_seen(bert_server, kind) == before
+    assert "never retrieved" not in capsys.readouterr().err
+
+
 # ---- errors that must not be retried ------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_invalid_input_raises_at_once(bert_server, kind):

@@ -292,3 +292,26 @@ def test_bad_answer_is_a_server_error():
 def test_endpoints_must_be_urls():
     with pytest.raises(ValueError, match="base URL"):
         RewardClient("127.0.0.1:8000")
+
+
+def test_gather_or_cancel_reads_every_failure(caplog):
+    """The first failure (in input order) is raised and the others are read too: no "Task exception was never
+    retrieved" tracebacks from a split call whose requests fail together."""
+    import asyncio
+    import gc
+    import logging
+
+    from clients.base import gather_or_cancel
+
+    async def fail(i):
+        await asyncio.sleep(0)  # all fail in the same turn of the loop
+        raise ValueError(f"request {i}")
+
+    async def run():
+        with pytest.raises(ValueError, match="request 0"):
+            await gather_or_cancel([fail(i) for i in range(3)])
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(run())
+        gc.collect()
+    assert "never retrieved" not in caplog.text
