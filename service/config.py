@@ -364,7 +364,12 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
     config_file = getattr(args, "config", None) if args is not None else None
     if config_file:
         data.update(load_file(config_file))
-    data.update(from_env(environ))
+    env = from_env(environ)
+    if "model" in env:  # REWARDSERVE_MODEL replaces the file's models and their ensembles, as --model does
+        for key in ("model", "models", "ensembles"):
+            data.pop(key, None)
+        data.update(model_flags(env.pop("model").split(",")))  # NAME=SPEC entries, comma-separated
+    data.update(env)
     if args is not None:
         for name in ServeConfig.model_fields:
             value = getattr(args, name, None)

@@ -72,3 +72,15 @@ def test_operator_typos_are_refused_not_guessed(tmp_path):
     (tmp_path / "serve.json").write_text("{port: 1}")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_file(tmp_path / "serve.json")
+
+
+def test_the_model_variable_replaces_the_files_models_as_the_flag_does(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(CONFIG)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = resolve(parser.parse_args(["--config", str(path)]), environ={"REWARDSERVE_MODEL": "minilm"})
+    assert [m.path for m in config.model_entries()] == ["minilm"] and config.ensembles == []
+    assert config.max_queue == 128
+    config = resolve(parser.parse_args(["--config", str(path)]), environ={"REWARDSERVE_MODEL": "a=minilm,b=default"})
+    assert [(m.name, m.path) for m in config.model_entries()] == [("a", "minilm"), ("b", "default")]
