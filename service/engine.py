@@ -122,8 +122,9 @@ class RewardEngine:
         if self.config.warmup:  # before the worker starts: still the only thread touching the model
             await asyncio.to_thread(self.backend.warmup)
         self.batcher.start()
-        if self.config.warmup:  # and once through the whole path
-            await self.score([{"prompt": "Hello", "response": "Hi! How can I help?"}] * 2)
+        if self.config.warmup:  # and once through the whole path (not `score`: no traffic metrics of its own)
+            warm = [{"prompt": "Hello", "response": "Hi! How can I help?"}] * 2
+            await self.evaluate(warm, reservation=self.admit(len(warm)))
         self.ready = True
         metrics.READY.labels(self.name).set(1)
         info = self.describe()

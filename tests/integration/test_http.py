@@ -213,6 +213,18 @@ def test_deadline_gives_504(limited_server, how):
     assert r.json()["error"]["type"] == "deadline_exceeded"
 
 
+def test_the_warm_up_is_no_traffic(tiny_bert_dir):
+    """The start-up pass through the whole path is not counted as scored inputs or rewards (every restart would
+    add synthetic rewards to the reward histogram): a fresh model's counters start at the first request."""
+    with LiveServer(test_config(tiny_bert_dir, model_name="warm-only", grpc_port=-1)) as server:
+        before = httpx.get(server.http_url + "/metrics").text
+        score(server, [PAIR, RAW, PAIR])
+        after = httpx.get(server.http_url + "/metrics").text
+    assert metric_value(before, "rewardserve_inputs_total", model="warm-only") == 0
+    assert metric_value(before, "rewardserve_reward_count", model="warm-only") == 0
+    assert metric_value(after, "rewardserve_inputs_total", model="warm-only") == 3
+
+
 def test_compute_time_sums_the_passes_of_a_request(tiny_bert_dir):
     """A request whose inputs take three forward passes (one input per pass here) reports the three passes'
     compute time, not the longest one's."""
