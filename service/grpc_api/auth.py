@@ -6,6 +6,9 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from service import metrics
+from service.errors import ErrorKind, RewardServeError
+from service.grpc_api.calls import abort
 from service.keys import KeyChecker
 
 OPEN_GRPC_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -26,18 +29,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self.checker.check(metadata.get("authorization")):
             return await continuation(details)
         handler = await continuation(details)
-        return _refusing(handler)
+        return _refusing(handler, details.method.rsplit("/", 1)[-1])
 
 
-def _refusing(handler: Any) -> Any:
-    """A handler of the same shape as `handler` that aborts with UNAUTHENTICATED."""
-    message = "missing or wrong API key: send metadata authorization: Bearer <key>"
+def _refusing(handler: Any, route: str) -> Any:
+    """A handler of the same shape as `handler` that aborts with UNAUTHENTICATED (its kind in the trailing
+    metadata, as every error status has it) and counts the refusal, as HTTP counts its 401s."""
+    error = RewardServeError(ErrorKind.UNAUTHENTICATED,
+                             "missing or wrong API key: send metadata authorization: Bearer <key>")
+
+    async def refuse(context: grpc.aio.ServicerContext) -> None:
+        metrics.REQUESTS.labels("grpc", route, "UNAUTHENTICATED").inc()
+        await abort(context, error)
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await refuse(context)
 
     async def streaming(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await refuse(context)
 
     if handler is None:
         return None

@@ -115,19 +115,25 @@ def test_models_and_docs_need_a_key(keyed_server):
 
 
 def test_grpc_needs_a_key_but_health_is_open(keyed_server):
+    from prometheus_client import REGISTRY
+
     request = pb.ScoreRequest(inputs=[pb.ScoreInput(raw="hi hello")])
+    counted = {"transport": "grpc", "route": "Score", "code": "UNAUTHENTICATED"}
+    before = REGISTRY.get_sample_value("rewardserve_requests_total", counted) or 0
     with grpc.insecure_channel(keyed_server.grpc_target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         for metadata in ((), (("authorization", "Bearer wrong"),)):
             with pytest.raises(grpc.RpcError) as err:
                 stub.Score(request, metadata=metadata, timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert ("rewardserve-error-type", "unauthenticated") in tuple(err.value.trailing_metadata())
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.ScoreStream(iter([request]), metadata=metadata, timeout=10))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert stub.Score(request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=10).scores
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert REGISTRY.get_sample_value("rewardserve_requests_total", counted) == before + 2  # as HTTP counts its 401s
 
 
 def test_clients_send_their_key(keyed_server):
