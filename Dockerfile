@@ -79,7 +79,7 @@ USER app
 EXPOSE 8000 50051
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('REWARDSERVE_PORT', '8000') + '/health', timeout=4)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('REWARDSERVE_TLS_CERT')); urllib.request.urlopen(('https' if tls else 'http') + '://127.0.0.1:' + os.environ.get('REWARDSERVE_PORT', '8000') + '/health', timeout=4, context=ssl._create_unverified_context() if tls else None)"]
 
 ENTRYPOINT ["rewardserve", "serve"]
 CMD ["--host", "0.0.0.0"]
