@@ -25,7 +25,11 @@ def typed(exc: Exception, method: str) -> RewardServeError:
 
 
 async def abort(context: grpc.aio.ServicerContext, error: RewardServeError) -> None:
-    """End the call with the error's status code, its message and its kind in the trailing metadata."""
+    """End the call with the error's status code, its message and its kind in the trailing metadata. A call gRPC
+    has already ended (its deadline passed, the client cancelled) is left as it is: aborting it again made grpc log
+    an ExecuteBatchError as if the server had failed."""
+    if context.done():
+        raise asyncio.CancelledError()  # what grpc.aio expects of a handler whose call is over
     await context.abort(GRPC_STATUS[error.kind], error.message, trailing_metadata=grpc_error_metadata(error.kind))
 
 
