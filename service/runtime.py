@@ -104,10 +104,11 @@ class Runtime:
             await self._stop_all()
             raise
         keys = len(load_keys(self.config.api_keys, self.config.api_key_file))
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host  # an IPv6 address
         log.info(
             "rewardserve serving %s: HTTP %s://%s:%d  gRPC %s  API keys %s",
-            ", ".join(self.house.scorers), "https" if self.config.tls_cert else "http", self.config.host,
-            self.http_port, f"{self.config.host}:{self.grpc_port}" if self.grpc_port else "off",
+            ", ".join(self.house.scorers), "https" if self.config.tls_cert else "http", host,
+            self.http_port, f"{host}:{self.grpc_port}" if self.grpc_port else "off",
             f"required ({keys})" if keys else "off (anyone may call)",
         )
 
