@@ -293,7 +293,7 @@ def test_a_failed_http_bind_stops_what_had_started(tiny_bert_dir):
         runtime = Runtime(test_config(tiny_bert_dir, port=port, warmup=False))
 
         async def start():
-            with pytest.raises(OSError):
+            with pytest.raises(ValueError, match=f"cannot listen for HTTP on 127.0.0.1:{port}"):
                 await runtime.start()
 
         asyncio.run(start())
