@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from training.checkpoint import atomic_write_text
+from training.loop import flag_of
 
 log = logging.getLogger("rewardserve.train.gate")
 
@@ -167,13 +168,13 @@ def train_gate(args: Any, frozen: Any = None) -> dict[str, Any]:
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0
     for role, files in (("positive", args.positive), ("negative", args.negative)):
-        x, g = distinct_sequences(frozen, read_items(files, args.reads, f"--{role}"), store, args.reads)
+        x, g = distinct_sequences(frozen, read_items(files, args.reads, flag_of(role)), store, args.reads)
         g = g + offset
         offset = int(g.max()) + 1
         parts[role] = (x, g)
         log.info("gate: %s: %d sequences from %s", role, len(x), ", ".join(files))
-    held_out = {role: {path: distinct_sequences(frozen, read_items([path], args.reads, "--" + role.replace("_", "-")),
-                                                store, args.reads)[0]
+    held_out = {role: {path: distinct_sequences(frozen, read_items([path], args.reads, flag_of(role)), store,
+                                                args.reads)[0]
                        for path in getattr(args, role) or []} for role in ("eval_positive", "eval_negative")}
     (xp, gp), (xn, gn) = parts["positive"], parts["negative"]
     x, groups = torch.cat([xp, xn]), torch.cat([gp, gn])

@@ -72,14 +72,18 @@ LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 EVAL_FLAGS = ("eval_every", "eval_batch_size")
 
 
+def flag_of(name: str) -> str:
+    """An argparse destination as its flag: lora_r -> --lora-r."""
+    return "--" + name.replace("_", "-")
+
+
 def refuse_orphan_flags(args: Any) -> None:
     """A flag that only means something beside another one is refused without it, not ignored: the --lora-* flags
     need --lora; --eval-every and --eval-batch-size need --eval (in the commands that take --eval)."""
-    orphans = [] if getattr(args, "lora", None) else [f"--{n.replace('_', '-')} needs --lora" for n in
+    orphans = [] if getattr(args, "lora", None) else [f"{flag_of(n)} needs --lora" for n in
                                                        given_flags(args, LORA_FLAGS)]
     if hasattr(args, "eval") and not args.eval:
-        orphans += [f"--{n.replace('_', '-')} needs --eval (there is no eval set)"
-                    for n in given_flags(args, EVAL_FLAGS)]
+        orphans += [f"{flag_of(n)} needs --eval (there is no eval set)" for n in given_flags(args, EVAL_FLAGS)]
     if orphans:
         raise ValueError(f"{orphans[0]}: add it, or drop the flag")
 

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from pydantic import BaseModel, Field
@@ -275,8 +275,7 @@ HEAD_ONLY_FLAGS = ("l2", "pick_l2", "bootstrap", "include_head", "gate", "read_l
 """Flags of --head-only training alone: a full fine-tune refuses them."""
 
 IGNORED_BY_HEAD_ONLY = (
-    "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "max_steps", "batch_size", "grad_accum",
-    "max_grad_norm", "warmup_steps", "warmup_ratio", "lr_schedule", "eval_every", "save_every", "keep_checkpoints",
+    "lora", *loop.LORA_FLAGS, "max_steps", "batch_size", "grad_accum", "max_grad_norm", "warmup_steps", "warmup_ratio", "lr_schedule", "eval_every", "save_every", "keep_checkpoints",
     "log_every", "eval_batch_size", "center_rewards_coefficient", "bf16", "resume", "disable_dropout",
     "group_by_length",
 )
@@ -286,30 +285,21 @@ IGNORED_WITH_L2 = ("epochs", "lr", "weight_decay", "patience")
 """--head-only flags of the epoch loop, which --l2 (a solve to convergence) replaces."""
 
 
-def _given(args: Any, names: Sequence[str]) -> list[str]:
-    """The flags among `names` given on the command line (argparse leaves the others None or [])."""
-    return [n for n in names if getattr(args, n, None) not in (None, [])]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def check_flags(args: Any) -> None:
     """Refuse flags that the chosen mode would silently ignore: say so rather than train something else."""
     if getattr(args, "head_only", False):
-        ignored = _given(args, IGNORED_BY_HEAD_ONLY)
+        ignored = list(given_flags(args, IGNORED_BY_HEAD_ONLY))  # (none of them defaults to a value)
         if ignored:
-            raise ValueError(f"{_flag(ignored[0])} does not apply to --head-only training (a frozen base, features "
+            raise ValueError(f"{loop.flag_of(ignored[0])} does not apply to --head-only training (a frozen base, features "
                              "computed once, only the head fit on them): drop it, or drop --head-only")
-        ignored = _given(args, IGNORED_WITH_L2) if getattr(args, "l2", None) else []
+        ignored = list(given_flags(args, IGNORED_WITH_L2)) if getattr(args, "l2", None) else []
         if ignored:
-            raise ValueError(f"{_flag(ignored[0])} does not apply to --head-only --l2 (the head is solved to "
+            raise ValueError(f"{loop.flag_of(ignored[0])} does not apply to --head-only --l2 (the head is solved to "
                              "convergence, not trained for epochs): drop it, or drop --l2")
         return
     given = [f for f in HEAD_ONLY_FLAGS if getattr(args, f, None) not in (None, [], (), 0, False)]
     if given:  # they would be ignored by a full fine-tune
-        raise ValueError(f"{_flag(given[0])} applies to --head-only training (a frozen base and its head); add "
+        raise ValueError(f"{loop.flag_of(given[0])} applies to --head-only training (a frozen base and its head); add "
                          "--head-only, or drop it")
 
 
