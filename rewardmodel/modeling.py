@@ -272,7 +272,8 @@ def load_backbone(sources: list[ModelSource], dtype: Any, device: str) -> Any:
         raise ValueError("models that share a backbone must be score-head overlays of the same base")
     labels = sum(s.head_count for s in sources)
     auto = AutoModelForTokenClassification if source.prm is not None else AutoModelForSequenceClassification
-    kwargs: dict[str, Any] = {"num_labels": labels, "dtype": dtype, "attn_implementation": _attention(source)}
+    raw = _raw_config(source)  # read once: the attention to load with, the labels it names
+    kwargs: dict[str, Any] = {"num_labels": labels, "dtype": dtype, "attn_implementation": _attention(raw)}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     if source.num_layers:
@@ -281,7 +282,7 @@ def load_backbone(sources: list[ModelSource], dtype: Any, device: str) -> Any:
         kwargs["ignore_mismatched_sizes"] = True
         kwargs["id2label"] = {i: f"LABEL_{i}" for i in range(labels)}
     if source.overlay is None and not source.untrained_head:
-        _check_labels(source, labels)
+        _check_labels(source, raw, labels)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG (e.g. a trainer's --seed) is left as it was
         if source.untrained_head or source.overlay is not None:
             # The score head is freshly initialised (an overlay then replaces it): seed it so every process
@@ -301,9 +302,6 @@ def load_backbone(sources: list[ModelSource], dtype: Any, device: str) -> Any:
         if head:  # a base checkpoint: its head would be random, its rewards meaningless
             raise ValueError(f"{source.path} is not a reward model: its checkpoint has no trained head ({head[0]} "
                              "is missing). Train one with `rewardserve train rm --base <it>`")
-    if model.config.num_labels != labels:
-        raise ValueError(f"{source.path} has num_labels={model.config.num_labels}; expected {labels} "
-                         f"({'a reward model has 1' if labels == 1 else 'its heads'})")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = 0
     if len(sources) == 1:
@@ -333,16 +331,15 @@ def _raw_config(source: ModelSource) -> dict[str, Any]:
     return raw if isinstance(raw, dict) else {}
 
 
-def _attention(source: ModelSource) -> str:
+def _attention(raw: dict[str, Any]) -> str:
     """transformers' SDPA attention, except where it would drop what the model's attention does (soft-capped
     logits: Gemma 2's SDPA path ignores them; eager applies them)."""
-    return "eager" if _raw_config(source).get("attn_logit_softcapping") is not None else "sdpa"
+    return "eager" if raw.get("attn_logit_softcapping") is not None else "sdpa"
 
 
-def _check_labels(source: ModelSource, labels: int) -> None:
+def _check_labels(source: ModelSource, raw: dict[str, Any], labels: int) -> None:
     """A checkpoint whose config names another number of labels than its heads is refused before loading (its
     head's shape would fail the load with transformers' long report)."""
-    raw = _raw_config(source)
     named = len(raw["id2label"]) if isinstance(raw.get("id2label"), dict) else raw.get("num_labels")
     if isinstance(named, int) and named != labels:
         raise ValueError(f"{source.path} has num_labels={named}; expected {labels} "
