@@ -47,23 +47,29 @@ class ScoreStream:
                 await self.context.write(item)
         except _StreamAbort as stop:
             reader.cancel()  # nothing more is read
-            await self._answer_earlier(stop.sequence)
-            await abort(self.context, stop.error)
+            first = await self._answer_earlier(stop)
+            await abort(self.context, first.error)
         finally:
             for task in (reader, *self.tasks):
                 task.cancel()
 
-    async def _answer_earlier(self, sequence: int) -> None:
+    async def _answer_earlier(self, stop: "_StreamAbort") -> "_StreamAbort":
         """Answer the requests read before the invalid one (accepted work is not thrown away, whatever the
-        timing); cancel those read after it."""
+        timing); cancel those read after it that are not answered yet (answers already made are sent). Returns
+        the abort to end the stream with: that of the first invalid request, should one read earlier turn out
+        invalid too (it failed later)."""
         for task, seq in list(self.tasks.items()):
-            if seq > sequence:
+            if seq > stop.sequence:
                 task.cancel()
-        await asyncio.gather(*(t for t, seq in list(self.tasks.items()) if seq < sequence), return_exceptions=True)
+        await asyncio.gather(*(t for t, seq in list(self.tasks.items()) if seq < stop.sequence),
+                             return_exceptions=True)
         while not self.out.empty():
             item = self.out.get_nowait()
-            if isinstance(item, reward_pb2.ScoreResponse) and item.sequence < sequence:
+            if isinstance(item, _StreamAbort) and item.sequence < stop.sequence:
+                stop = item
+            elif isinstance(item, reward_pb2.ScoreResponse):  # answered: sent, whichever side of it
                 await self.context.write(item)
+        return stop
 
     async def _read(self, request_iterator: AsyncIterator) -> None:
         try:
@@ -75,7 +81,9 @@ class ScoreStream:
                 task.add_done_callback(lambda done: self.tasks.pop(done, None))
                 sequence += 1
             while self.tasks:
-                await asyncio.gather(*self.tasks, return_exceptions=True)
+                # asyncio.wait, not gather: cancelling this reader (a later request was invalid) must not cancel
+                # the requests still being answered, and a cancelled gather cancels everything it waits on
+                await asyncio.wait(list(self.tasks))
             self.out.put_nowait(_END)
         except Exception as exc:  # a broken read (e.g. the client went away) ends the stream
             self.out.put_nowait(exc)

@@ -144,6 +144,42 @@ def test_requests_before_an_invalid_one_are_answered_before_the_stream_ends(bert
     assert all(len(r.scores) >= 1 and not r.HasField("error") for r in replies)
 
 
+def slow_invalid(request_id: str, long_inputs: int) -> pb.ScoreRequest:
+    """Invalid only once its long first inputs are tokenized on the tokenizer thread (one: a few ms, the reader
+    has read the whole stream and waits for the requests in flight; 40: long after the rest has been read)."""
+    steps = pb.ScoreInput(steps=pb.Steps(prompt="q", steps=["a", "b"]))  # tiny-bert has no step head
+    return pb.ScoreRequest(request_id=request_id, inputs=[*[pb.ScoreInput(raw="word " * 3000)] * long_inputs, steps])
+
+
+def test_requests_before_a_late_failing_invalid_one_are_answered(bert_server):
+    """The reader waiting for the requests in flight when the invalid one fails: cancelling it must not cancel
+    them (it did: 0-10 of the 10 earlier requests came back)."""
+    for _ in range(3):
+        requests = [*stream_requests(10), slow_invalid("bad-one", 1), *stream_requests(3)]
+        replies = []
+        with stub_for(bert_server) as stub, pytest.raises(grpc.RpcError) as err:
+            for reply in stub.ScoreStream(iter(requests), timeout=60):
+                replies.append(reply)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request_id=bad-one sequence=10: inputs.1: model 'tiny-bert' has no step head" in err.value.details()
+        assert set(range(10)) <= {r.sequence for r in replies}
+        assert all(len(r.scores) >= 1 and not r.HasField("error") for r in replies)
+
+
+def test_stream_with_two_invalid_requests_names_the_first(bert_server):
+    """The later invalid request fails first (at once), the earlier one only after tokenizing: the stream ends
+    naming the earlier one, and the requests before it are answered."""
+    requests = [*stream_requests(3), slow_invalid("bad-early", 40), *stream_requests(5),
+                pb.ScoreRequest(request_id="bad-late", inputs=[])]
+    replies = []
+    with stub_for(bert_server) as stub, pytest.raises(grpc.RpcError) as err:
+        for reply in stub.ScoreStream(iter(requests), timeout=60):
+            replies.append(reply)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id=bad-early sequence=3" in err.value.details()
+    assert {0, 1, 2} <= {r.sequence for r in replies} and 3 not in {r.sequence for r in replies}
+
+
 def test_empty_stream_ends_ok(bert_server):
     with stub_for(bert_server) as stub:
         assert list(stub.ScoreStream(iter([]), timeout=10)) == []
