@@ -157,6 +157,11 @@ def train_gate(args: Any, frozen: Any = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     base_spec = args.base or "smollm2"
+    # the data first: a wrong file is refused before the minutes a base model takes to load
+    items = {role: read_items(files, args.reads, flag_of(role))
+             for role, files in (("positive", args.positive), ("negative", args.negative))}
+    held_items = {role: {path: read_items([path], args.reads, flag_of(role)) for path in getattr(args, role) or []}
+                  for role in ("eval_positive", "eval_negative")}
     if frozen is None:
         if base_spec != "smollm2":
             raise ValueError("a gate is exported as an overlay over the packaged decoder base: use --base smollm2")
@@ -168,14 +173,13 @@ def train_gate(args: Any, frozen: Any = None) -> dict[str, Any]:
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0
     for role, files in (("positive", args.positive), ("negative", args.negative)):
-        x, g = distinct_sequences(frozen, read_items(files, args.reads, flag_of(role)), store, args.reads)
+        x, g = distinct_sequences(frozen, items[role], store, args.reads)
         g = g + offset
         offset = int(g.max()) + 1
         parts[role] = (x, g)
         log.info("gate: %s: %d sequences from %s", role, len(x), ", ".join(files))
-    held_out = {role: {path: distinct_sequences(frozen, read_items([path], args.reads, flag_of(role)), store,
-                                                args.reads)[0]
-                       for path in getattr(args, role) or []} for role in ("eval_positive", "eval_negative")}
+    held_out = {role: {path: distinct_sequences(frozen, pairs, store, args.reads)[0] for path, pairs in paths.items()}
+                for role, paths in held_items.items()}
     (xp, gp), (xn, gn) = parts["positive"], parts["negative"]
     x, groups = torch.cat([xp, xn]), torch.cat([gp, gn])
     y = torch.cat([torch.ones(len(xp)), torch.zeros(len(xn))])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -411,3 +412,24 @@ def test_head_only_flags_without_head_only_are_refused_not_ignored(tmp_path, cap
                      *extra])
         assert code == 2 and f"{extra[0]} applies to --head-only" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing was trained
+
+
+def test_train_gate_reads_every_file_before_loading_the_base(tmp_path, monkeypatch) -> None:
+    """A wrong data file is refused at once, not after the minutes the base model takes to load."""
+    import training.frozen
+    from rewardserve.cli import build_parser
+    from training.gate import train_gate
+
+    def no_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the base was loaded before the data was read")
+
+    monkeypatch.setattr(training.frozen, "load_frozen", no_load)
+    good = tmp_path / "pairs.jsonl"
+    good.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    prompts_only = tmp_path / "prompts.jsonl"
+    prompts_only.write_text(json.dumps({"prompt": "p"}) + "\n")
+    argv = ["train", "gate", "--positive", str(good), "--negative", str(good), "--output", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="holds prompts alone"):
+        train_gate(build_parser().parse_args([*argv, "--reads", "input", "--eval-negative", str(prompts_only)]))
+    with pytest.raises((OSError, ValueError), match="missing.jsonl"):
+        train_gate(build_parser().parse_args([*argv, "--eval-positive", str(tmp_path / "missing.jsonl")]))
