@@ -125,9 +125,9 @@ class BestOfN:
 
     async def rerank(self, request: RerankRequest, deadline: float | None = None) -> RankedOutcome:
         scorer = self.house.resolve(request.model)
-        reservation = scorer.admit(len(request.candidates), field="candidates")
-        return await self._score(scorer, request, request.candidates, [None] * len(request.candidates), deadline,
-                                 reservation)
+        with scorer.admit(len(request.candidates), field="candidates") as reservation:  # released however it ends
+            return await self._score(scorer, request, request.candidates, [None] * len(request.candidates),
+                                     deadline, reservation)
 
     async def _score(self, scorer: Any, request: BestOfNRequest | RerankRequest, texts: Sequence[str],
                      reasons: Sequence[str | None], deadline: float | None, reservation: Any) -> RankedOutcome:

@@ -325,7 +325,7 @@ class Ensemble:
             gate = self.gate.model
             jobs.append(gate.engine.evaluate(prompts, deadline=deadline, encoder=gate.encoder(field),
                                              reservation=gate_reservation, field=field))
-        evaluated = await asyncio.gather(*jobs)
+        evaluated = await gather_releasing(jobs, reservation, gate_reservation)
         gate_evaluated = evaluated[-1] if prompts and not along else None
         if along:
             n = len(inputs)
@@ -424,6 +424,23 @@ class Gate:
 
     def combined(self, values: list[float]) -> tuple[float, float]:
         return combine_values(values, "weighted", self.weights)
+
+
+async def gather_releasing(jobs: Sequence[Any], *reservations: Any) -> list[Any]:
+    """Run the engines' jobs of one request together. However it ends, the reservations are released (a job
+    cancelled before it started never entered its own `with reservation`: its room stayed taken for good), and
+    when one job fails or the caller goes away the others are cancelled (they held queue room for nothing)."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no log line
+        for r in reservations:
+            if r is not None:
+                r.release()
 
 
 class MultiReservation:

@@ -202,9 +202,9 @@ def compat_router(house: ModelHouse) -> APIRouter:
             raise invalid("You must pass at least one prompt")
         encoder = StepTags(VllmEncoder(scorer.tokenizer, tk.truncating, scorer.max_length, tk.info.vocab_size, body),
                            tag)
-        reservation = scorer.admit(len(prompts), field="input")
-        evaluated = await run_unless_disconnected(request, scorer.engine.evaluate(
-            prompts, deadline=deadline, encoder=encoder, reservation=reservation, field="input"))
+        with scorer.admit(len(prompts), field="input") as reservation:  # released however it ends
+            evaluated = await run_unless_disconnected(request, scorer.engine.evaluate(
+                prompts, deadline=deadline, encoder=encoder, reservation=reservation, field="input"))
         data = []
         for i, values in enumerate(evaluated.values):
             logits = values[:, scorer.column:scorer.column + spec.num_labels].astype(np.float64)

@@ -3,8 +3,11 @@ served length debiasing, GRPO groups; every route by name, members bit-identical
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -221,6 +224,27 @@ def test_a_gate_routes_each_input_to_its_members(server, zoo):
                     else ((heads["x"][i] + 1.0) / 0.5 + heads["y"][i]) / 2)
             assert s["reward"] == pytest.approx(want, abs=1e-6)
         assert {heads["gate"][i] > 0 for i in range(4)} == {True, False}  # both sides exercised
+
+
+def test_an_ensemble_request_cancelled_at_once_gives_back_its_queue_room(server):
+    """Cancelled in the loop step that admitted it (its per-engine jobs not started yet): the room it took on
+    both backbones' queues comes back (it stayed taken for good: false OVERLOADED, a drain that never ends)."""
+    house = server.runtime.house
+    engines = house.resolve("safe").engines()
+    assert len(engines) == 2
+
+    async def cancel_right_after_admission() -> None:
+        task = asyncio.ensure_future(house.score(PAIRS, model="safe"))
+        asyncio.get_running_loop().call_soon(task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    for _ in range(3):
+        server.call(cancel_right_after_admission())
+    waited = time.monotonic() + 30
+    while any(e.batcher.depth for e in engines) and time.monotonic() < waited:
+        time.sleep(0.05)
+    assert [e.batcher.depth for e in engines] == [0, 0]
 
 
 def test_length_debiasing_is_served_as_a_named_variant(server):
