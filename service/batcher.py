@@ -242,6 +242,26 @@ class DynamicBatcher:
             self._cond.notify()
         return items
 
+    def withdraw(self, items: Sequence[WorkItem], reason: str = "cancelled") -> None:
+        """Take a departed caller's inputs out of the queue now (event-loop side): their room is free at once, not
+        when the worker next reaches them (a forward pass later, while other clients were refused OVERLOADED).
+        Inputs the worker has already taken are left to it. `reason`: the dropped-inputs metric's."""
+        gone = {id(item) for item in items if not item.finished}
+        if not gone:
+            return
+        with self._cond:
+            removed = [item for item in self._queue if id(item) in gone]
+            if not removed:
+                return
+            self._queue = deque(item for item in self._queue if id(item) not in gone)
+            for item in removed:
+                item.finished = True
+            self._pending -= len(removed)
+            depth = self._pending
+        for _ in removed:
+            self._observer.on_dropped(reason)
+        self._observer.on_depth(depth)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Finish everything queued, then stop the worker."""
         with self._cond:
@@ -253,22 +273,24 @@ class DynamicBatcher:
     # ---- worker side -----------------------------------------------------------------------------------
     def _take_window(self) -> list[WorkItem] | None:
         with self._cond:
-            while not self._queue and self._running:
-                self._cond.wait()
-            if not self._queue:
-                return None  # stopped and drained
-            oldest = self._queue[0].enqueued
-            # Waiting for company pays only under load: an input that found the worker idle for longer than
-            # max_wait (a lone caller, an RL step's first request) is computed at once; under load, answers
-            # and the callers' next requests come within max_wait of each other and windows form as before.
-            lone = oldest - self._idle_since >= self.max_wait_s
-            while len(self._queue) < self.max_batch_size and self._running and not lone:
-                remaining = oldest + self.max_wait_s - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            n = min(len(self._queue), self.max_window)
-            return [self._queue.popleft() for _ in range(n)]
+            while True:
+                while not self._queue and self._running:
+                    self._cond.wait()
+                if not self._queue:
+                    return None  # stopped and drained
+                oldest = self._queue[0].enqueued
+                # Waiting for company pays only under load: an input that found the worker idle for longer than
+                # max_wait (a lone caller, an RL step's first request) is computed at once; under load, answers
+                # and the callers' next requests come within max_wait of each other and windows form as before.
+                lone = oldest - self._idle_since >= self.max_wait_s
+                while len(self._queue) < self.max_batch_size and self._running and not lone:
+                    remaining = oldest + self.max_wait_s - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                n = min(len(self._queue), self.max_window)
+                if n:  # else everything waiting was withdrawn meanwhile
+                    return [self._queue.popleft() for _ in range(n)]
 
     def _run(self) -> None:
         while True:

@@ -39,6 +39,7 @@ log = logging.getLogger("rewardserve.engine")
 # A request whose texts hold more characters than this is tokenized on a tokenizer thread, not on the event loop
 # (tokenizing costs ~1 ms per 4,000 characters; a loop stall of that order is invisible to other requests).
 TOKENIZE_INLINE_MAX_CHARS = 4096
+DEADLINE_SLACK_S = 0.05
 
 Encoder = Callable[[Any], Encoded]
 """Turns one input into token ids (may raise RenderError or RewardServeError: the client's mistake)."""
@@ -262,9 +263,13 @@ class RewardEngine:
         except asyncio.TimeoutError:
             raise RewardServeError(ErrorKind.DEADLINE, "deadline exceeded before scoring finished") from None
         finally:
-            for item in items:  # caller went away or failed: let the worker skip what is left
+            for item in items:  # caller went away or failed: let the worker skip what it has taken already
                 if not item.future.done():
                     item.future.cancel()
+            # and what is still queued leaves the queue now (none once answered); a caller leaving at about its
+            # deadline (gRPC ends the call at it, a hair before the engine's own timer) is counted as missing it
+            expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+            self.batcher.withdraw(items, "deadline" if expired else "cancelled")
         return (
             list(rewards),
             max(item.queue_s for item in items),

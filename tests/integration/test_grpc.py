@@ -286,10 +286,11 @@ def test_client_cancel_drops_queued_inputs(bert_server, route):
         wait_until(lambda: batcher.depth == 4)
         call.cancel()
         wait_until(lambda: sample(*in_flight) == base + 1)  # the server has given up the cancelled call
+        wait_until(lambda: batcher.depth == 1)  # its inputs left the queue while the pass is still held
         gate.set()
         assert len(first.result(timeout=30).scores) == 1
         wait_until(lambda: batcher.depth == 0)
-    assert sample(*dropped) == before_dropped + 3  # the worker skipped them: no forward pass spent
+    assert sample(*dropped) == before_dropped + 3  # withdrawn: no forward pass spent
     assert sample(*cancelled) == before_cancelled + requests
 
 
@@ -306,6 +307,7 @@ def test_deadline_while_queued(bert_server):
             stub.Score(pb.ScoreRequest(inputs=[pair("c", "d")] * 2), timeout=0.3)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_until(lambda: sample(*expired) == before + 1)
+        wait_until(lambda: batcher.depth == 1)  # its room is free at once, not after the held pass
         gate.set()
         first.result(timeout=30)
         wait_until(lambda: batcher.depth == 0)
