@@ -27,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+import numpy as np
+
 from service.errors import ErrorKind, RewardServeError
 from service.grouping import BatchResult, Group, PlannedBatch, plan_grouped_batches, restrict
 
@@ -49,6 +51,14 @@ class WorkItem:
     @property
     def length(self) -> int:
         return len(self.ids)
+
+
+def _finite(values: Any) -> bool:
+    """Whether a backend's output for one input (a number or an array of them) is all finite."""
+    try:
+        return bool(np.isfinite(np.asarray(values, dtype=np.float64)).all())
+    except (TypeError, ValueError):
+        return True  # not numbers: not this check's business
 
 
 class BatchObserver(Protocol):
@@ -392,4 +402,17 @@ class DynamicBatcher:
         self._observer.on_batch(len(batch), cost, real, seconds)
         for item in batch:
             item.compute_s, item.computed_at = seconds, start
+        broken = [i for i, v in enumerate(result.values) if not _finite(v)]
+        if broken and len(batch) > 1:
+            # An input that makes the model produce NaN/inf can spoil what shares its pass (a NaN key or value
+            # times an attention weight of exactly zero is still NaN): the others are answered, and each input
+            # with a non-finite output is computed again alone (same bits as in the pass when it is finite).
+            log.warning("a pass of %d inputs gave %d non-finite outputs: computing each of those alone",
+                        len(batch), len(broken))
+            skip = set(broken)
+            self._finish([item for i, item in enumerate(batch) if i not in skip],
+                         [v for i, v in enumerate(result.values) if i not in skip])
+            for i in broken:
+                self._run_batch([batch[i]])
+            return
         self._finish(batch, result.values)

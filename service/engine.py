@@ -244,8 +244,13 @@ class RewardEngine:
             reads = [getattr(e, "step_ends", None) for e in encoded]
             reads = None if all(r is None for r in reads) else [tuple(r) if r is not None else None for r in reads]
             values, queue_s, compute_s = await self._run([e.input_ids for e in encoded], deadline, reservation, reads)
-        if not all(np.isfinite(v).all() for v in values):
-            raise RewardServeError(ErrorKind.BACKEND, "the model produced a non-finite reward (NaN or inf)")
+        broken = [i for i, v in enumerate(values) if not np.isfinite(v).all()]
+        if broken:  # each computed alone by now (service/batcher.py): these inputs themselves give NaN/inf
+            named = ", ".join(f"{field}.{i}" for i in broken[:8]) + (f" and {len(broken) - 8} more" if len(broken) > 8
+                                                                        else "")
+            rest = "; the request's other inputs scored fine" if len(broken) < len(values) else ""
+            raise RewardServeError(ErrorKind.BACKEND, f"{named}: the model produced a non-finite reward (NaN or inf), "
+                                   f"computed alone{rest}")
         return Evaluated(encoded, values, queue_s, compute_s)
 
     async def _run(self, batch: Sequence[Sequence[int]], deadline: float | None, reservation: Reservation,

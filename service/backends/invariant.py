@@ -76,8 +76,8 @@ class AttentionGroup:
     """The attention items of one pass with one shape (Q queries, L keys: one SDPA call), with every index and
     mask the attention needs precomputed once per pass (the same for every layer, and no device syncs)."""
 
-    q_index: torch.Tensor  # (n*Q,) the row of each query slot (empty slots read row 0; their results are dropped)
-    kv_index: torch.Tensor  # (n*L,) the row of each key slot, in absolute position order (empty slots: row 0)
+    q_index: torch.Tensor  # (n*Q,) the row of each query slot (empty slots read a padding row; results dropped)
+    kv_index: torch.Tensor  # (n*L,) the row of each key slot, in absolute position order (empty: a padding row)
     mask: torch.Tensor  # (n, 1, Q, L) bool (an encoder's: (n, 1, 1, L)): the key slot holds a key this query sees
     dest: torch.Tensor  # (m,) the rows the real query slots write
     src: torch.Tensor  # (m,) which of the n*Q query slots each comes from
@@ -131,7 +131,7 @@ def tile_layout(layout: Any, pad_id: int, causal: bool, widths: Sequence[int], r
     `layout`) overrides the one read row per input (PRM step ends)."""
     n = len(layout.ids)
     widths = [w for w in widths if w]
-    tiles = -(-max(n, 1) // ROW_TILE)
+    tiles = -(-(n + 1) // ROW_TILE)  # at least one padding row: row n, what empty key slots read (see _work)
     while not all(thread_chunks_aligned(tiles * ROW_TILE * w, torch.get_num_threads()) for w in widths):
         tiles += 1
     rows = tiles * ROW_TILE
@@ -142,14 +142,16 @@ def tile_layout(layout: Any, pad_id: int, causal: bool, widths: Sequence[int], r
     positions[:n] = torch.from_numpy(np.asarray(layout.positions, dtype=np.int64))
     valid[:n] = True
     read = [list(rs) for rs in (reads if reads is not None else [[r] for r in layout.read])]
-    return TileLayout(ids, positions, valid, read, _work(layout, causal))
+    return TileLayout(ids, positions, valid, read, _work(layout, causal, pad_row=n))
 
 
-def _work(layout: Any, causal: bool) -> Work:
+def _work(layout: Any, causal: bool, pad_row: int = 0) -> Work:
     """The attention items of a pass, every index built with whole-array operations (the pass's Python cost must
     stay small beside a GPU forward): one item per query tile of a decoder's segment (grouped by the tile's
     index a: queries [aT, (a+1)T) against the key slots of absolute positions [0, (a+1)T)), one per encoder
-    sequence (grouped by its padded length)."""
+    sequence (grouped by its padded length). Empty slots read `pad_row`, a padding row: a masked slot's weight is
+    exactly zero, but zero times a NaN value is NaN, so an input whose values went NaN (a broken embedding row,
+    an overflow) must not be what another input's empty slots read."""
     segments = layout.segments
     # Each segment's path: the row of every absolute position 0 .. end-1 (its ancestors' rows, then its own).
     paths, depths = [], []
@@ -185,8 +187,8 @@ def _work(layout: Any, causal: bool) -> Work:
             mask = has_key[:, None, :]  # (n, 1, L)
         flat = qr.reshape(-1)
         src = np.flatnonzero(flat >= 0)
-        index = [np.maximum(flat, 0), np.maximum(kr.reshape(-1), 0), np.ascontiguousarray(mask[:, None]),
-                 flat[src], src]
+        index = [np.where(flat >= 0, flat, pad_row), np.where(kr >= 0, kr, pad_row).reshape(-1),
+                 np.ascontiguousarray(mask[:, None]), flat[src], src]
         groups.append(AttentionGroup(*map(torch.from_numpy, index), n, length, queries))
     return Work(groups)
 

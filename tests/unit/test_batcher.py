@@ -106,6 +106,35 @@ async def test_failed_batch_fails_every_waiter_with_a_typed_error():
         b.stop()
 
 
+async def test_an_input_that_gives_nan_does_not_spoil_the_others_in_its_pass():
+    """Fault injection: any pass holding token 666 answers NaN for every input (as a NaN value leaks through an
+    attention weight of zero). The others are computed again alone and answered; only the culprit stays NaN."""
+    calls: list[int] = []
+    release = threading.Event()
+
+    def compute(batch):
+        release.wait(10)
+        calls.append(len(batch))
+        return [float("nan") if any(666 in ids for ids in batch) else float(sum(ids)) for ids in batch]
+
+    b = DynamicBatcher(compute, max_batch_size=16, max_wait_s=0.05, max_padding_ratio=1.0)
+    b.start()
+    try:
+        first = b.submit([[7]])  # occupies the worker: what comes next queues up into one pass
+        await asyncio.sleep(0.05)
+        tasks = [asyncio.ensure_future(_run(b, [ids])) for ids in ([1, 2], [666], [3], [4, 5])]
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await first[0].future == 7.0
+        results = [r[0] for r in await asyncio.gather(*tasks)]
+        assert results[0] == 3.0 and results[2] == 3.0 and results[3] == 9.0
+        assert results[1] != results[1]  # NaN: the engine names it
+        assert calls == [1, 4, 1, 1, 1, 1]  # the pass, then each NaN input alone
+        assert b.depth == 0
+    finally:
+        b.stop()
+
+
 async def test_cancelled_and_expired_inputs_are_dropped_before_compute():
     rec = Recorder()
     rec.release.clear()

@@ -1,7 +1,8 @@
 """The attention work of a pass (service.backends.invariant.tile_layout), checked against what it must mean, for
 random passes (hypothesis): every real token is the query of exactly one item; the key slots of its item hold, in
 order, the rows of its input's absolute positions 0, 1, ... (its ancestors' rows, then its own), and its mask row
-marks exactly the positions it may see (a decoder: up to itself; an encoder: its whole sequence). An item's shape
+marks exactly the positions it may see (a decoder: up to itself; an encoder: its whole sequence), and its slots
+past its input's end read a padding row. An item's shape
 depends only on the tile's position (decoder) or its sequence's length (encoder): what makes its SDPA call the
 same whatever else shares the pass."""
 
@@ -56,6 +57,8 @@ def check(layout, causal: bool) -> None:
                     m = mask[j, 0]
                 assert m.nonzero().squeeze(1).tolist() == visible
                 assert kv[j, visible].tolist() == [path[p] for p in visible]
+                # slots past its input's end read a padding row, never another input's (a NaN there would spread)
+                assert not tiles.valid[kv[j, len(path):]].any()
     assert seen == {r: 1 for r in paths}
 
 
