@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,9 +179,12 @@ class RewardEngine:
     def default_encoder(self, inp: Any) -> Encoded:
         return encode_input(self.tokenizer, inp, self.max_length)
 
-    def _encode_all(self, inputs: Sequence[Any], encoder: Encoder, field: str) -> list[Encoded]:
+    def _encode_all(self, inputs: Sequence[Any], encoder: Encoder, field: str,
+                    stop: threading.Event | None = None) -> list[Encoded]:
         encoded = []
         for i, inp in enumerate(inputs):
+            if stop is not None and stop.is_set():  # its caller went away: the tokenizer thread is for others
+                raise RewardServeError(ErrorKind.CANCELLED, "the caller went away while its inputs were tokenized")
             try:
                 encoded.append(encoder(inp))
             except RenderError as exc:
@@ -197,7 +201,12 @@ class RewardEngine:
         if sum(input_chars(inp) for inp in inputs) <= TOKENIZE_INLINE_MAX_CHARS:
             return self._encode_all(inputs, encoder, field)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, encoder, field)
+        stop = threading.Event()
+        try:
+            return await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, encoder, field, stop)
+        except asyncio.CancelledError:
+            stop.set()  # the thread stops at the next input (one text already begun is finished)
+            raise
 
     # ---- scoring -----------------------------------------------------------------------------------------
     async def score(

@@ -99,3 +99,36 @@ async def test_nonfinite_reward_is_an_error_not_a_number(tiny_bert_dir):
         assert err.value.kind == ErrorKind.BACKEND and "non-finite" in err.value.message
     finally:
         await eng.stop()
+
+
+async def test_a_departed_callers_tokenization_stops_at_its_next_input(tiny_bert_dir):
+    """Latency injection: the encoder holds its first input until released. The caller goes away meanwhile: the
+    tokenizer thread (one, shared by every request) stops before the next input instead of tokenizing the rest
+    for nobody while other requests wait behind it."""
+    import asyncio
+    import threading
+
+    eng = RewardEngine.from_config(test_config(tiny_bert_dir, warmup=False))
+    await eng.start()
+    try:
+        entered, release, encoded = threading.Event(), threading.Event(), []
+
+        def encoder(inp):
+            entered.set()
+            release.wait(10)
+            encoded.append(inp)
+            return eng.default_encoder(inp)
+
+        inputs = [{"raw": "word " * 1000 + str(i)} for i in range(50)]  # long: tokenized on the thread
+        task = asyncio.ensure_future(eng.encode(inputs, encoder))
+        assert await asyncio.to_thread(entered.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.get_running_loop().run_in_executor(eng._tokenize_pool, lambda: None)  # the thread is free
+        assert len(encoded) == 1
+        assert len(await eng.encode(inputs[:2])) == 2  # and serves the next caller
+    finally:
+        await eng.stop()
