@@ -187,6 +187,9 @@ class ServeConfig(BaseModel):
     """Most inputs in one request."""
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, le=2**31 - 1)
     """Largest HTTP request body (HTTP 413 past it) and gRPC message."""
+    http_body_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    """Longest an HTTP request body may take to arrive, from the first byte of the request on: a client that stalls
+    mid-body is answered 408 and disconnected, and stops counting against max_http_in_flight."""
     default_timeout_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     """Deadline applied to requests that bring none (0: none)."""
     warmup: bool = True

@@ -118,7 +118,7 @@ def create_app(house: ModelHouse, *, max_body_bytes: int | None = None, bon: Any
     known = {route.path for route in app.routes}  # type: ignore[attr-defined]
     limit = max_body_bytes if max_body_bytes is not None else config.max_body_bytes
     # added last = outermost: counted and bounded (Edge), then the key (Auth), then the body read (BodyLimit)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limit)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limit, timeout_s=config.http_body_timeout_s)
     app.add_middleware(AuthMiddleware, checker=key_checker(config), open_routes=config.open_routes)
     app.state.in_flight = InFlight()
     app.add_middleware(EdgeMiddleware, known_routes=known, max_in_flight=config.max_http_in_flight,

@@ -3,13 +3,15 @@
 - `EdgeMiddleware`: request ids, per-route request metrics, and a bound on HTTP requests in flight (503 at once
   past it, before anything is read);
 - (`service/http_api/auth.py`: the API key, checked before the body is read);
-- `BodyLimitMiddleware`: the body is read (bounded: 413 past `max_body_bytes`) and replayed to the app.
+- `BodyLimitMiddleware`: the body is read (bounded: 413 past `max_body_bytes`, 408 past `http_body_timeout_s`) and
+  replayed to the app.
 
 Every answer they make themselves is the JSON error body of service/error_map.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -26,8 +28,9 @@ Send = Callable[[Message], Awaitable[None]]
 REQUEST_ID_HEADER = b"x-request-id"
 
 
-async def send_error(send: Send, kind: ErrorKind, message: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
-    status, body = http_error(kind, message)
+async def send_error(send: Send, kind: ErrorKind, message: str, extra: list[tuple[bytes, bytes]] = (),
+                     status: int | None = None) -> None:
+    status, body = http_error(kind, message, status)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -92,9 +95,10 @@ class EdgeMiddleware:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: Any, max_body_bytes: int):
+    def __init__(self, app: Any, max_body_bytes: int, timeout_s: float = 30.0):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -118,8 +122,14 @@ class BodyLimitMiddleware:
             return None
         chunks: list[bytes] = []
         size = 0
+        until = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, until - time.monotonic()))
+            except asyncio.TimeoutError:
+                await send_error(send, ErrorKind.DEADLINE, f"the request body did not arrive within "
+                                 f"http_body_timeout_s={self.timeout_s:g} s", [(b"connection", b"close")], 408)
+                return None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")

@@ -1,6 +1,8 @@
 """HTTP transport against a real uvicorn server on loopback, tiny BERT reward model."""
 
 import asyncio
+import socket
+import time
 
 import httpx
 import pytest
@@ -177,6 +179,30 @@ def test_limits(limited_server):
     r = httpx.post(limited_server.http_url + "/v1/score", content=iter([b"{" + b" " * 3000, b" " * 3000 + b"}"]))
     assert r.status_code == 413
     assert score(limited_server, [PAIR] * 4).status_code == 200  # the server is fine afterwards
+
+
+def test_a_client_stalled_mid_body_is_answered_408_and_frees_its_slot(tiny_bert_dir):
+    """Clients that send half a body and stall held their max_http_in_flight slots for good: everyone else got
+    503. Past http_body_timeout_s they are answered 408 and disconnected."""
+    cfg = test_config(tiny_bert_dir, model_name="tiny-bert", grpc_port=-1, max_http_in_flight=2,
+                      http_body_timeout_s=1.0)
+    with LiveServer(cfg) as server:
+        stalled = []
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", server.runtime.http_port))
+            sock.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 100\r\n\r\n{\"inputs\": [")
+            stalled.append(sock)
+        time.sleep(0.3)
+        assert score(server, [PAIR]).status_code == 503  # both slots are held by the stalled clients
+        for sock in stalled:
+            sock.settimeout(10)
+            reply = b""
+            while chunk := sock.recv(4096):  # read until the server closes the connection
+                reply += chunk
+            sock.close()
+            assert reply.startswith(b"HTTP/1.1 408") and b"http_body_timeout_s=1 s" in reply
+        assert score(server, [PAIR]).status_code == 200
 
 
 async def test_full_queue_answers_429_at_once(limited_server):
