@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -270,6 +271,12 @@ class ServeConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _device(self) -> "ServeConfig":
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        return self
+
+    @model_validator(mode="after")
     def _tls_pairs(self) -> "ServeConfig":
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
@@ -337,6 +344,14 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return out
 
 
+OTHER_ENV = frozenset({
+    "REWARDSERVE_URL", "REWARDSERVE_API_KEY", "REWARDSERVE_TIMEOUT", "REWARDSERVE_TRANSPORT", "REWARDSERVE_INPUT",
+    "REWARDSERVE_STRIP", "REWARDSERVE_GENERATOR_API_KEY", "REWARDSERVE_CACHE", "REWARDSERVE_ALLOCATOR",
+    "REWARDSERVE_ALLOCATOR_EXEC", "REWARDSERVE_MALLOC_TRIM_S",
+})
+"""REWARDSERVE_* variables that are not config fields: the clients' and adapters', the Best-of-N generator's key,
+the policy cache folder and the process's allocator settings. Any other unknown one is warned about at start."""
+
 CONFIG_FILE_ONLY = ("models", "ensembles")
 """Fields only a config file sets (lists of objects); `models` also comes from a repeated `--model NAME=SPEC`."""
 
@@ -371,7 +386,7 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
     if "model" in env:  # REWARDSERVE_MODEL replaces the file's models and their ensembles, as --model does
         for key in ("model", "models", "ensembles"):
             data.pop(key, None)
-        data.update(model_flags(env.pop("model").split(",")))  # NAME=SPEC entries, comma-separated
+        data.update(model_flags(env.pop("model")))  # NAME=SPEC entries, comma-separated
     data.update(env)
     if args is not None:
         for name in ServeConfig.model_fields:
@@ -388,8 +403,11 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
 
 
 def model_flags(values: str | list[str]) -> dict[str, Any]:
-    """`--model SPEC` (one, unnamed): the `model` field; repeated or `NAME=SPEC`: the `models` list."""
+    """`--model SPEC` (one, unnamed): the `model` field; repeated or `NAME=SPEC`: the `models` list. A value may
+    hold several comma-separated entries (`a=default,b=helpful`), as REWARDSERVE_MODEL does, unless it is an
+    existing path with a comma in its name."""
     values = [values] if isinstance(values, str) else list(values)
+    values = [part for value in values for part in ([value] if Path(value).exists() else value.split(","))]
     if len(values) == 1 and "=" not in values[0]:
         return {"model": values[0]}
     entries = []

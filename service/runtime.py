@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from typing import Any
@@ -32,7 +33,7 @@ class _UvicornServer(uvicorn.Server):
         yield
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, what: str = "HTTP", listen: bool = True) -> socket.socket:
     """The HTTP listening socket, bound here so a failed bind stops everything before serving starts.
 
     It is made with proto IPPROTO_TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on accepted sockets
@@ -47,10 +48,40 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:  # e.g. the port is taken: a configuration problem, said in one line
         sock.close()
-        raise ValueError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
+        raise ValueError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from None
+    if not listen:
+        return sock
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def check_ports(config: ServeConfig) -> None:
+    """Both ports can be bound now: a taken one is said at once, not after the minutes the models take to load
+    (should another process take it meanwhile, binding it for real says so again)."""
+    for what, port in (("HTTP", config.port), ("gRPC", config.grpc_port)):
+        if port > 0:
+            bind_socket(config.host, port, what, listen=False).close()
+
+
+def environment_warnings(config: ServeConfig, environ: Any = None) -> list[str]:
+    """What to warn about in the environment: REWARDSERVE_* names that nothing reads (a typo), and the clients'
+    REWARDSERVE_API_KEY set on a server that requires no key (its keys are REWARDSERVE_API_KEYS)."""
+    import difflib
+
+    from service.config import ENV_PREFIX, OTHER_ENV
+
+    environ = os.environ if environ is None else environ
+    fields = sorted(ENV_PREFIX + name.upper() for name in ServeConfig.model_fields)
+    out = []
+    for key in sorted(k for k in environ if k.startswith(ENV_PREFIX)):
+        if key not in fields and key not in OTHER_ENV:
+            close = difflib.get_close_matches(key, fields, n=1)
+            out.append(f"{key} is not a setting (ignored)" + (f": did you mean {close[0]}?" if close else ""))
+    if environ.get("REWARDSERVE_API_KEY") and not load_keys(config.api_keys, config.api_key_file):
+        out.append("REWARDSERVE_API_KEY is set, but it is the clients' key: this server requires none. Set "
+                   "REWARDSERVE_API_KEYS (or --api-keys, --api-key-file) to require keys")
+    return out
 
 
 async def start_best_of_n(house: ModelHouse, config: ServeConfig) -> Any:
@@ -89,7 +120,10 @@ class Runtime:
 
     async def start(self) -> None:
         """Models, generator, gRPC, HTTP, in that order; if any step fails, what was started is stopped again."""
+        for warning in environment_warnings(self.config):
+            log.warning("%s", warning)
         if self.house is None:
+            check_ports(self.config)
             self.house = await asyncio.to_thread(ModelHouse.build, self.config)
         await self.house.start()
         try:

@@ -42,6 +42,12 @@ def pick_device(requested: str) -> str:
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(requested.partition(":")[2] or 0)
+        if index >= count:
+            have = f"{count} CUDA device(s)" if count else f"no CUDA device (torch {torch.__version__})"
+            raise ValueError(f"device {requested!r}: this machine has {have}; use --device cpu or auto")
     return requested
 
 

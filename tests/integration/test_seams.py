@@ -283,9 +283,40 @@ def test_every_error_kind_has_one_distinct_type_and_both_codes():
 
 
 # ---- 6. start and stop -----------------------------------------------------------------------------------
-def test_a_failed_http_bind_stops_what_had_started(tiny_bert_dir):
+def test_a_taken_port_is_said_before_the_model_loads(tmp_path):
+    """The ports are checked first: the error comes at once (here the model folder does not even exist)."""
     from service.runtime import Runtime
 
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for config in (test_config(tmp_path / "absent", port=port), test_config(tmp_path / "absent", grpc_port=port)):
+            which = "HTTP" if config.port == port else "gRPC"
+            with pytest.raises(ValueError, match=f"cannot listen for {which} on 127.0.0.1:{port}"):
+                asyncio.run(Runtime(config).start())
+
+
+def test_environment_warnings_name_typos_and_the_clients_key():
+    from service.config import ServeConfig
+    from service.runtime import environment_warnings
+
+    config = ServeConfig(model="default")
+    env = {"REWARDSERVE_MAX_QUEU": "5", "REWARDSERVE_URL": "http://x", "REWARDSERVE_MAX_QUEUE": "5",
+           "REWARDSERVE_API_KEY": "secret"}
+    warnings = environment_warnings(config, env)
+    assert warnings[0] == "REWARDSERVE_MAX_QUEU is not a setting (ignored): did you mean REWARDSERVE_MAX_QUEUE?"
+    assert len(warnings) == 2 and warnings[1].startswith("REWARDSERVE_API_KEY is set, but it is the clients' key")
+    assert environment_warnings(ServeConfig(model="default", api_keys=["k"]), {"REWARDSERVE_API_KEY": "k"}) == []
+
+
+def test_a_failed_http_bind_stops_what_had_started(tiny_bert_dir, monkeypatch):
+    """The port is taken after the early check (monkeypatched away here): binding it for real fails, and what had
+    started is stopped."""
+    import service.runtime
+    from service.runtime import Runtime
+
+    monkeypatch.setattr(service.runtime, "check_ports", lambda config: None)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

@@ -83,3 +83,21 @@ def test_any_accepted_batching_config_answers(size, tokens, wait, padding, queue
             batcher.stop()
 
     assert asyncio.run(run()) == [0.0] * min(3, c.max_queue)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda0", "CUDA", "cpu:0", ""])
+def test_a_device_that_is_not_one_of_the_forms_is_refused_by_name(device):
+    with pytest.raises(ValidationError, match=f"device {device!r} is not one of auto, cpu, cuda, cuda:N"):
+        ServeConfig(model="default", device=device)
+    assert [ServeConfig(model="default", device=d).device for d in ("auto", "cpu", "cuda", "cuda:1")]
+
+
+def test_cuda_asked_for_where_there_is_none_is_a_one_line_error():
+    import torch
+
+    from service.backends.hf_backend import pick_device
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=f"device 'cuda:{count}': this machine has"):
+        pick_device(f"cuda:{count}")
+    assert pick_device("cpu") == "cpu"

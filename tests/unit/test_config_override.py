@@ -84,3 +84,14 @@ def test_the_model_variable_replaces_the_files_models_as_the_flag_does(tmp_path)
     assert config.max_queue == 128
     config = resolve(parser.parse_args(["--config", str(path)]), environ={"REWARDSERVE_MODEL": "a=minilm,b=default"})
     assert [(m.name, m.path) for m in config.model_entries()] == [("a", "minilm"), ("b", "default")]
+
+
+def test_the_model_flag_takes_comma_separated_entries_as_the_variable_does(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = resolve(parser.parse_args(["--model", "a=minilm,b=default"]), environ={})
+    assert [(m.name, m.path) for m in config.model_entries()] == [("a", "minilm"), ("b", "default")]
+    odd = tmp_path / "rm,v2"  # an existing folder with a comma in its name stays one entry
+    odd.mkdir()
+    config = resolve(parser.parse_args(["--model", str(odd)]), environ={})
+    assert [m.path for m in config.model_entries()] == [str(odd)]
