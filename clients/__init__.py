@@ -2,7 +2,7 @@
 protobuf. See docs/clients.md."""
 
 from .errors import (
-    AuthenticationError, DeadlineExceededError, InvalidInputError, NotFoundError, OverloadedError,
+    AuthenticationError, ClientClosedError, DeadlineExceededError, InvalidInputError, NotFoundError, OverloadedError,
     PayloadTooLargeError, RewardClientError, ServerError, UnavailableError,
 )
 from .grpc_client import AsyncGrpcRewardClient, GrpcRewardClient
@@ -14,7 +14,7 @@ __all__ = [
     "RewardClient", "AsyncRewardClient", "GrpcRewardClient", "AsyncGrpcRewardClient",
     "ScoreResult", "ModelInfo", "RankedResult", "RankedCandidate",
     "RewardClientError", "InvalidInputError", "NotFoundError", "PayloadTooLargeError", "AuthenticationError",
-    "OverloadedError", "UnavailableError", "DeadlineExceededError", "ServerError",
+    "OverloadedError", "UnavailableError", "DeadlineExceededError", "ServerError", "ClientClosedError",
 ]
 
 # Adapters for RL trainers (docs/integrations.md); verl and OpenRLHF load clients/verl_reward.py and

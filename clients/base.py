@@ -1,6 +1,6 @@
 """What the four clients share: options, the call shape (score / score_full / models / health / ready),
 chunking, and the retry loop. Subclasses add one transport: `_prepare`, `_score_once`, `_models_once`,
-`_probe` and `close`."""
+`_probe` and `close` (and, blocking, `_reopen`: the connections of a forked child's own; clients/loops.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,16 @@ import random
 import re
 from typing import Any, Iterable, Iterator, Sequence
 
-from .errors import InvalidInputError
+from .errors import ClientClosedError, InvalidInputError
+from .loops import ProcessCheck
 from .retry import Deadline, EndpointPool, RetryPolicy, acall_with_retries, call_with_retries
 from .types import InputLike, ModelInfo, ScoreResult, chunk_request_ids, split, to_input_dicts
 
 PROBE_TIMEOUT_S = 5.0
+DEFAULT_MAX_BATCH_SIZE = 256
+DEFAULT_MAX_CONCURRENCY = 4
+"""4 requests of 256 inputs in flight per call: half the server's default queue (max_queue 2048), so one busy
+client does not fill it alone (8 x 256 did: every other caller got 429 Overloaded)."""
 
 
 class ClientBase:
@@ -26,11 +31,11 @@ class ClientBase:
         model: str | None = None,
         api_key: str | None = None,
         timeout: float | None = 60.0,
-        max_retries: int = 3,
+        max_retries: int | None = None,
         backoff_base: float = 0.1,
         backoff_cap: float = 5.0,
         cooldown_s: float = 5.0,
-        max_batch_size: int = 256,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -42,6 +47,20 @@ class ClientBase:
         self.policy = RetryPolicy(max_retries, backoff_base, backoff_cap, cooldown_s)
         self.pool = EndpointPool(endpoints, cooldown_s)
         self.rng = random.Random()
+        self._closed = False
+        self._process = ProcessCheck()
+
+    def _check_usable(self) -> None:
+        """Before every call: refuse a closed client; in a forked child, open this process's own connections."""
+        if self._closed:
+            raise ClientClosedError(f"{type(self).__name__} is closed: open a new client", type="client_closed")
+        if self._process.changed():
+            self.pool.after_fork()
+            self.rng = random.Random()  # not the parent's jitter
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """In a forked child: replace the parent's connections (never close them: they are the parent's too)."""
 
     @property
     def endpoints(self) -> list[str]:
@@ -56,12 +75,13 @@ class ClientBase:
         if request_id is not None and not (request_id.isascii() and request_id.isprintable()):
             # it travels as an HTTP header (and gRPC metadata): said before anything is sent, on both transports
             raise InvalidInputError(f"request_id must be printable ASCII, got {request_id!r}", type="invalid_argument")
+        deadline = self._deadline(timeout)
         wire = self._prepare(to_input_dicts(inputs))
-        deadline = Deadline(self.timeout if timeout is None else timeout)
         chunks = split(wire, self.max_batch_size)
         return deadline, list(zip(chunks, chunk_request_ids(request_id, len(chunks))))
 
     def _deadline(self, timeout: float | None) -> Deadline:
+        self._check_usable()
         return Deadline(self.timeout if timeout is None else timeout)
 
     def __repr__(self) -> str:
@@ -92,10 +112,12 @@ class SyncClient(ClientBase):
 
     def health(self) -> bool:
         """True when at least one endpoint is alive."""
+        self._check_usable()
         return any(self._probe(e, ready=False) for e in self.pool.endpoints)
 
     def ready(self) -> bool:
         """True when at least one endpoint is ready to score (model loaded, not draining)."""
+        self._check_usable()
         return any(self._probe(e, ready=True) for e in self.pool.endpoints)
 
     def _call(self, send: Any, deadline: Deadline) -> Any:
@@ -112,9 +134,11 @@ class SyncClient(ClientBase):
 
 
 class AsyncClient(ClientBase):
-    """Coroutine calls; the chunks of a long input list are sent concurrently (at most `max_concurrency`)."""
+    """Coroutine calls; the chunks of a long input list are sent concurrently (at most `max_concurrency`).
+    Connections are per event loop (clients/loops.py): one client serves several `asyncio.run` calls in turn."""
 
-    def __init__(self, endpoints: str | Sequence[str], *, max_concurrency: int = 8, **options: Any):
+    def __init__(self, endpoints: str | Sequence[str], *, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+                 **options: Any):
         super().__init__(endpoints, **options)
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -143,9 +167,11 @@ class AsyncClient(ClientBase):
         return await self._call(self._models_once, self._deadline(timeout))
 
     async def health(self) -> bool:
+        self._check_usable()
         return any(await asyncio.gather(*(self._probe(e, ready=False) for e in self.pool.endpoints)))
 
     async def ready(self) -> bool:
+        self._check_usable()
         return any(await asyncio.gather(*(self._probe(e, ready=True) for e in self.pool.endpoints)))
 
     async def _call(self, send: Any, deadline: Deadline) -> Any:

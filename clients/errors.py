@@ -76,6 +76,11 @@ class ServerError(RewardClientError):
     deterministic, the same input would fail again."""
 
 
+class ClientClosedError(RewardClientError):
+    """The client was used after `close()` (or after its `with` / `async with` block). Never retried: open a new
+    client."""
+
+
 HTTP_ERRORS: dict[int, type[RewardClientError]] = {
     400: InvalidInputError, 401: AuthenticationError, 403: AuthenticationError, 404: NotFoundError,
     413: PayloadTooLargeError, 422: InvalidInputError, 429: OverloadedError, 500: ServerError,
@@ -101,6 +106,11 @@ def http_error(status: int, body: bytes, endpoint: str) -> RewardClientError:
     message = str(detail.get("message") or body[:500].decode("utf-8", "replace") or f"HTTP {status}")
     if status == 504 and kind == "deadline_exceeded":  # ours: the deadline we sent has passed
         cls: type[RewardClientError] = DeadlineExceededError
+    elif status == 400 and not detail:
+        # our server refuses inputs with its JSON body; a bare 400 (uvicorn's "Invalid HTTP request received",
+        # a proxy's page) refused the HTTP request itself: nothing says the inputs are wrong
+        cls, kind = RewardClientError, "bad_http_request"
+        message = f"HTTP 400 without rewardserve's error body (the HTTP request was refused, not its inputs): {message}"
     else:  # a bare 504 comes from a proxy in front: the upstream is stuck, another may answer
         cls = HTTP_ERRORS.get(status, ServerError if status >= 500 else RewardClientError)
     return cls(message, type=kind, code=status, endpoint=endpoint)

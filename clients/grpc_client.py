@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import grpc
 
 from .base import PROBE_TIMEOUT_S, AsyncClient, SyncClient
+from .loops import PerLoop
 from .errors import InvalidInputError, RewardClientError, grpc_error
 from .types import ModelInfo, ScoreResult, check_count
 from .grpc_ranking import ranked_request, reply_as_json
@@ -190,8 +191,14 @@ class GrpcRewardClient(_GrpcSettings, SyncRanking, SyncClient):
                  channel_options: Sequence[tuple[str, Any]] = (), **options: Any):
         super().__init__(targets, **options)
         self._grpc_settings(tls, ca_cert, client_cert, client_key, channel_options)
+        self._open_channels()
+
+    def _open_channels(self) -> None:
         self._channels = {t: open_channel(grpc, t, self._creds, self._options) for t in self.pool.endpoints}
         self._stubs = {t: reward_pb2_grpc.RewardServiceStub(ch) for t, ch in self._channels.items()}
+
+    def _reopen(self) -> None:
+        self._open_channels()  # the parent's channels are left to gRPC's own fork handling
 
     def _score_once(self, endpoint: str, remaining: float | None, *, chunk: Sequence[reward_pb2.ScoreInput],
                     request_id: str, normalize: bool, model: str | None) -> list[ScoreResult]:
@@ -228,53 +235,52 @@ class GrpcRewardClient(_GrpcSettings, SyncRanking, SyncClient):
         return status == SERVING or not ready  # alive: it answered at all
 
     def close(self) -> None:
+        self._closed = True
         for channel in self._channels.values():
             channel.close()
 
 
 class AsyncGrpcRewardClient(_GrpcSettings, AsyncRanking, AsyncClient):
     """asyncio gRPC client (grpc.aio); options as for GrpcRewardClient, plus max_concurrency. Its channels
-    are opened on first use, on the running event loop: use one client per loop."""
+    are opened on first use in each event loop and closed when that loop ends (clients/loops.py)."""
 
     def __init__(self, targets: str | Sequence[str], *, tls: bool = False, ca_cert: str | None = None,
                  client_cert: str | None = None, client_key: str | None = None,
                  channel_options: Sequence[tuple[str, Any]] = (), **options: Any):
         super().__init__(targets, **options)
         self._grpc_settings(tls, ca_cert, client_cert, client_key, channel_options)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, reward_pb2_grpc.RewardServiceStub] = {}
+        self._loop_channels = PerLoop(self._open_channels, close_channels)
 
-    def _channel(self, endpoint: str) -> grpc.aio.Channel:
-        if endpoint not in self._channels:
-            self._channels[endpoint] = open_channel(grpc.aio, endpoint, self._creds, self._options)
-            self._stubs[endpoint] = reward_pb2_grpc.RewardServiceStub(self._channels[endpoint])
-        return self._channels[endpoint]
+    def _open_channels(self) -> dict[str, grpc.aio.Channel]:
+        return {t: open_channel(grpc.aio, t, self._creds, self._options) for t in self.pool.endpoints}
 
-    def _stub(self, endpoint: str) -> reward_pb2_grpc.RewardServiceStub:
-        self._channel(endpoint)
-        return self._stubs[endpoint]
+    async def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        return (await self._loop_channels.get())[endpoint]
+
+    async def _stub(self, endpoint: str) -> reward_pb2_grpc.RewardServiceStub:
+        return reward_pb2_grpc.RewardServiceStub(await self._channel(endpoint))
 
     async def _score_once(self, endpoint: str, remaining: float | None, *,
                           chunk: Sequence[reward_pb2.ScoreInput], request_id: str, normalize: bool,
                           model: str | None) -> list[ScoreResult]:
         request = score_request(chunk, request_id, normalize, model)
         try:
-            reply = await self._stub(endpoint).Score(request, timeout=remaining, metadata=self._metadata)
+            reply = await (await self._stub(endpoint)).Score(request, timeout=remaining, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise rpc_error(exc, endpoint) from exc
         return parse_reply(reply, endpoint, len(chunk))
 
     async def _models_once(self, endpoint: str, remaining: float | None) -> list[ModelInfo]:
         try:
-            reply = await self._stub(endpoint).ListModels(reward_pb2.ListModelsRequest(), timeout=remaining,
-                                                          metadata=self._metadata)
+            stub = await self._stub(endpoint)
+            reply = await stub.ListModels(reward_pb2.ListModelsRequest(), timeout=remaining, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise rpc_error(exc, endpoint) from exc
         return parse_models(reply)
 
     async def _ranked_once(self, endpoint: str, remaining: float | None, *, kind: str, body: dict,
                            request_id: str) -> RankedResult:
-        stub = self._stub(endpoint)
+        stub = await self._stub(endpoint)
         call = stub.Rerank if kind == "rerank" else stub.BestOfN
         try:
             reply = await call(ranked_request(kind, body, request_id), timeout=remaining, metadata=self._metadata)
@@ -284,13 +290,17 @@ class AsyncGrpcRewardClient(_GrpcSettings, AsyncRanking, AsyncClient):
 
     async def _probe(self, endpoint: str, ready: bool) -> bool:
         try:
-            status = await health_check(self._channel(endpoint))(SERVICE_NAME if ready else "",
+            status = await health_check(await self._channel(endpoint))(SERVICE_NAME if ready else "",
                                                                  timeout=PROBE_TIMEOUT_S, metadata=self._metadata)
         except grpc.RpcError:
             return False
         return status == SERVING or not ready
 
     async def close(self) -> None:
-        channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
-        for channel in channels:
-            await channel.close()
+        self._closed = True
+        await self._loop_channels.aclose()
+
+
+async def close_channels(channels: Mapping[str, Any]) -> None:
+    for channel in channels.values():
+        await channel.close()

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import httpx
 
 from .base import PROBE_TIMEOUT_S, AsyncClient, SyncClient
+from .loops import PerLoop
 from .errors import DeadlineExceededError, RewardClientError, ServerError, UnavailableError, http_error
 from .types import ModelInfo, ScoreResult, check_count
 from .ranking import AsyncRanking, RankedResult, SyncRanking, parse_ranked
@@ -144,7 +145,14 @@ class RewardClient(SyncRanking, SyncClient):
         super().__init__(base_urls(endpoints), **options)
         self.connect_timeout = connect_timeout
         verify_with = tls_verify(ca_cert, client_cert, client_key, verify)
-        self._http = httpx.Client(**client_options(self.api_key, headers, verify_with, httpx_options))
+        self._http_options = client_options(self.api_key, headers, verify_with, httpx_options)
+        self._http = httpx.Client(**self._http_options)
+        self._inherited: list[httpx.Client] = []
+
+    def _reopen(self) -> None:
+        # the parent's pool (its keep-alive sockets are the parent's too) is kept aside, never used nor closed
+        self._inherited.append(self._http)
+        self._http = httpx.Client(**self._http_options)
 
     def _send(self, method: str, endpoint: str, path: str, remaining: float | None, **kw: Any) -> httpx.Response:
         try:
@@ -176,11 +184,14 @@ class RewardClient(SyncRanking, SyncClient):
         return response.status_code == 200
 
     def close(self) -> None:
+        self._closed = True
         self._http.close()
 
 
 class AsyncRewardClient(AsyncRanking, AsyncClient):
-    """asyncio HTTP client; options as for RewardClient, plus max_concurrency (chunks in flight per call)."""
+    """asyncio HTTP client; options as for RewardClient, plus max_concurrency (chunks in flight per call, default
+    4). It opens one connection pool per event loop, closed when that loop ends: one client may serve several
+    `asyncio.run` calls in turn."""
 
     def __init__(self, endpoints: str | Sequence[str], *, ca_cert: str | None = None,
                  client_cert: str | None = None, client_key: str | None = None, verify: bool = True,
@@ -189,12 +200,14 @@ class AsyncRewardClient(AsyncRanking, AsyncClient):
         super().__init__(base_urls(endpoints), **options)
         self.connect_timeout = connect_timeout
         verify_with = tls_verify(ca_cert, client_cert, client_key, verify)
-        self._http = httpx.AsyncClient(**client_options(self.api_key, headers, verify_with, httpx_options))
+        http_options = client_options(self.api_key, headers, verify_with, httpx_options)
+        self._http = PerLoop(lambda: httpx.AsyncClient(**http_options), httpx.AsyncClient.aclose)
 
     async def _send(self, method: str, endpoint: str, path: str, remaining: float | None,
                     **kw: Any) -> httpx.Response:
+        http = await self._http.get()
         try:
-            return await self._http.request(method, endpoint + path,
+            return await http.request(method, endpoint + path,
                                             timeout=timeout_of(remaining, self.connect_timeout), **kw)
         except httpx.HTTPError as exc:
             raise transport_error(exc, endpoint) from exc
@@ -216,11 +229,13 @@ class AsyncRewardClient(AsyncRanking, AsyncClient):
         return parse_ranked(answer_json(response, endpoint), endpoint)
 
     async def _probe(self, endpoint: str, ready: bool) -> bool:
+        http = await self._http.get()
         try:
-            response = await self._http.get(endpoint + ("/ready" if ready else "/health"), timeout=PROBE_TIMEOUT_S)
+            response = await http.get(endpoint + ("/ready" if ready else "/health"), timeout=PROBE_TIMEOUT_S)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
 
     async def close(self) -> None:
+        self._closed = True
         await self._http.aclose()

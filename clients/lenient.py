@@ -1,19 +1,23 @@
 """Scoring that never raises, for reward functions with `on_error="none"` (TRL turns a None reward into NaN and
 leaves it out of that sample's sum).
 
-Each failure costs only the completions it concerns: a pair that cannot be converted gets None alone; when the
-server (or the client's own checks) refuses a batch as invalid input, the batch is halved until each refused
-input is alone, so only those get None (an unknown model refuses every input: no halving); any other failure
-(server down after the retries, a malformed answer, a bug) gives None to the part of the batch that was in
-flight. Every failure is kept in `errors` for the caller to report.
+Each failure costs only the completions it concerns. The inputs are sent as requests of `batch_size` (the
+client's `max_batch_size`), each on its own, so a failed request costs only its own inputs: the rewards of the
+others are kept. A pair that cannot be converted gets None alone. When the server (or the client's own checks)
+refuses a request as invalid input, or the model fails on it (`backend_error`: e.g. one input makes it produce a
+non-finite reward), the request is halved until each guilty input is alone, so only those get None (an unknown
+model refuses every input: no halving); any other failure (server down after the retries, a malformed answer, a
+bug) gives None to that request's inputs. Every failure is kept in `errors` for the caller to report, an
+`inputs.K` in its message counting from the first input of the whole call (`positions`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, Awaitable, Callable, Sequence
 
-from .errors import InvalidInputError, NotFoundError
+from .errors import InvalidInputError, NotFoundError, RewardClientError, ServerError
 
 Scorer = Callable[[list[dict]], Sequence[Any]]
 AsyncScorer = Callable[[list[dict]], Awaitable[Sequence[Any]]]
@@ -45,9 +49,14 @@ def lenient_inputs(convert: Callable[[int, Any, Any], dict], prompts: Sequence[A
     return out
 
 
+BACKEND_ERROR = "backend_error"  # the server's error type when the model failed on an input
+
+
 def _splits(exc: Exception, count: int) -> bool:
     """Whether halving the batch can isolate the inputs that caused `exc`."""
-    return isinstance(exc, InvalidInputError) and not isinstance(exc, NotFoundError) and count > 1
+    if count <= 1 or isinstance(exc, NotFoundError):
+        return False
+    return isinstance(exc, InvalidInputError) or (isinstance(exc, ServerError) and exc.type == BACKEND_ERROR)
 
 
 def _checked(results: Sequence[Any], count: int) -> list[Any]:
@@ -57,29 +66,73 @@ def _checked(results: Sequence[Any], count: int) -> list[Any]:
     return results
 
 
-def score_isolating(score: Scorer, inputs: list[dict], errors: list[BaseException]) -> list[Any]:
-    """`score(inputs)`, with None for the inputs whose scoring failed (see the module docstring)."""
+def _renumbered(exc: Exception, positions: Sequence[int]) -> Exception:
+    """`exc` with its `inputs.K` (K counted within the request) naming the input's place in the whole call."""
+    if isinstance(exc, RewardClientError):
+        def place(match: re.Match) -> str:
+            k = int(match.group(1))
+            return f"inputs.{positions[k]}" if k < len(positions) else match.group(0)
+
+        exc.message = re.sub(r"\binputs\.(\d+)", place, exc.message)
+        exc.args = (exc.message,)
+    return exc
+
+
+def _batches(count: int, batch_size: int | None) -> list[slice]:
+    size = max(batch_size or count, 1)
+    return [slice(start, start + size) for start in range(0, count, size)]
+
+
+def score_isolating(score: Scorer, inputs: list[dict], errors: list[BaseException], batch_size: int | None = None,
+                    positions: Sequence[int] | None = None) -> list[Any]:
+    """`score(inputs)` by requests of `batch_size`, with None for the inputs whose scoring failed (see the
+    module docstring). `positions`: each input's index in the caller's call (default: its index here)."""
+    places = list(range(len(inputs))) if positions is None else list(positions)
+    out: list[Any] = []
+    for part in _batches(len(inputs), batch_size):
+        out += _isolate(score, inputs[part], places[part], errors)
+    return out
+
+
+def _isolate(score: Scorer, inputs: list[dict], positions: list[int], errors: list[BaseException]) -> list[Any]:
     try:
         return _checked(score(inputs), len(inputs))
     except Exception as exc:  # noqa: BLE001 - turned into None rewards
         if not _splits(exc, len(inputs)):
-            errors.append(exc)
+            errors.append(_renumbered(exc, positions))
             return [None] * len(inputs)
     mid = len(inputs) // 2
-    return score_isolating(score, inputs[:mid], errors) + score_isolating(score, inputs[mid:], errors)
+    return (_isolate(score, inputs[:mid], positions[:mid], errors)
+            + _isolate(score, inputs[mid:], positions[mid:], errors))
 
 
-async def ascore_isolating(score: AsyncScorer, inputs: list[dict], errors: list[BaseException]) -> list[Any]:
-    """As `score_isolating`, for a coroutine `score`; the two halves of a refused batch go concurrently."""
+async def ascore_isolating(score: AsyncScorer, inputs: list[dict], errors: list[BaseException],
+                           batch_size: int | None = None, concurrency: int | None = None,
+                           positions: Sequence[int] | None = None) -> list[Any]:
+    """As `score_isolating`, for a coroutine `score`: at most `concurrency` requests at a time (their halvings
+    aside: the two halves of a refused request go concurrently)."""
+    places = list(range(len(inputs))) if positions is None else list(positions)
+    parts = _batches(len(inputs), batch_size)
+    limit = asyncio.Semaphore(max(concurrency or len(parts), 1))
+
+    async def one(part: slice) -> list[Any]:
+        async with limit:
+            return await _aisolate(score, inputs[part], places[part], errors)
+
+    return [result for chunk in await asyncio.gather(*(one(part) for part in parts)) for result in chunk]
+
+
+async def _aisolate(score: AsyncScorer, inputs: list[dict], positions: list[int],
+                    errors: list[BaseException]) -> list[Any]:
     try:
         return _checked(await score(inputs), len(inputs))
     except Exception as exc:  # noqa: BLE001 - turned into None rewards (cancellation is not an Exception)
         if not _splits(exc, len(inputs)):
-            errors.append(exc)
+            errors.append(_renumbered(exc, positions))
             return [None] * len(inputs)
     mid = len(inputs) // 2
-    left, right = await asyncio.gather(ascore_isolating(score, inputs[:mid], errors),
-                                       ascore_isolating(score, inputs[mid:], errors))
+    left, right = await asyncio.gather(_aisolate(score, inputs[:mid], positions[:mid], errors),
+                                       _aisolate(score, inputs[mid:], positions[mid:], errors))
     return left + right
 
 

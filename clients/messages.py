@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
+from .errors import InvalidInputError
+
 TOOL_CALL_OPEN = "<tool_call>\n"
 TOOL_CALL_CLOSE = "\n</tool_call>"
 
@@ -67,7 +69,13 @@ TOOL_FIELDS = ("name", "tool_call_id")
 
 def clean_message(message: Mapping[str, Any]) -> dict[str, str]:
     """One message as `{"role", "content"}`, plus a tool message's `name` / `tool_call_id` (see the module
-    docstring)."""
+    docstring). Anything but a mapping with a "role" is an InvalidInputError."""
+    if not isinstance(message, Mapping):
+        raise InvalidInputError(f"a message is a mapping with 'role' and 'content', got {type(message).__name__}",
+                                type="invalid_argument")
+    if message.get("role") is None:
+        raise InvalidInputError(f"a message needs a 'role', got the keys {sorted(map(str, message))}",
+                                type="invalid_argument")
     role = str(message["role"])
     text = message_text(message.get("content"))
     calls = render_tool_calls(message.get("tool_calls"))
@@ -81,5 +89,12 @@ def clean_message(message: Mapping[str, Any]) -> dict[str, str]:
 
 def clean_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     """Messages as the server takes them: `role` and text `content` (tool calls rendered into it), plus the
-    `name` / `tool_call_id` of tool messages."""
-    return [clean_message(m) for m in messages]
+    `name` / `tool_call_id` of tool messages. A malformed message is an InvalidInputError naming it
+    (`messages.J: ...`)."""
+    out = []
+    for j, message in enumerate(messages):
+        try:
+            out.append(clean_message(message))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"messages.{j}: {exc.message}", type="invalid_argument") from None
+    return out

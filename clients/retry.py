@@ -6,8 +6,11 @@ One call = attempts until one succeeds. An attempt that fails with:
   goes to the next endpoint that is up, at once and without counting as a retry (at most endpoints - 1
   such free failovers per call); when none is up it counts as a retry, like BACKOFF;
 - BACKOFF (overloaded): wait uniform(0, min(cap, base * 2**retry)) ("full jitter") and try again.
-No retry is made past `max_retries`, nor past the call's deadline: when the pause would end after it, the
-last error is raised. Every scoring request is idempotent, so resending one is always safe.
+A busy or restarting server is waited for as long as the call's deadline allows: a pause that would end after
+the deadline is cut to half the time left, and retries go on until under 2 * MIN_RETRY_S is left (the last
+error is then raised). `max_retries` (None by default) caps their number too; a call without a deadline
+(timeout=None) makes at most MAX_RETRIES_WITHOUT_DEADLINE retries unless `max_retries` says otherwise. Every
+scoring request is idempotent, so resending one is always safe.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ from .errors import FAILOVER, NEVER, DeadlineExceededError, RewardClientError
 
 T = TypeVar("T")
 MIN_TIMEOUT_S = 0.001  # below this there is no time left to send a request
+MIN_RETRY_S = 0.05
+"""A retry is made only with at least twice this many seconds left before the deadline."""
+MAX_RETRIES_WITHOUT_DEADLINE = 10
+"""Retries of a call without a deadline when `max_retries` is None (about 15 s of pauses with the default backoff)."""
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_retries: int = 3
-    """Most retries of one call after its first attempt (free failovers not counted)."""
+    max_retries: int | None = None
+    """Most retries of one call after its first attempt (free failovers not counted); None: as many as the
+    call's deadline allows (MAX_RETRIES_WITHOUT_DEADLINE for a call without one)."""
     backoff_base: float = 0.1
     """Seconds: the pause before retry n is uniform(0, min(backoff_cap, backoff_base * 2**n))."""
     backoff_cap: float = 5.0
@@ -37,7 +45,13 @@ class RetryPolicy:
     """How long an endpoint that failed to answer is skipped (while another is up)."""
 
     def backoff(self, retry: int, rng: random.Random) -> float:
-        return rng.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2 ** retry))
+        return rng.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2 ** min(retry, 64)))
+
+    def retry_limit(self, deadline: "Deadline") -> int | None:
+        """Most retries for a call with this deadline (None: until the deadline)."""
+        if self.max_retries is not None:
+            return self.max_retries
+        return MAX_RETRIES_WITHOUT_DEADLINE if deadline.at is None else None
 
 
 class Deadline:
@@ -67,6 +81,10 @@ class EndpointPool:
         self._next = 0
         self._down_until: dict[str, float] = {}
         self._lock = threading.Lock()  # sync clients may be shared by threads
+
+    def after_fork(self) -> None:
+        """In a forked child: a lock another thread of the parent held at fork time would never be released."""
+        self._lock = threading.Lock()
 
     def pick(self) -> str:
         with self._lock:
@@ -123,13 +141,16 @@ class Attempts:
             if self.free_failovers > 0 and self.pool.any_up():
                 self.free_failovers -= 1
                 return 0.0
-        if self.retries >= self.policy.max_retries:
+        limit = self.policy.retry_limit(self.deadline)
+        if limit is not None and self.retries >= limit:
             raise exc
         delay = self.policy.backoff(self.retries, self.rng)
         self.retries += 1
         remaining = self.deadline.remaining()
-        if remaining is not None and delay >= remaining:
-            raise exc
+        if remaining is not None:
+            if remaining < 2 * MIN_RETRY_S:  # no time left for another attempt
+                raise exc
+            delay = min(delay, remaining / 2)  # the last pauses shrink: the call tries until its deadline
         return delay
 
     def _expired(self) -> DeadlineExceededError:

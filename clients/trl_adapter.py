@@ -12,20 +12,22 @@ the `{"role": "tool", "name", "content"}` results between them: see clients/mess
 thread, concurrently with the other async reward functions: that is `make_async_trl_reward_func`.
 
 Both are callable objects rather than closures: they pickle (TRL's experimental async GRPO trainer sends reward
-functions to a spawned process) and open their client lazily, once per process (and, async, per event loop).
+functions to a spawned process) and open their client lazily, once per process (an asyncio client opens its
+connections per event loop and closes them when the loop ends).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
-from typing import Any, Sequence
+import time
+from typing import Any, Mapping, Sequence
 
 from .adapter_clients import TRANSPORTS, open_client
-from .errors import InvalidInputError
+from .errors import DeadlineExceededError, InvalidInputError
 from .lenient import ascore_isolating, expected_count, lenient_inputs, score_isolating, spread
+from .retry import MIN_TIMEOUT_S
 from .messages import clean_messages, message_text  # noqa: F401 (message_text: re-exported)
 from .types import ScoreResult
 
@@ -43,11 +45,20 @@ def trl_input(index: int, prompt: Any, completion: Any) -> dict[str, Any]:
     """
     if isinstance(prompt, str) and isinstance(completion, str):
         return {"prompt": prompt, "response": completion}
-    if not isinstance(prompt, str) and not isinstance(completion, str):
-        return {"messages": clean_messages([*prompt, *completion])}
+    if is_message_list(prompt) and is_message_list(completion):
+        try:
+            return {"messages": clean_messages([*prompt, *completion])}
+        except InvalidInputError as exc:  # says "messages.J: ..."
+            raise InvalidInputError(f"inputs.{index}.{exc.message}", type="invalid_argument") from None
     raise InvalidInputError(
         f"inputs.{index}: prompt and completion must both be text or both be message lists, got "
         f"{type(prompt).__name__} and {type(completion).__name__}", type="invalid_argument")
+
+
+def is_message_list(value: Any) -> bool:
+    """A list (tuple, numpy array...) of messages, not text nor one message on its own."""
+    return (value is not None and not isinstance(value, (str, bytes, Mapping))
+            and hasattr(value, "__iter__") and hasattr(value, "__len__"))
 
 
 def trl_inputs(prompts: Sequence[Any], completions: Sequence[Any]) -> list[dict[str, Any]]:
@@ -127,6 +138,20 @@ class _RewardFuncBase:
                            len(results) - len(scored), len(results), errors[0])
         return rewards
 
+    def _time_left(self, end: float | None) -> float | None:
+        """The seconds left of a lenient call's `timeout`, which bounds all its requests together."""
+        if end is None:
+            return None
+        left = end - time.monotonic()
+        if left < MIN_TIMEOUT_S:
+            raise DeadlineExceededError(f"timeout of {self.client_options['timeout']}s passed",
+                                        type="deadline_exceeded")
+        return left
+
+    def _call_end(self) -> float | None:
+        timeout = self.client_options.get("timeout")
+        return None if timeout is None else time.monotonic() + timeout
+
     def _give_up(self, prompts: Any, completions: Any) -> list[None]:
         logger.warning("%s: no rewards for this batch (None)", self.__name__, exc_info=True)
         return [None] * expected_count(prompts, completions)
@@ -142,18 +167,25 @@ class TrlRewardFunc(_RewardFuncBase):
                 self._owner = os.getpid()
             return self._client
 
-    def _score(self, inputs: list[dict]) -> list[ScoreResult]:
-        return self._get_client().score_full(inputs, **self._score_options())
+    def _score(self, inputs: list[dict], timeout: float | None = None) -> list[ScoreResult]:
+        return self._get_client().score_full(inputs, timeout=timeout, **self._score_options())
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
                  **reward_kwargs: Any) -> list[float | None]:
         if self.on_error == "raise":
-            return self._rewards(self._score(trl_inputs(prompts, completions)), reward_kwargs.get("log_metric"))
+            inputs = trl_inputs(prompts, completions)
+            return self._rewards(self._score(inputs), reward_kwargs.get("log_metric")) if inputs else []
         try:
             errors: list[BaseException] = []
             inputs = lenient_inputs(trl_input, prompts, completions, errors)
-            present = [item for item in inputs if item is not None]
-            results = score_isolating(self._score, present, errors) if present else []
+            positions = [i for i, item in enumerate(inputs) if item is not None]
+            end = self._call_end()
+
+            def score(part: list[dict]) -> list[ScoreResult]:
+                return self._score(part, self._time_left(end))
+
+            batch_size = self._get_client().max_batch_size if positions else None
+            results = score_isolating(score, [inputs[i] for i in positions], errors, batch_size, positions)
             return self._lenient_rewards(spread(inputs, results), errors, reward_kwargs.get("log_metric"))
         except Exception:  # noqa: BLE001 - on_error="none" never raises
             return self._give_up(prompts, completions)
@@ -169,37 +201,45 @@ class AsyncTrlRewardFunc(_RewardFuncBase):
     """A coroutine TRL reward function; see `make_async_trl_reward_func`. One client per event loop."""
 
     def _get_client(self) -> Any:
-        owner = (os.getpid(), asyncio.get_running_loop())
         with self._lock:
-            if self._client is None or self._owner != owner:
-                # A client from another loop cannot be closed from this one; it is dropped.
+            if self._client is None or self._owner != os.getpid():
+                # one client serves every event loop of this process: it opens its connections per loop and
+                # closes them when the loop ends (a grpc.aio channel left open there breaks a later fork)
                 self._client = open_client(self.urls, transport=self.transport, asynchronous=True,
                                            **self.client_options)
-                self._owner = owner
+                self._owner = os.getpid()
             return self._client
 
-    async def _score(self, inputs: list[dict]) -> list[ScoreResult]:
-        return await self._get_client().score_full(inputs, **self._score_options())
+    async def _score(self, inputs: list[dict], timeout: float | None = None) -> list[ScoreResult]:
+        return await self._get_client().score_full(inputs, timeout=timeout, **self._score_options())
 
     async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
                        **reward_kwargs: Any) -> list[float | None]:
         if self.on_error == "raise":
-            results = await self._score(trl_inputs(prompts, completions))
-            return self._rewards(results, reward_kwargs.get("log_metric"))
+            inputs = trl_inputs(prompts, completions)
+            return self._rewards(await self._score(inputs), reward_kwargs.get("log_metric")) if inputs else []
         try:
             errors: list[BaseException] = []
             inputs = lenient_inputs(trl_input, prompts, completions, errors)
-            present = [item for item in inputs if item is not None]
-            results = await ascore_isolating(self._score, present, errors) if present else []
+            positions = [i for i, item in enumerate(inputs) if item is not None]
+            end = self._call_end()
+
+            async def score(part: list[dict]) -> list[ScoreResult]:
+                return await self._score(part, self._time_left(end))
+
+            client = self._get_client()
+            results = await ascore_isolating(score, [inputs[i] for i in positions], errors, client.max_batch_size,
+                                             client.max_concurrency, positions)
             return self._lenient_rewards(spread(inputs, results), errors, reward_kwargs.get("log_metric"))
         except Exception:  # noqa: BLE001 - on_error="none" never raises
             return self._give_up(prompts, completions)
 
     async def aclose(self) -> None:
-        """Close the client of the running loop (call it from the loop that used the function)."""
+        """Close the client (its connections of the running loop; those of ended loops closed with them)."""
         with self._lock:
             client, self._client = self._client, None
-        if client is not None:
+            mine = self._owner == os.getpid()
+        if client is not None and mine:
             await client.close()
 
 

@@ -40,12 +40,14 @@ if __package__ in ("clients", "rewardserve.clients"):  # imported by name
     from .adapter_clients import (  # noqa: F401 (re-exported: the configuration names)
         DEFAULT_TIMEOUT, ENV_API_KEY, ENV_TIMEOUT, ENV_TRANSPORT, ENV_URL, client_from_env, settings, transport_of,
     )
+    from .errors import InvalidInputError
     from .messages import clean_messages
 else:  # loaded by file path (verl): the helpers come through the import face, which no local module shadows
     from importlib import import_module
 
     client_from_env = import_module("rewardserve.clients.adapter_clients").client_from_env
     clean_messages = import_module("rewardserve.clients.messages").clean_messages
+    InvalidInputError = import_module("rewardserve.clients.errors").InvalidInputError
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
@@ -57,7 +59,7 @@ def verl_input(solution_str: str, extra_info: Mapping[str, Any] | None, prompt_k
     if prompt is not None and not isinstance(prompt, (bytes, Mapping)):
         try:  # a list (or numpy array, from parquet) of chat messages
             messages = clean_messages(list(prompt))
-        except (TypeError, KeyError, AttributeError):
+        except (TypeError, KeyError, AttributeError, InvalidInputError):
             messages = []  # not a message list: score the response alone
         if messages:
             return {"messages": [*messages, {"role": "assistant", "content": solution_str}]}
@@ -100,7 +102,7 @@ def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str
                         extra_infos: Sequence[Mapping[str, Any] | None] | None = None, **kwargs: Any) -> list[float]:
     """verl's batch reward function (`reward_manager=batch`): one score per sample, sent as one call (split
     into requests of the client's `max_batch_size`)."""
-    if not solution_strs:
+    if len(solution_strs) == 0:  # a list, or a numpy array (whose truth value is ambiguous)
         return []
     client, prompt_key, normalize = _client_and_options(kwargs)
     infos = list(extra_infos) if extra_infos is not None else [None] * len(solution_strs)

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import math
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,8 @@ import pytest
 from clients import RewardClient, make_async_trl_reward_func, make_trl_reward_func
 from clients.trl_adapter import trl_inputs
 from clients.verl_reward import ENV_URL, compute_score, compute_score_batch
-from tests.helpers import run_with_imports_blocked
+from tests.helpers import LiveServer, make_tiny_llama_rm, run_with_imports_blocked, test_config
+from tests.integration.test_clients import FaultyHttpProxy, ThreadedHttp
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT_PROMPTS = ["How do I boil an egg?", "What is 2 + 2?", "Name a colour.", "Say hello."]
@@ -165,6 +170,98 @@ def test_trl_func_errors(bert_server):
                                                                                   "content": "b"}]])
 
 
+# ---- on_error="none": only the completions concerned get None -------------------------------------------
+@pytest.fixture(scope="module")
+def nan_server(tmp_path_factory, smollm2_tokenizer_dir):
+    """The tiny Llama reward model with NaN embedding rows for " zebra": any input with that word makes the model
+    produce NaN, and the server fails that request (500 backend_error)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = make_tiny_llama_rm(tmp_path_factory.mktemp("nan-llama"), smollm2_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForSequenceClassification.from_pretrained(str(out))
+    with torch.no_grad():
+        for token in tokenizer(" zebra", add_special_tokens=False).input_ids:
+            model.model.embed_tokens.weight[token] = float("nan")
+    model.save_pretrained(out)
+    with LiveServer(test_config(out, model_name="nan-llama")) as server:
+        yield server
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_lenient_nan_costs_only_the_input_that_made_it(nan_server, transport):
+    """A backend failure is isolated like a refusal: the request is halved until the culprit is alone (the whole
+    request got None)."""
+    completions = [f"answer {i}" for i in range(8)]
+    completions[5] = "a zebra"
+    fine = [{"prompt": "q", "response": c} for i, c in enumerate(completions) if i != 5]
+    expected = direct_scores(nan_server, fine)
+    url = nan_server.grpc_target if transport == "grpc" else nan_server.http_url
+    sync = make_trl_reward_func(url, transport=transport, on_error="none")(prompts=["q"] * 8, completions=completions)
+    func = make_async_trl_reward_func(url, transport=transport, on_error="none")
+    for rewards in (sync, asyncio.run(func(prompts=["q"] * 8, completions=completions))):
+        assert rewards[5] is None and close([r for i, r in enumerate(rewards) if i != 5], expected)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_lenient_keeps_the_rewards_of_the_requests_that_succeeded(bert_server, asynchronous):
+    """Sent as four requests of 4, the third fails (a 500): only its completions get None (docs/integrations.md),
+    the other twelve keep their rewards (all sixteen got None)."""
+    completions = [f"answer {'x' * i}" for i in range(16)]
+    expected = direct_scores(bert_server, [{"prompt": "p", "response": c} for c in completions])
+    proxy = FaultyHttpProxy(bert_server.http_url, [None, None, 500])
+    with ThreadedHttp(proxy) as front:
+        options = {"on_error": "none", "max_batch_size": 4}
+        if asynchronous:  # one request at a time: the third is the third chunk
+            func = make_async_trl_reward_func(front.url, max_concurrency=1, **options)
+            rewards = asyncio.run(func(prompts=["p"] * 16, completions=completions))
+        else:
+            rewards = make_trl_reward_func(front.url, **options)(prompts=["p"] * 16, completions=completions)
+    assert len(proxy.seen) == 4 and rewards[8:12] == [None] * 4
+    assert close(rewards[:8] + rewards[12:], expected[:8] + expected[12:])
+
+
+def test_lenient_warning_names_the_refused_input(bert_server, caplog):
+    """The logged error names the refused completion's place in the call (it named its place in the half of the
+    request it was sent in)."""
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
+    completions = [[{"role": "robot" if i == 6 else "assistant", "content": f"a{i}"}] for i in range(8)]
+    with caplog.at_level(logging.WARNING, logger="clients.trl_adapter"):
+        rewards = make_trl_reward_func(bert_server.http_url, on_error="none")(prompts=prompts, completions=completions)
+    assert rewards[6] is None and all(r is not None for i, r in enumerate(rewards) if i != 6)
+    assert "inputs.6.messages.1.role" in caplog.text, caplog.text
+
+
+FORK_AFTER_ASYNC_GRPC = """
+import asyncio, multiprocessing, sys
+from clients import make_async_trl_reward_func
+
+def work(func):
+    return asyncio.run(func(prompts=["What is 2 + 2?"], completions=["4"]))
+
+if __name__ == "__main__":
+    func = make_async_trl_reward_func(sys.argv[1], transport="grpc")
+    first = work(func)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        print(first == pool.map_async(work, [func] * 4).get(timeout=30)[0])
+"""
+
+
+def test_async_grpc_func_then_fork(bert_server, tmp_path):
+    """asyncio.run(func(...)) in the parent, then a fork pool calls it: the parent's grpc.aio channel is closed
+    with its loop, so the children work (gRPC aborted them: "Check failed: next_worker->state == KICKED").
+    In a fresh process: this one runs gRPC servers, whose threads gRPC's fork handlers must not see."""
+    script = tmp_path / "fork_after_async_grpc.py"
+    script.write_text(FORK_AFTER_ASYNC_GRPC)
+    try:
+        out = subprocess.run([sys.executable, str(script), bert_server.grpc_target], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked children hung")
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
 # ---- verl ---------------------------------------------------------------------------------------------
 def test_verl_compute_score(bert_server, monkeypatch):
     monkeypatch.setenv(ENV_URL, bert_server.http_url)
@@ -196,6 +293,13 @@ def test_verl_compute_score_batch(bert_server, monkeypatch):
                                 extra_infos=infos)
     assert close(batch, [compute_score("a", s, "4", extra_info=i) for s, i in zip(solutions, infos)])
     assert compute_score_batch([], [], [], []) == []
+
+    import numpy as np  # verl's batch reward manager may hand columns over as numpy arrays
+
+    as_numpy = compute_score_batch(data_sources=np.array(["a"] * 3), solution_strs=np.array(solutions, dtype=object),
+                                   ground_truths=np.array(["4"] * 3), extra_infos=np.array(infos, dtype=object))
+    assert close(as_numpy, batch)
+    assert compute_score_batch(np.array([]), np.array([]), np.array([]), np.array([])) == []
 
 
 def test_verl_needs_a_url(monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ import pytest
 import uvicorn
 
 from clients import (
-    AsyncGrpcRewardClient, AsyncRewardClient, DeadlineExceededError, GrpcRewardClient, InvalidInputError,
+    AsyncGrpcRewardClient, AsyncRewardClient, ClientClosedError, DeadlineExceededError, GrpcRewardClient, InvalidInputError,
     NotFoundError, OverloadedError, RewardClient, UnavailableError,
 )
 from protos import reward_pb2_grpc
@@ -160,10 +161,11 @@ def test_deadline_is_sent_and_not_retried(bert_server, kind):
 class FaultyHttpProxy:
     """An ASGI app in front of the real server: answers the scripted statuses first, then proxies."""
 
-    def __init__(self, upstream: str, script: list[int]):
+    def __init__(self, upstream: str, script: list[int | None]):
         self.upstream = upstream
-        self.script = list(script)
+        self.script = list(script)  # None: proxied
         self.seen: list[dict[str, str]] = []
+        self.peers: list[int] = []  # the client's port of each request: which connection it came on
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -174,8 +176,9 @@ class FaultyHttpProxy:
             body, more = body + message.get("body", b""), message.get("more_body", False)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.seen.append(headers)
-        if self.script:
-            status = self.script.pop(0)
+        self.peers.append(scope["client"][1])
+        status = self.script.pop(0) if self.script else None
+        if status is not None:
             kind = {429: "overloaded", 503: "unavailable", 504: "deadline_exceeded"}.get(status, "error")
             content = json.dumps({"error": {"type": kind, "message": "injected", "code": status}})
         else:
@@ -287,6 +290,54 @@ def test_closed_port_is_retried_then_skipped(bert_server, kind):
     expected = [s["reward"] for s in direct(bert_server, AS_JSON)]
     both = [down, address(kind, bert_server)]
     assert use(kind, both, lambda c: c.score(INPUTS), max_retries=0) == expected  # failover is free
+
+
+# ---- processes and event loops ------------------------------------------------------------------------
+def test_a_forked_child_opens_its_own_connection(bert_server):
+    """A client used before fork(): each child sends on a connection of its own while the parent goes on using
+    its pooled keep-alive one (children shared the parent's socket: processes read each other's answers, or
+    garbled the stream into uvicorn's "400 Invalid HTTP request")."""
+    ctx = multiprocessing.get_context("fork")
+    texts = [f"text number {i}" for i in range(8)]
+    proxy = FaultyHttpProxy(bert_server.http_url, [])
+    with ThreadedHttp(proxy) as front, RewardClient(front.url, timeout=30) as client:
+        expected = client.score(texts)  # the parent's connection is now pooled
+        parent_port = proxy.peers[-1]
+
+        def wrong_answers(k: int) -> int:
+            picks = [(k + j) % len(texts) for j in range(20)]
+            return sum(abs(client.score([texts[i]])[0] - expected[i]) > 1e-5 for i in picks)
+
+        def child(k: int, out) -> None:
+            try:
+                out.put((k, wrong_answers(k), None))
+            except Exception as exc:  # noqa: BLE001 - reported to the parent
+                out.put((k, None, repr(exc)))
+
+        out = ctx.Queue()
+        children = [ctx.Process(target=child, args=(k, out)) for k in range(3)]
+        for process in children:
+            process.start()
+        parent_wrong = wrong_answers(5)  # meanwhile
+        results = sorted(out.get(timeout=60) for _ in children)
+        for process in children:
+            process.join(timeout=10)
+    assert parent_wrong == 0 and results == [(k, 0, None) for k in range(3)]
+    assert sum(port != parent_port for port in proxy.peers) == 60  # every child request: a child's connection
+
+
+@pytest.mark.parametrize("kind", ["async-http", "async-grpc"])
+def test_an_async_client_serves_one_event_loop_after_another(bert_server, kind):
+    """Each asyncio.run is a new loop: the client opens connections in it and closes them when it ends (a second
+    asyncio.run raised a bare RuntimeError "Event loop is closed"); after close() it says it is closed."""
+    expected = [s["reward"] for s in direct(bert_server, AS_JSON)]
+    client = KINDS[kind](address(kind, bert_server), **FAST)
+    assert asyncio.run(client.score(INPUTS)) == expected
+    assert asyncio.run(client.score(INPUTS, timeout=10)) == expected
+    assert asyncio.run(client.ready())
+    asyncio.run(client.close())
+    with pytest.raises(ClientClosedError, match="closed"):
+        asyncio.run(client.score(INPUTS))
 
 
 # ---- failover while a server stops ---------------------------------------------------------------------

@@ -4,11 +4,12 @@ them, the gRPC form of a message, the never-raising scoring of `on_error="none"`
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
-from clients.errors import InvalidInputError, NotFoundError, UnavailableError
+from clients.errors import InvalidInputError, NotFoundError, ServerError, UnavailableError
 from clients.grpc_client import to_proto
 from clients.lenient import ascore_isolating, expected_count, lenient_inputs, score_isolating, spread
 from clients.messages import clean_messages, render_tool_calls
@@ -76,8 +77,12 @@ class FakeServer:
         self.batches.append(len(inputs))
         if self.error is not None:
             raise self.error
-        if any("bad" in item["raw"] for item in inputs):
-            raise InvalidInputError("inputs.0: refused", type="invalid_argument")
+        bad = [k for k, item in enumerate(inputs) if "bad" in item["raw"]]
+        if bad:
+            raise InvalidInputError(f"inputs.{bad[0]}: refused", type="invalid_argument")
+        nan = [k for k, item in enumerate(inputs) if "nan" in item["raw"]]
+        if nan:  # the model fails on one input: the server fails the whole request with a 500 backend_error
+            raise ServerError(f"inputs.{nan[0]}: the model produced a non-finite reward", type="backend_error")
         return [len(item["raw"]) for item in inputs]
 
 
@@ -122,6 +127,96 @@ def test_lenient_inputs_and_spread():
     with pytest.raises(InvalidInputError):
         lenient_inputs(trl_input, ["p"], [], [])
     assert expected_count(["a", "b"], None) == 2 and expected_count(None, ["c"]) == 1 and expected_count(1, 2) == 0
+
+
+def test_a_failed_request_costs_only_its_own_inputs():
+    """Sent as requests of `batch_size`, one failed request (server down, a 500) gets None for its own inputs;
+    the rewards of the others are kept (they were thrown away with the whole call)."""
+    server, errors = FakeServer(), []
+
+    def score(inputs):
+        if inputs[0]["raw"] == "i":
+            raise UnavailableError("down")
+        return server(inputs)
+
+    rewards = score_isolating(score, raws(*"abcdefghijkl"), errors, batch_size=4)
+    assert rewards == [1] * 8 + [None] * 4 and len(errors) == 1 and server.batches == [4, 4]
+
+
+async def test_a_failed_request_costs_only_its_own_inputs_async():
+    server, errors, in_flight, most = FakeServer(), [], [0], [0]
+
+    async def score(inputs):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        await asyncio.sleep(0.01)
+        in_flight[0] -= 1
+        if inputs[0]["raw"] == "e":
+            raise UnavailableError("down")
+        return server(inputs)
+
+    rewards = await ascore_isolating(score, raws(*"abcdefghijkl"), errors, batch_size=2, concurrency=3)
+    assert rewards == [1, 1, 1, 1, None, None, 1, 1, 1, 1, 1, 1] and len(errors) == 1 and most[0] == 3
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_backend_failure_costs_only_the_input_that_caused_it(asynchronous):
+    """A 500 backend_error (the model produced NaN on one input) is isolated like a refusal."""
+    server, errors = FakeServer(), []
+    inputs = raws("a", "bb", "ccc", "nan!", "eeeee", "ffffff", "nan?", "hhhhhhhh")
+    if asynchronous:
+        async def score(part):
+            return server(part)
+
+        rewards = asyncio.run(ascore_isolating(score, inputs, errors))
+    else:
+        rewards = score_isolating(server, inputs, errors)
+    assert rewards == [1, 2, 3, None, 5, 6, None, 8] and len(errors) == 2
+    assert all(isinstance(e, ServerError) for e in errors)
+    assert sorted(e.message.split(":")[0] for e in errors) == ["inputs.3", "inputs.6"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_refused_inputs_error_names_its_place_in_the_call(asynchronous):
+    """The input refused in the second half of a halved request is named by its place in the whole call (the
+    server named it within the half it was sent in), and so are inputs after ones that could not be converted."""
+    server, errors = FakeServer(), []
+    inputs = raws("a", "b", "c", "d", "e", "f", "bad", "h")
+    positions = [0, 1, 2, 4, 5, 6, 8, 9]  # inputs 3 and 7 of the call could not be converted
+    if asynchronous:
+        async def score(part):
+            return server(part)
+
+        rewards = asyncio.run(ascore_isolating(score, inputs, errors, positions=positions))
+    else:
+        rewards = score_isolating(server, inputs, errors, positions=positions)
+    assert rewards == [1] * 6 + [None, 1]
+    assert [e.message for e in errors] == ["inputs.8: refused"]
+
+
+@pytest.mark.parametrize("prompt,completion,where", [
+    ([{"role": "user", "content": "q"}], None, "inputs.2: prompt and completion must both be text or both be"),
+    ([{"role": "user", "content": "q"}], {"role": "assistant", "content": "a"}, "inputs.2: prompt and completion"),
+    ([{"role": "user", "content": "q"}], [{"content": "a"}], "inputs.2.messages.1: a message needs a 'role'"),
+    ([{"role": "user", "content": "q"}], ["a"], "inputs.2.messages.1: a message is a mapping"),
+    ("q", None, "inputs.2: prompt and completion"),
+])
+def test_malformed_conversations_are_invalid_inputs(prompt, completion, where):
+    with pytest.raises(InvalidInputError) as info:
+        trl_input(2, prompt, completion)
+    assert info.value.message.startswith(where), info.value.message
+    errors = []  # on_error="none": that pair gets None, the others are converted
+    assert lenient_inputs(trl_input, ["p", prompt], ["r", completion], errors)[1] is None and len(errors) == 1
+
+
+@pytest.mark.parametrize("on_error", ["raise", "none"])
+def test_trl_funcs_give_no_rewards_for_no_completions(on_error):
+    """As the verl and OpenRLHF adapters do (nothing is sent: no server listens there)."""
+    from clients.trl_adapter import AsyncTrlRewardFunc, TrlRewardFunc
+
+    assert TrlRewardFunc("http://127.0.0.1:1", on_error=on_error)(prompts=[], completions=[]) == []
+    func = AsyncTrlRewardFunc("http://127.0.0.1:1", on_error=on_error)
+    assert asyncio.run(func(prompts=[], completions=[])) == []
 
 
 # ---- the import face ----------------------------------------------------------------------------------

@@ -135,12 +135,13 @@ def test_overload_backs_off_until_max_retries():
 def test_no_retry_past_the_deadline():
     clock = Clock()
     attempts = attempts_for(["a"], timeout=1.0, clock=clock, max_retries=100, backoff_base=10.0, backoff_cap=10.0)
-    attempts.rng = random.Random(1)  # uniform(0, 10) > 1 s left: the pause would outlast the deadline
+    attempts.rng = random.Random(1)  # uniform(0, 10) > 1 s left: the pause is cut to half the time left
+    attempts.next()
+    assert attempts.failed("a", OverloadedError("full")) == 0.5
+    clock.now += 0.95  # 0.05 s left: not enough for another attempt, the last error is raised
     attempts.next()
     with pytest.raises(OverloadedError):
-        while True:
-            attempts.failed("a", OverloadedError("full"))
-            attempts.next()
+        attempts.failed("a", OverloadedError("full"))
     clock.now += 2.0
     with pytest.raises(DeadlineExceededError, match="timeout of 1.0s passed"):
         attempts.next()
@@ -315,3 +316,117 @@ def test_gather_or_cancel_reads_every_failure(caplog):
         asyncio.run(run())
         gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+# ---- retries until the deadline, defaults that leave room, closed clients -------------------------------
+def test_overload_and_outage_are_retried_until_the_deadline():
+    """A long call waits for a busy or restarting server as long as its timeout allows (it gave up after 3
+    retries, ~0.6 s, whatever the timeout); the pauses grow to the cap and shrink to fit before the deadline."""
+    from clients.retry import MIN_RETRY_S
+
+    for error in (OverloadedError("full"), UnavailableError("refused")):
+        clock = Clock()
+        attempts = attempts_for(["a"], timeout=30.0, clock=clock)  # default policy: max_retries None
+        pauses = []
+        with pytest.raises(type(error)) as info:
+            while True:
+                attempts.next()
+                pauses.append(attempts.failed("a", error))
+                clock.now += pauses[-1]
+        assert len(pauses) > 10 and max(pauses) <= 5.0  # capped exponential backoff
+        assert 30.0 - 2 * MIN_RETRY_S <= clock.now - 100.0 <= 30.0  # until the deadline, never past it
+        assert info.value.attempts == len(pauses) + 1  # the last failure is raised, not paused after
+
+
+def test_without_a_deadline_retries_are_capped():
+    from clients.retry import MAX_RETRIES_WITHOUT_DEADLINE
+
+    attempts = attempts_for(["a"], timeout=None)
+    with pytest.raises(OverloadedError) as info:
+        while True:
+            attempts.next()
+            attempts.failed("a", OverloadedError("full"))
+    assert info.value.attempts == MAX_RETRIES_WITHOUT_DEADLINE + 1
+
+
+def test_one_client_alone_does_not_fill_the_servers_default_queue():
+    from clients.base import ClientBase
+    from service.config import ServeConfig  # noqa: F401 (tests may import the service; clients/ may not)
+
+    client = AsyncRewardClient("http://a:1")
+    queue = ServeConfig.model_fields["max_queue"].default
+    assert client.max_concurrency * client.max_batch_size <= queue // 2
+    assert ClientBase.__init__.__kwdefaults__["max_retries"] is None  # bounded by the deadline instead
+
+
+def test_a_bare_400_is_not_an_invalid_input():
+    """uvicorn's plain-text 400 (a corrupted HTTP request, e.g. two processes writing to one socket) or a proxy's
+    400 page says nothing about the inputs; our server's 400 does."""
+    from clients.errors import RewardClientError
+
+    bare = http_error(400, b"Invalid HTTP request received.", "http://e")
+    assert not isinstance(bare, InvalidInputError) and isinstance(bare, RewardClientError)
+    assert bare.type == "bad_http_request" and "Invalid HTTP request received." in bare.message
+    ours = http_error(400, body("invalid_argument", 400), "http://e")
+    assert isinstance(ours, InvalidInputError) and ours.type == "invalid_argument"
+
+
+def test_a_closed_client_says_so():
+    import asyncio
+
+    from clients import ClientClosedError, GrpcRewardClient
+
+    client = mock_client(Recorder())
+    assert client.score(["1"]) == [1.0]
+    client.close()
+    for call in (lambda: client.score(["1"]), client.models, client.health):
+        with pytest.raises(ClientClosedError, match="closed"):
+            call()
+    with GrpcRewardClient("127.0.0.1:1") as rpc:
+        pass
+    with pytest.raises(ClientClosedError):
+        rpc.score(["x"])
+
+    async def closed_async():
+        async with mock_client(Recorder(), AsyncRewardClient) as aclient:
+            assert await aclient.score(["2"]) == [2.0]
+        await aclient.score(["2"])
+
+    with pytest.raises(ClientClosedError):
+        asyncio.run(closed_async())
+
+
+def test_per_loop_resources_are_closed_with_their_loop_and_not_shared_with_a_child(monkeypatch):
+    """What the asyncio clients hold per event loop: opened on first use in each loop, closed when asyncio.run
+    ends that loop, and never reused by a forked child (a new process id)."""
+    import asyncio
+
+    import clients.loops as loops
+
+    opened, closed = [], []
+
+    def open_one():
+        opened.append(object())
+        return opened[-1]
+
+    async def close_one(resource):
+        closed.append(resource)
+
+    per_loop = loops.PerLoop(open_one, close_one)
+
+    async def twice():
+        return await per_loop.get(), await per_loop.get()
+
+    first = asyncio.run(twice())
+    assert first[0] is first[1] and closed == [first[0]]  # one per loop, closed at the loop's end
+    second = asyncio.run(twice())
+    assert second[0] is not first[0] and closed == [first[0], second[0]]
+
+    async def fork_in_the_middle():
+        parent = await per_loop.get()
+        monkeypatch.setattr(loops.os, "getpid", lambda: -1)  # as in a forked child
+        child = await per_loop.get()
+        return parent, child
+
+    parent, child = asyncio.run(fork_in_the_middle())
+    assert child is not parent and parent not in closed and child in closed  # the parent's: left alone
