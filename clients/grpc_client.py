@@ -170,6 +170,21 @@ def health_check(channel: Any) -> Any:
 
 
 # ---- clients ------------------------------------------------------------------------------------------
+def grpc_targets(targets: str | Sequence[str], tls: bool) -> tuple[list[str], bool]:
+    """Targets as gRPC takes them (`host:port`, `dns:///name:port`), and whether TLS is on: a `grpc://` prefix is
+    dropped, `grpcs://` also turns TLS on; an HTTP URL is refused (it is RewardClient's)."""
+    out = []
+    for target in [targets] if isinstance(targets, str) else list(targets):
+        if target.startswith(("http://", "https://")):
+            raise ValueError(f"a gRPC target is host:port (or grpc://host:port, grpcs:// for TLS), got {target!r}: "
+                             "for an HTTP URL use RewardClient")
+        for scheme, secure in (("grpc://", False), ("grpcs://", True)):
+            if target.startswith(scheme):
+                target, tls = target[len(scheme):].rstrip("/"), tls or secure
+        out.append(target)
+    return out, tls
+
+
 class _GrpcSettings:
     def _grpc_settings(self, tls: bool, ca_cert: str | None, client_cert: str | None, client_key: str | None,
                        channel_options: Sequence[tuple[str, Any]]) -> None:
@@ -182,13 +197,14 @@ class _GrpcSettings:
 
 
 class GrpcRewardClient(_GrpcSettings, SyncRanking, SyncClient):
-    """Blocking gRPC client. `targets`: one "host:port" (or "dns:///name:port") or several (round-robin with
-    failover). Options as for RewardClient, and: tls (True: TLS with the system CAs), ca_cert, client_cert,
+    """Blocking gRPC client. `targets`: one "host:port" (or "dns:///name:port"; a grpc:// prefix is taken, and
+    grpcs:// means TLS) or several (round-robin with failover). Options as for RewardClient, and: tls (True: TLS with the system CAs), ca_cert, client_cert,
     client_key (PEM paths; any of them turns TLS on), channel_options (extra grpc channel options)."""
 
     def __init__(self, targets: str | Sequence[str], *, tls: bool = False, ca_cert: str | None = None,
                  client_cert: str | None = None, client_key: str | None = None,
                  channel_options: Sequence[tuple[str, Any]] = (), **options: Any):
+        targets, tls = grpc_targets(targets, tls)
         super().__init__(targets, **options)
         self._grpc_settings(tls, ca_cert, client_cert, client_key, channel_options)
         self._open_channels()
@@ -247,6 +263,7 @@ class AsyncGrpcRewardClient(_GrpcSettings, AsyncRanking, AsyncClient):
     def __init__(self, targets: str | Sequence[str], *, tls: bool = False, ca_cert: str | None = None,
                  client_cert: str | None = None, client_key: str | None = None,
                  channel_options: Sequence[tuple[str, Any]] = (), **options: Any):
+        targets, tls = grpc_targets(targets, tls)
         super().__init__(targets, **options)
         self._grpc_settings(tls, ca_cert, client_cert, client_key, channel_options)
         self._loop_channels = PerLoop(self._open_channels, close_channels)

@@ -80,12 +80,14 @@ def openrlhf_inputs(queries: Sequence[str], prompts: Sequence[str], mode: str | 
     return inputs
 
 
-ENV_MODEL = "REWARDSERVE_MODEL_NAME"
+ENV_MODEL = "REWARDSERVE_REWARD_MODEL"
+"""Not REWARDSERVE_MODEL_NAME: that is the server's `model_name`, and a server started where the trainer's
+environment is exported would take it as its own name."""
 
 
 def score_full_queries(queries: Sequence[str], prompts: Sequence[str], **options: Any) -> list[Any]:
     """The ScoreResults for OpenRLHF-style queries, without torch. `options`: url, api_key, timeout, transport,
-    model (a served model or ensemble; else $REWARDSERVE_MODEL_NAME; else the default), mode, strip."""
+    model (a served model or ensemble; else $REWARDSERVE_REWARD_MODEL; else the default), mode, strip."""
     if not queries:
         return []
     inputs = openrlhf_inputs(queries, prompts, options.get("mode"), options.get("strip"))

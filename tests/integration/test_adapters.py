@@ -340,6 +340,12 @@ def test_openrlhf_reward_func(bert_server, monkeypatch):
                  direct_scores(bert_server, [{"prompt": prompts[1], "response": " hello"}]))
     with pytest.raises(Exception, match="does not start with its prompt"):
         reward_func(["something else"], [prompts[1]], [None])
+    # the model is named by REWARDSERVE_REWARD_MODEL (the server's own REWARDSERVE_MODEL_NAME is not read here)
+    monkeypatch.setenv("REWARDSERVE_MODEL_NAME", "ignored-by-the-file")
+    assert close(reward_func([queries[1]], [prompts[1]], [None])["rewards"].tolist(), paired["rewards"].tolist())
+    monkeypatch.setenv("REWARDSERVE_REWARD_MODEL", "no-such-model")
+    with pytest.raises(Exception, match="no-such-model"):
+        reward_func([queries[1]], [prompts[1]], [None])
 
 
 # ---- light: no torch, no transformers -----------------------------------------------------------------

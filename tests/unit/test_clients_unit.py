@@ -430,3 +430,17 @@ def test_per_loop_resources_are_closed_with_their_loop_and_not_shared_with_a_chi
 
     parent, child = asyncio.run(fork_in_the_middle())
     assert child is not parent and parent not in closed and child in closed  # the parent's: left alone
+
+
+def test_grpc_targets_take_the_schemes_people_write():
+    from clients import GrpcRewardClient
+    from clients.grpc_client import grpc_targets
+
+    assert grpc_targets("grpc://127.0.0.1:50051", False) == (["127.0.0.1:50051"], False)
+    assert grpc_targets(["grpcs://rm:443/", "rm2:50051"], False) == (["rm:443", "rm2:50051"], True)
+    assert grpc_targets("dns:///rm:50051", False) == (["dns:///rm:50051"], False)
+    with pytest.raises(ValueError, match="for an HTTP URL use RewardClient"):
+        GrpcRewardClient("http://127.0.0.1:50051")
+    client = GrpcRewardClient("grpc://127.0.0.1:1")
+    assert client.endpoints == ["127.0.0.1:1"]
+    client.close()
