@@ -121,7 +121,12 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource(smollm2_dir(), "smollm2-untrained", gguf_file=SMOLLM2_GGUF, untrained_head=True)
     path = Path(spec).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {spec!r} does not exist")
+        import difflib
+
+        names = ["default", "helpful", "ensemble", "minilm", "smollm2"]
+        close = difflib.get_close_matches(spec, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise FileNotFoundError(f"model directory {spec!r} does not exist ({hint}shipped models: {', '.join(names)})")
     if (path / OVERLAY_META).exists():
         return resolve_overlay(path)
     if not (path / "config.json").exists() and not any(path.glob("*.gguf")):

@@ -115,7 +115,7 @@ class ServeConfig(BaseModel):
 
     model: str = "default"
     """Reward model: a Hugging Face checkpoint directory, or `default` (the shipped default RM), `helpful`,
-    `ensemble` or `minilm`. Repeat `--model [NAME=]SPEC` to serve several (the first is the default). On the
+    `ensemble`, or `minilm` / `smollm2` (bases with an untrained, random head: for speed tests, not scores). Repeat `--model [NAME=]SPEC` to serve several (the first is the default). On the
     command line it replaces a config file's models and the ensembles over them."""
     models: list[ModelEntry] = []
     """Several models, each `{name, path, aliases?, debias?}` (config file `models:`; the flag is a repeated

@@ -89,6 +89,8 @@ class ModelHouse:
         if not name:
             return self.scorers[self.default]
         scorer = self.scorers.get(name) or self.scorers.get(self._by_alias.get(name, ""))
+        if scorer is None and len(name) > 1 and name.endswith("/"):  # a folder's path as `ls` or a shell writes it
+            scorer = self.scorers.get(self._by_alias.get(name.rstrip("/"), ""))
         if scorer is None:
             raise not_found(name, list(self.scorers))
         return scorer

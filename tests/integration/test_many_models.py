@@ -119,6 +119,8 @@ def test_a_model_answers_to_its_folder_among_several(zoo, monkeypatch):
         assert score(live, str(zoo["harmless"].resolve()))["model"] == "a"
         assert score(live, str(zoo["trio"].resolve()))["model"] == "b"
         assert score(live, "harmless")["model"] == "a"
+        assert score(live, str(zoo["trio"].resolve()) + "/")["model"] == "b"  # with the slash a shell adds
+        assert score(live, "harmless/")["model"] == "a"
         r = httpx.post(live.http_url + "/v1/score", json={"model": "/no/such/folder", "inputs": PAIRS}, timeout=60)
         assert r.status_code == 404
 

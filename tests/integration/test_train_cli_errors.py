@@ -258,3 +258,11 @@ def test_a_nan_loss_stops_every_trainer_with_one_line_and_no_export(capsys, monk
     assert line.startswith(f"rewardserve train {trainer}: error: step 1: the loss is nan (not finite); stopped before "
                            "the optimizer step, no model exported"), line
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+
+
+def test_a_misspelled_shipped_model_is_named_with_the_shipped_ones():
+    from rewardmodel.modeling import resolve_model
+
+    with pytest.raises(FileNotFoundError, match=r"model directory 'defualt' does not exist \(did you mean 'default'\? "
+                                                r"shipped models: default, helpful, ensemble, minilm, smollm2\)"):
+        resolve_model("defualt")
