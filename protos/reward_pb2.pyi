@@ -153,7 +153,7 @@ class RewardStats(_message.Message):
     def __init__(self, mean: _Optional[float] = ..., std: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "max_model_len", "normalization", "kind", "aliases", "members", "dtype", "forward")
+    __slots__ = ("id", "max_model_len", "normalization", "kind", "aliases", "members", "dtype", "forward", "batch_invariant", "compiled")
     class MembersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,8 @@ class ModelInfo(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
     id: str
     max_model_len: int
     normalization: RewardStats
@@ -177,7 +179,9 @@ class ModelInfo(_message.Message):
     members: _containers.ScalarMap[str, float]
     dtype: str
     forward: str
-    def __init__(self, id: _Optional[str] = ..., max_model_len: _Optional[int] = ..., normalization: _Optional[_Union[RewardStats, _Mapping]] = ..., kind: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., members: _Optional[_Mapping[str, float]] = ..., dtype: _Optional[str] = ..., forward: _Optional[str] = ...) -> None: ...
+    batch_invariant: bool
+    compiled: bool
+    def __init__(self, id: _Optional[str] = ..., max_model_len: _Optional[int] = ..., normalization: _Optional[_Union[RewardStats, _Mapping]] = ..., kind: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., members: _Optional[_Mapping[str, float]] = ..., dtype: _Optional[str] = ..., forward: _Optional[str] = ..., batch_invariant: _Optional[bool] = ..., compiled: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -268,11 +268,25 @@ class Ensemble:
             "normalize": self.normalize_members, "members": dict(zip([m.name for m in self.members], self.weights)),
             "rules": [{"kind": r.kind, "weight": r.weight, **({"pattern": r.pattern} if r.pattern else {}),
                        **({"target": r.target} if r.kind == "length" else {})} for r in self.rules],
-            "aliases": sorted(self.aliases), "normalization": None,
+            "aliases": sorted(self.aliases), "normalization": None, **self._computes(),
             **({"gate": {"model": self.gate.model.name, "threshold": self.gate.threshold, "reads": self.gate.reads,
                          "members": dict(zip([m.name for m in self.gate.members], self.gate.weights))}}
                if self.gate is not None else {}),
         }
+
+    def _computes(self) -> dict[str, Any]:
+        """How its members' backbones compute, as one model's entry says it: a value they share, else the list of
+        their values; `batch_invariant` true only when every one of them is (None if any cannot tell)."""
+        described = [e.describe() for e in self.engines()]
+        out: dict[str, Any] = {}
+        for key in ("dtype", "forward", "compiled"):
+            values = [d[key] for d in described if key in d]
+            if values:
+                distinct = sorted({str(v) for v in values})
+                out[key] = values[0] if len(distinct) == 1 else distinct
+        flags = [d.get("batch_invariant") for d in described]
+        out["batch_invariant"] = None if any(f is None for f in flags) else all(flags)
+        return out
 
     def admit(self, count: int, *, normalize: bool = False, field: str = "inputs") -> "MultiReservation":
         if normalize:

@@ -124,8 +124,14 @@ def encode_model(info: dict[str, Any]) -> reward_pb2.ModelInfo:
         id=info["id"], max_model_len=info.get("max_model_len", 0),
         normalization=reward_pb2.RewardStats(mean=stats["mean"], std=stats["std"]) if stats else None,
         kind=info.get("kind", "model"), aliases=info.get("aliases", []), members=info.get("members") or {},
-        dtype=info.get("dtype", ""), forward=info.get("forward", ""),
+        dtype=_joined(info.get("dtype", "")), forward=_joined(info.get("forward", "")),
+        batch_invariant=info.get("batch_invariant"), compiled=bool(info.get("compiled")),
     )
+
+
+def _joined(value: Any) -> str:
+    """An ensemble over backbones that differ lists their values: one string here (`bfloat16,float32`)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def timing_metadata(outcome: ScoreOutcome) -> tuple[tuple[str, str], ...]:

@@ -106,6 +106,11 @@ def test_every_model_is_listed_with_its_kind(server):
     with grpc.insecure_channel(server.grpc_target) as channel:
         models = reward_pb2_grpc.RewardServiceStub(channel).ListModels(reward_pb2.ListModelsRequest(), timeout=30)
     assert [m.id for m in models.models] == list(listed) and models.models[0].dtype == "float32"
+    # an ensemble says how its backbones compute: the llama overlays' invariant forward and the BERT one's
+    assert listed["safe"]["dtype"] == "float32" and listed["safe"]["batch_invariant"] is True
+    assert listed["safe"]["forward"] == "invariant" and listed["safe"]["compiled"] is False
+    by_id = {m.id: m for m in models.models}
+    assert by_id["safe"].dtype == "float32" and by_id["safe"].batch_invariant and not by_id["safe"].compiled
 
 
 def test_a_model_answers_to_its_folder_among_several(zoo, monkeypatch):
