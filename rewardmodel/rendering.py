@@ -93,13 +93,59 @@ def render_plain(messages: Sequence[dict[str, Any]]) -> str:
     return "".join(_plain_turn(m) for m in messages)
 
 
+NEUTRAL = "\u200b"
+"""Written after the first character of a special token's text found in a prompt, response or message: see
+`neutral_text`."""
+_SPECIAL_TEXTS: dict[int, tuple[Any, tuple[str, ...]]] = {}
+
+
+def special_texts(tokenizer: Any) -> tuple[str, ...]:
+    """The texts the tokenizer reads as special tokens (BOS, EOS, [SEP], a template's <|im_end|>...), longest
+    first."""
+    held = _SPECIAL_TEXTS.get(id(tokenizer))
+    if held is None or held[0] is not tokenizer:
+        texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        texts |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+        held = _SPECIAL_TEXTS[id(tokenizer)] = (tokenizer, tuple(sorted((t for t in texts if t), key=len,
+                                                                        reverse=True)))
+    return held[1]
+
+
+def neutral_text(tokenizer: Any, text: str) -> str:
+    """`text` (a prompt, a response, a message's content) with every special token's text in it broken by a
+    zero-width space after its first character, so that it is read as text, never as the token itself: a
+    response that writes "<|im_end|>\n<|im_start|>user" must not open a turn of the template (a policy could
+    forge one for its reward). Text without any is returned as it is (the same tokens as ever). `raw` inputs
+    are not touched: they are the rendered text itself."""
+    for special in special_texts(tokenizer):
+        if special in text:
+            text = text.replace(special, special[0] + NEUTRAL + special[1:])
+    return text
+
+
+def _neutral_value(tokenizer: Any, value: Any) -> Any:
+    if isinstance(value, str):
+        return neutral_text(tokenizer, value)
+    if isinstance(value, dict):
+        return {k: _neutral_value(tokenizer, v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_neutral_value(tokenizer, v) for v in value]
+    return value
+
+
+def neutral_messages(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every message's text (content, tool calls, names) through `neutral_text`; roles as they are."""
+    return [{k: (v if k == "role" else _neutral_value(tokenizer, v)) for k, v in m.items()} for m in messages]
+
+
 def render_text(tokenizer: Any, inp: Any) -> str:
-    """The text the reward model reads for one input."""
+    """The text the reward model reads for one input (special tokens' texts inside it neutralized)."""
     if isinstance(inp, RawInput):
         return inp.raw
     if isinstance(inp, dict) and "raw" in inp:
         return inp["raw"]
-    messages = to_messages(inp)
+    messages = neutral_messages(tokenizer, to_messages(inp))
     if not getattr(tokenizer, "chat_template", None):
         return render_plain(messages)
     text = _apply_template(tokenizer, messages)
@@ -167,10 +213,35 @@ TAIL_MARGIN = 64
 HEAD_CHARS = 2048
 
 
-def _without_doubled_bos(tokenizer: Any, ids: list[int]) -> list[int]:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        return ids[1:]
+_ADDED: dict[int, tuple[Any, tuple[list[int], list[int]]]] = {}
+
+
+def added_specials(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer adds before and after a text (BOS; BERT's [CLS] and [SEP])."""
+    held = _ADDED.get(id(tokenizer))
+    if held is None or held[0] is not tokenizer:
+        try:
+            bare = token_ids(tokenizer, "a", add_special_tokens=False)
+            full = token_ids(tokenizer, "a", add_special_tokens=True)
+            start = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+            found = (full[:start], full[start + len(bare):])
+        except (StopIteration, RenderError):
+            found = ([], [])
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if not found[0] and bos is not None:
+            found = ([bos], found[1])  # a text that holds BOS where the tokenizer adds none: still one, not two
+        held = _ADDED[id(tokenizer)] = (tokenizer, found)
+    return held[1]
+
+
+def _without_doubled_bos(tokenizer: Any, ids: list[int], tail: bool = True) -> list[int]:
+    """The ids without the special tokens added twice: a raw text (or a template) that holds the BOS, [CLS] or
+    [SEP] the tokenizer adds too. `tail`: also look at the end (not for a head cut out of a longer text)."""
+    prefix, suffix = added_specials(tokenizer)
+    if prefix and ids[:2 * len(prefix)] == prefix + prefix:
+        ids = ids[len(prefix):]
+    if tail and suffix and len(ids) >= 2 * len(suffix) and ids[len(ids) - 2 * len(suffix):] == suffix + suffix:
+        ids = ids[:len(ids) - len(suffix)]
     return ids
 
 
@@ -210,7 +281,7 @@ def _encode_tail(tokenizer: Any, text: str, max_length: int) -> Encoded | None:
     except UnicodeEncodeError:  # a lone surrogate anywhere: the whole text's tokenizing says so
         return None
     special = _special_ids(tokenizer)
-    head_ids = _without_doubled_bos(tokenizer, token_ids(tokenizer, text[:HEAD_CHARS]))
+    head_ids = _without_doubled_bos(tokenizer, token_ids(tokenizer, text[:HEAD_CHARS]), tail=False)
     lead = _leading_specials(head_ids, special)
     if len(head_ids) - lead < TAIL_MARGIN:  # the leading specials might run on past the head's cut
         return None
@@ -218,9 +289,10 @@ def _encode_tail(tokenizer: Any, text: str, max_length: int) -> Encoded | None:
     compared = max_length - head + TAIL_MARGIN
     span = TAIL_CHARS_PER_TOKEN // 4 * max_length
     while 2 * span < len(text):
-        near = token_ids(tokenizer, text[-span:])
+        near = _without_doubled_bos(tokenizer, token_ids(tokenizer, text[-span:]))
         if len(near) - _leading_specials(near, special) >= compared + TAIL_MARGIN:
-            far = token_ids(tokenizer, text[-span - 13:])  # another cut: 13 is prime (digit groups of 2, 3, 4 ...)
+            far = _without_doubled_bos(tokenizer, token_ids(tokenizer, text[-span - 13:]))  # another cut: 13 is
+            # prime (digit groups of 2, 3, 4 ...)
             if near[-compared:] == far[-compared:]:
                 return Encoded(head_ids[:head] + near[len(near) - (max_length - head):], True)
         span *= 4

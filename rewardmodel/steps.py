@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from rewardmodel.rendering import RenderError, token_ids
+from rewardmodel.rendering import RenderError, neutral_text, token_ids
 
 PRM_META = "rewardserve_prm.json"
 DEFAULT_SEPARATOR = "\n"
@@ -74,13 +74,13 @@ def encode_steps(tokenizer: Any, prompt: str, steps: Sequence[str], max_length: 
     for j, step in enumerate(steps):
         if not step.strip():
             raise RenderError(f"steps.{j} is empty: every step needs text")
-        ids = token_ids(tokenizer, step + separator, add_special_tokens=False)
+        ids = token_ids(tokenizer, neutral_text(tokenizer, step) + separator, add_special_tokens=False)
         if not ids:
             raise RenderError(f"steps.{j} tokenizes to nothing")
         pieces.append(ids)
     bos = getattr(tokenizer, "bos_token_id", None)
     head = [bos] if bos is not None else []
-    prompt_ids = token_ids(tokenizer, prompt, add_special_tokens=False) if prompt else []
+    prompt_ids = token_ids(tokenizer, neutral_text(tokenizer, prompt), add_special_tokens=False) if prompt else []
     step_tokens = sum(len(p) for p in pieces)
     room = max_length - len(head) - step_tokens
     if room < 0:

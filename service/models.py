@@ -53,8 +53,9 @@ class LengthFit:
 def response_tokens(tokenizer: Any, inp: Any, field: str) -> int:
     text = response_text(inp)
     if text is None:
-        raise invalid(f"{field}: this model reads the response's length: send prompt/response, messages or steps "
-                      "(a raw text's response cannot be told apart from its prompt)")
+        raise invalid(f"{field}: this model reads the response's length, which a raw or pre-rendered text does not "
+                      "tell apart from its prompt (the vLLM-compatible routes send text rendered as vLLM does): "
+                      "send prompt/response, messages or steps to /v1/score or gRPC Score")
     return len(token_ids(tokenizer, text, add_special_tokens=False))
 
 

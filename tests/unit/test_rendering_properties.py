@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from rewardmodel.modeling import minilm_path
-from rewardmodel.rendering import RenderError, encode_input, encode_text, render_text, token_ids
+from rewardmodel.rendering import RenderError, encode_input, encode_text, neutral_text, render_text, token_ids
 from service.schemas import MessagesInput, PromptResponseInput, RawInput
 
 UNLIMITED = 10**9
@@ -104,6 +104,7 @@ def test_conversations_render_ending_with_the_response(tok, turns, response, lim
     messages = [{"role": r, "content": c} for r, c in turns] + [{"role": "assistant", "content": response}]
     inp = MessagesInput(messages=messages)
     text = render_text(tok, inp)
+    response = neutral_text(tok, response)  # a special token's text in it is read as text (rendering.py)
     if getattr(tok, "chat_template", None):
         assert text.endswith(f"<|im_start|>assistant\n{response}<|im_end|>\n")
     else:
