@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -101,7 +102,13 @@ def chunk_request_ids(request_id: str | None, count: int) -> list[str]:
 
 
 def check_count(results: list[ScoreResult], expected: int, endpoint: str) -> list[ScoreResult]:
+    """The answer's results, checked: one per input, and every reward a finite number (rewardserve never answers
+    NaN or inf; another server or a proxy might, and a NaN reward would poison a training step silently)."""
     if len(results) != expected:
         raise ServerError(f"{len(results)} scores for {expected} inputs", type="bad_response",
                           endpoint=endpoint)
+    for i, r in enumerate(results):
+        if not math.isfinite(r.reward):
+            raise ServerError(f"inputs.{i}: the server answered a non-finite reward ({r.reward})",
+                              type="bad_response", endpoint=endpoint)
     return results

@@ -290,6 +290,17 @@ def test_bad_answer_is_a_server_error():
         client.score(["x"])
 
 
+def test_a_non_finite_reward_from_a_server_is_an_error_not_a_number():
+    """rewardserve never answers NaN; another server or a proxy might (JSON's NaN is what Python writes)."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b'{"scores": [{"reward": 1.0, "truncated": false, "tokens": 1}, '
+                                           b'{"reward": NaN, "truncated": false, "tokens": 1}]}')
+
+    client = RewardClient("http://a:1", httpx_options={"transport": httpx.MockTransport(handler)})
+    with client, pytest.raises(ServerError, match=r"inputs.1: the server answered a non-finite reward \(nan\)"):
+        client.score(["x", "y"])
+
+
 def test_endpoints_must_be_urls():
     with pytest.raises(ValueError, match="base URL"):
         RewardClient("127.0.0.1:8000")
