@@ -99,9 +99,26 @@ def _one_line(exc: BaseException) -> str:
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
+INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT (128 + 2)
+
+
+def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
+    """Ctrl-C: one line, no traceback; a training run says where it stood (training.types.TrainingInterrupted) and
+    how to continue."""
+    if getattr(exc, "step", None) is not None:
+        said = str(exc)  # "interrupted at step N of T (the last checkpoint is step M): continue with --resume"
+    elif command.startswith("train "):
+        said = "interrupted (outside the training loop): a checkpoint under --output, if any, continues with --resume"
+    else:
+        said = "interrupted"
+    print(f"rewardserve {command}: {said}", file=sys.stderr)
+    return INTERRUPTED
+
+
 def _run(command: str, entry: Any, args: argparse.Namespace, *errors: type[BaseException]) -> int:
     """entry(args), with a user's mistake (USER_ERRORS, or one of `errors`: the command's own kinds) reported the
-    way argparse reports a bad flag: one line `rewardserve <command>: error: <message>`, exit status 2."""
+    way argparse reports a bad flag: one line `rewardserve <command>: error: <message>`, exit status 2; Ctrl-C
+    (SIGINT) as one line `rewardserve <command>: interrupted ...`, exit status 130."""
     from pydantic import ValidationError
 
     try:
@@ -110,6 +127,8 @@ def _run(command: str, entry: Any, args: argparse.Namespace, *errors: type[BaseE
         return _fail(command, _bad_flags(exc))
     except (*USER_ERRORS, *errors) as exc:
         return _fail(command, _one_line(exc))
+    except KeyboardInterrupt as exc:
+        return _interrupted(command, exc)
 
 
 def cmd_train_rm(args: argparse.Namespace) -> int:
@@ -221,7 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     _add_train_and_eval(sub)
+    _no_abbreviations(parser)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """A flag is taken only as spelled: argparse would read a typo's prefix (`--max-queu 10`) as the flag it starts
+    (`--max-queue`), and a prefix that a later flag makes ambiguous would change meaning from one version to the
+    next."""
+    parser.allow_abbrev = False
+    for action in parser._actions:  # argparse keeps subcommands' parsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _no_abbreviations(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -312,10 +312,25 @@ def save_run(accelerator, config: TrainConfig, model, optimizer, scheduler, stat
     accelerator.wait_for_everyone()
 
 
+MODEL_KEYS = {"base_path": "--base", "policy_path": "--policy"}  # run_config keys naming the model trained from
+
+
+def _check_same_model(saved: dict, run_config: dict | None, path: Path) -> None:
+    """A resume must continue from the model the checkpoint was trained from (its weights are a delta of it)."""
+    for key, flag in MODEL_KEYS.items():
+        before, now = saved.get(key), (run_config or {}).get(key)
+        if before is None or now is None:
+            continue
+        if Path(before).resolve() != Path(now).resolve():
+            raise ValueError(f"cannot resume: the checkpoint {path} was trained from {flag} {before}, this run starts "
+                             f"from {now}: give the same {flag}, or a new --output")
+
+
 def resume_run(accelerator, config: TrainConfig, model, optimizer, scheduler, state: TrainState,
-               extra_state: Any = None) -> TrainState:
+               extra_state: Any = None, run_config: dict | None = None) -> TrainState:
     """The state to start from: `state` (fresh run), or the newest complete checkpoint's, loaded into model,
-    optimizer, scheduler, RNGs and `extra_state` after checking that it replays the same data order."""
+    optimizer, scheduler, RNGs and `extra_state` after checking that it replays the same data order from the same
+    model (run_config's base_path / policy_path against the checkpoint's)."""
     root = _checkpoint_root(config)
     if not config.resume:
         if has_checkpoints(root):
@@ -325,6 +340,8 @@ def resume_run(accelerator, config: TrainConfig, model, optimizer, scheduler, st
     if path is None:
         train_log.warning("--resume: no complete checkpoint under %s; starting from scratch", root)
         return state
+    _check_same_model(json.loads((path / "config.json").read_text()), run_config, path)  # the model first: the
+    # data checks below would blame the data for a change of model (its tokenizer changes the item lengths)
     saved = type(state)(**json.loads((path / "trainer_state.json").read_text()))  # a TrainState
     if (saved.world_size, saved.num_items) != (state.world_size, state.num_items):
         raise ValueError(

@@ -282,7 +282,8 @@ def add_eval_rm(evaluate: Any, handler: Any) -> None:
     erm.add_argument("--model", required=True, help="A reward-model folder (e.g. the output of `train rm`).")
     erm.add_argument("--data", required=True, help="Preference pairs to evaluate on.")
     erm.add_argument("--report", required=True, help="Folder for report.json, the PNG plots and report.html.")
-    erm.add_argument("--max-length", type=positive_int, default=512, help="token cap per side (default 512)")
+    erm.add_argument("--max-length", type=non_negative_int, default=0,
+                     help="token cap per side (default 0: the model's own limit, where training and serving cut)")
     erm.add_argument("--batch-size", type=positive_int, default=16, help="rows per forward (default 16)")
     erm.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda")
     erm.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads")

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
@@ -28,6 +30,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 import torch
 
 from rewardmodel.rendering import Encoded, encode_input
+
+log = logging.getLogger("rewardserve.train.data")
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
@@ -101,6 +105,10 @@ def _full_conversations(record: Mapping[str, Any]) -> tuple[list[Message], list[
     chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
     if prompt is None:
         if isinstance(chosen, str) and isinstance(rejected, str):
+            if not (_looks_like_hh(chosen) and _looks_like_hh(rejected)):
+                raise ValueError("chosen and rejected are plain text with no 'prompt' and no HH dialogue "
+                                 "('\\n\\nHuman: ...\\n\\nAssistant: ...'): add a 'prompt' field (TRL's "
+                                 "implicit-prompt text format is not read; conversations as message lists are)")
             return parse_hh_dialogue(chosen), parse_hh_dialogue(rejected), None
         return _messages(chosen, "chosen"), _messages(rejected, "rejected"), None
     if isinstance(prompt, str) and _looks_like_hh(prompt) and isinstance(chosen, str) and isinstance(rejected, str):
@@ -162,31 +170,57 @@ def parse_record(record: Mapping[str, Any]) -> PreferencePair:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _open_text(path: Path) -> Any:
-    """Text of a (gzipped) file; utf-8-sig reads a leading byte-order mark as nothing (Windows editors write one)."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return path.open("r", encoding="utf-8-sig")
+def _read_text(path: Path) -> str:
+    """Text of a (gzipped) file; utf-8-sig reads a leading byte-order mark as nothing (Windows editors write one).
+    A file that is not gzip (though named .gz), a truncated gzip file or bytes that are not UTF-8 are refused naming
+    the file (and the line of the first bad byte)."""
+    try:
+        if path.suffix.lower() == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: not a readable gzip file ({exc})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") \
+            from None
 
 
-def _read_json_or_jsonl(path: Path) -> list[Any]:
-    """A JSON list, or one JSON value per line (blank lines skipped)."""
-    with _open_text(path) as f:
-        text = f.read()
+def _read_json_or_jsonl(path: Path) -> tuple[list[Any], list[int] | None]:
+    """(rows, the line of each row): a JSON list (lines None), or one JSON value per line (blank lines skipped)."""
+    text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
-            return list(json.loads(text))
+            return list(json.loads(text)), None
         except json.JSONDecodeError as exc:
             if exc.msg != "Extra data":  # "Extra data": a JSONL file whose first line is a list, read line by line
                 raise ValueError(f"{path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    rows = []
+    rows, lines = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
+                _refuse_one_object(path, text)
                 raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-    return rows
+            lines.append(lineno)
+    return rows, lines
+
+
+def _refuse_one_object(path: Path, text: str) -> None:
+    """A file holding one JSON object over several lines (pretty-printed) is no list of records: say so."""
+    if not text.lstrip().startswith("{"):
+        return
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    keys = f" with keys {sorted(value)[:5]}" if isinstance(value, dict) else ""
+    raise ValueError(f"{path}: a JSON object{keys}, expected a list of records or JSON lines (one record per line)")
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -211,41 +245,89 @@ def _read_saved_dataset(path: Path) -> list[Mapping[str, Any]]:
     return list(load_from_disk(str(path)))
 
 
-def read_records(source: str | Path | Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Rows from a .jsonl / .json / .parquet file (.gz for JSON), a folder saved by `datasets.Dataset.save_to_disk`,
-    a `datasets.Dataset` or an iterable of dicts."""
+@dataclass(frozen=True)
+class Records:
+    """The rows of a source and where each came from: a file's rows are counted from 1 (and a JSON-lines file's
+    also by their line), a Python sequence's by their index, as Python counts."""
+
+    rows: list[Any]
+    path: Path | None = None  # the file or folder; None for rows given in memory
+    lines: list[int] | None = None  # the line of each row of a JSON-lines file
+
+    def where(self, i: int, kind: str) -> str:
+        """'<file>:<line>: <kind> record <n>' (a JSON-lines file), '<file>: <kind> record <n>' (another file, n from
+        1), '<kind> record <i>' (rows in memory, i an index)."""
+        if self.path is None:
+            return f"{kind} record {i}"
+        at = f"{self.path}:{self.lines[i]}" if self.lines else str(self.path)
+        return f"{at}: {kind} record {i + 1}"
+
+    def short(self, i: int) -> str:
+        """'record <n>' (with its line in a JSON-lines file): the second record of a message that named the first."""
+        if self.path is None:
+            return f"record {i}"
+        return f"record {i + 1}" + (f" (line {self.lines[i]})" if self.lines else "")
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "the given records"
+
+
+def read_located(source: str | Path | Iterable[Mapping[str, Any]]) -> Records:
+    """read_records, keeping where each row came from (for messages that name a record)."""
     if isinstance(source, Mapping):
         raise TypeError("got a mapping (a DatasetDict?): pass one split, e.g. dataset['train']")
     if not isinstance(source, (str, Path)):
-        return list(source)  # datasets.Dataset / IterableDataset iterate rows as dicts
+        return Records(list(source))  # datasets.Dataset / IterableDataset iterate rows as dicts
     path = Path(source)
     if path.is_dir():
-        return _read_saved_dataset(path)
+        return Records(_read_saved_dataset(path), path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file or saved dataset at {path}")
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes[-1:] == [".parquet"]:
-        return _read_parquet(path)
+        return Records(_read_parquet(path), path)
     if any(s in (".jsonl", ".json") for s in suffixes[-2:]):
-        return _read_json_or_jsonl(path)
+        return _records_of_json(path)
     raise ValueError(f"{path}: unknown format; use .jsonl, .json, .jsonl.gz, .json.gz, .parquet or a folder saved "
                      "by datasets' save_to_disk")
+
+
+def _records_of_json(path: Path) -> Records:
+    rows, lines = _read_json_or_jsonl(path)
+    return Records(rows, path, lines)
+
+
+def read_records(source: str | Path | Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows from a .jsonl / .json / .parquet file (.gz for JSON), a folder saved by `datasets.Dataset.save_to_disk`,
+    a `datasets.Dataset` or an iterable of dicts."""
+    return read_located(source).rows
 
 
 T = TypeVar("T")
 
 
-def parse_records(source: str | Path | Iterable[Any], parse: Callable[[Any], T], kind: str) -> list[T]:
-    """parse(record) for every record of a source; a bad record fails with its index ("<kind> record <i>: ...")."""
+def parse_located(source: str | Path | Iterable[Any], parse: Callable[[Any], T], kind: str
+                  ) -> tuple[list[T], Records]:
+    """(parse(record) for every record of a source, the records read); a bad record fails naming it (the file and
+    its line, or its index: Records.where)."""
+    records = read_located(source)
     out = []
-    for i, record in enumerate(read_records(source)):
+    for i, record in enumerate(records.rows):
         try:
             out.append(parse(record))
         except NotAnObject as exc:
-            raise ValueError(f"{kind} record {i} {exc}") from None
+            raise ValueError(f"{records.where(i, kind)} {exc}") from None
         except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"{kind} record {i}: {exc}") from None
-    return out
+            raise ValueError(f"{records.where(i, kind)}: {exc}") from None
+    return out, records
+
+
+def parse_records(source: str | Path | Iterable[Any], parse: Callable[[Any], T], kind: str) -> list[T]:
+    """parse(record) for every record of a source; a bad record fails naming it: "<file>:<line>: <kind> record <n>:
+    ..." for a JSON-lines file, "<file>: <kind> record <n>: ..." for another file (n from 1), "<kind> record <i>: ..."
+    for records given in memory (i an index)."""
+    return parse_located(source, parse, kind)[0]
 
 
 def require_records(items: Sequence[Any], source: Any, flag: str) -> Sequence[Any]:
@@ -255,23 +337,35 @@ def require_records(items: Sequence[Any], source: Any, flag: str) -> Sequence[An
     return items
 
 
-def check_margins(pairs: Sequence[PreferencePair]) -> None:
-    """Margins on every pair or on none: a batch cannot mix the two (the loss would change meaning mid-epoch)."""
+def check_margins(pairs: Sequence[PreferencePair], records: Records | None = None) -> None:
+    """Margins on every pair or on none: a batch cannot mix the two (the loss would change meaning mid-epoch).
+    records: where the pairs came from, for the message (default: a sequence in memory)."""
     if not pairs:
         return
+    records = records or Records(list(pairs))
     first = pairs[0].margin is not None
     for i, pair in enumerate(pairs):
         if (pair.margin is not None) != first:
             has, lacks = (0, i) if first else (i, 0)
-            raise ValueError(f"preference record {lacks} has no margin but record {has} has one: give every "
-                             "pair a margin, or none")
+            raise ValueError(f"{records.where(lacks, 'preference')} has no margin but {records.short(has)} has one: "
+                             "give every pair a margin, or none")
+
+
+def identical_pairs(pairs: Sequence[PreferencePair]) -> int:
+    """How many pairs have a chosen side equal to the rejected one (they add nothing to a preference loss)."""
+    return sum(p.chosen_input() == p.rejected_input() for p in pairs)
 
 
 def load_preferences(source: str | Path | Iterable[Mapping[str, Any]]) -> list[PreferencePair]:
-    """All records of a source as PreferencePairs; a bad record fails with its index, and so does the first record
-    that has a margin where the first record has none (or the other way round)."""
-    pairs = parse_records(source, parse_record, "preference")
-    check_margins(pairs)
+    """All records of a source as PreferencePairs; a bad record fails naming it, and so does the first record that
+    has a margin where the first record has none (or the other way round). Pairs whose chosen side equals the
+    rejected one are kept, with a warning that counts them."""
+    pairs, records = parse_located(source, parse_record, "preference")
+    check_margins(pairs, records)
+    same = identical_pairs(pairs)
+    if same:
+        log.warning("%s: %d of %d pairs have a chosen side identical to the rejected one (kept; they carry no "
+                    "preference)", records.name, same, len(pairs))
     return pairs
 
 
@@ -318,6 +412,26 @@ def _margins(pairs: Sequence[PreferencePair]) -> torch.Tensor | None:
     return torch.tensor([p.margin for p in pairs], dtype=torch.float32)  # (B,)
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """What cutting to max_length did to a set of pairs."""
+
+    pairs: int
+    rows_truncated: int  # of 2 * pairs rows
+    pairs_truncated: int  # pairs with at least one side cut
+    pairs_made_identical: int  # pairs whose two sides became the same ids by the cut
+
+    def report(self, name: str, max_length: int) -> None:
+        """Log the counts for the data source `name`: info when nothing became identical, else a warning."""
+        if not self.pairs_truncated:
+            return
+        log.info("%s: %d of %d rows (%d of %d pairs) cut to max_length %d (their start dropped)", name,
+                 self.rows_truncated, 2 * self.pairs, self.pairs_truncated, self.pairs, max_length)
+        if self.pairs_made_identical:
+            log.warning("%s: %d of %d pairs are identical after truncation to max_length %d (the two sides differ "
+                        "only in what was cut): they carry no preference; raise --max-length", name, self.pairs_made_identical, self.pairs, max_length)
+
+
 class PreferenceCollator:
     """Tokenizes pairs with `rewardmodel.rendering.encode_input` (left truncation) and right-pads them into one batch.
 
@@ -362,6 +476,19 @@ class PreferenceCollator:
         value = (c_ids, chosen.truncated, r_ids, rejected.truncated)
         self._kept[id(pair)] = (pair, *value)
         return value
+
+    def truncation(self, pairs: Sequence[PreferencePair], keep: bool = False) -> "Truncation":
+        """How many of `pairs` are cut to max_length (rows and pairs), and how many become two identical rows by it
+        (a pair that was identical before is not counted: load_preferences warns about those). keep: keep the ids
+        for later batches (as `lengths` does)."""
+        rows = cut_pairs = became_same = 0
+        for pair in pairs:
+            c_ids, c_cut, r_ids, r_cut = self._ids(pair, keep)
+            rows += c_cut + r_cut
+            cut_pairs += c_cut or r_cut
+            if (c_cut or r_cut) and len(c_ids) == len(r_ids) and list(c_ids) == list(r_ids):
+                became_same += pair.chosen_input() != pair.rejected_input()
+        return Truncation(len(pairs), rows, cut_pairs, became_same)
 
     def lengths(self, pairs: Sequence[PreferencePair]) -> list[int]:
         """Per pair, the token count of its longer side (a batch is padded to its longest row); keeps the ids."""

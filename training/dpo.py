@@ -35,6 +35,7 @@ from training.loop import TrainConfig, given_flags, train_config_from_args
 from training.kto import KTOCollator, kto_step, load_unpaired, tokenize_unpaired
 from training.losses import DPO_LOSS_TYPES, dpo_loss, orpo_loss, simpo_loss
 from training.policy import (
+    report_cut,
     check_export,
     completion_logprobs,
     export_policy,
@@ -98,12 +99,22 @@ class DPOBatch:
         return DPOBatch(move(self.input_ids), move(self.attention_mask), move(self.completion_mask), move(self.ref_logps))
 
 
-def tokenize_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int) -> list[DPOItem]:
-    items = []
+def tokenize_pairs(tokenizer: Any, pairs: Sequence[PreferencePair], max_length: int, name: Any = None
+                   ) -> list[DPOItem]:
+    """The pairs' ids, fit into max_length; how many were cut (and made identical by it) is logged, naming `name`."""
+    items, cut, made_same = [], 0, 0
     for pair in pairs:
         prompt, (chosen, rejected) = split_completions(tokenizer, pair.prompt_messages, [pair.chosen, pair.rejected])
+        whole = len(prompt) + max(len(chosen), len(rejected)) > max_length
+        differ = chosen != rejected
         prompt, (chosen, rejected) = fit(prompt, [chosen, rejected], max_length)
+        cut += whole
+        made_same += whole and differ and chosen == rejected
         items.append(DPOItem(prompt, chosen, rejected))
+    report_cut(name, cut, len(items), "pairs", "--max-length", max_length)
+    if made_same:
+        log.warning("%s: %d of %d pairs are identical after truncation to --max-length %d: they carry no "
+                    "preference; raise --max-length", name, made_same, len(items), max_length)
     return items
 
 
@@ -254,8 +265,8 @@ def load_items(config: DPOConfig, tokenizer: Any, data: list, eval_data: list | 
         collate: Any = KTOCollator(pad, config.max_length)
     else:
         tokenize, collate = tokenize_pairs, DPOCollator(pad)
-    items = tokenize(tokenizer, data, config.max_length)
-    return collate, items, tokenize(tokenizer, eval_data, config.max_length) if eval_data else None
+    items = tokenize(tokenizer, data, config.max_length, config.data)
+    return collate, items, tokenize(tokenizer, eval_data, config.max_length, config.eval) if eval_data else None
 
 
 def train_dpo(config: DPOConfig) -> DPOResult:
@@ -266,6 +277,7 @@ def train_dpo(config: DPOConfig) -> DPOResult:
     loop.seed_everything(config.train.seed)
     data, eval_data = read_data(config)
     module, tokenizer, peft_model, policy_path = build_module(config)
+    loop.check_output_dir(config.train.output_dir, policy_path, "--policy")
     collate, items, eval_items = load_items(config, tokenizer, data, eval_data)
     log.info("DPO (%s, beta %g) on %d items (eval: %s) from %s", config.loss_type, config.beta, len(items),
              len(eval_items) if eval_items else "none", policy_path)

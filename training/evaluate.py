@@ -196,7 +196,7 @@ def write_html(report: dict, plots: list[Path], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------- entry points
 
 
-def eval_rm(model_dir: str, data: str, report_dir: str, max_length: int = 512, batch_size: int = 16,
+def eval_rm(model_dir: str, data: str, report_dir: str, max_length: int = 0, batch_size: int = 16,
             device: str = "cpu") -> dict:
     """Score `data` with the model in `model_dir`; write report.json, the plots and report.html to `report_dir`."""
     source = resolve_model(model_dir)

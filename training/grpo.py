@@ -35,7 +35,7 @@ from training.grpo_experience import GroupMaker, GRPOModule, grpo_step
 from training.grpo_math import AGGREGATIONS, SCALES
 from training.grpo_rewards import GroupRewards
 from training.loop import TrainConfig, given_flags, train_config_from_args
-from training.policy import export_policy, policy_and_reference, prompt_ids
+from training.policy import all_prompt_ids, export_policy, policy_and_reference
 from training.prompts import PromptCollator, parse_prompt
 from training.rewards import RewardCallFailed
 from training.trainable import policy_without_reference
@@ -153,7 +153,9 @@ def train_grpo(config: GRPOConfig) -> GRPOResult:
     records = load_grpo_prompts(config.prompts)
     rewards.check_references([ref for _, ref in records])
     module, tokenizer, peft_model, policy_path = build(config)
-    items = [GRPOItem(m, prompt_ids(tokenizer, m, config.max_prompt_length), ref) for m, ref in records]
+    loop.check_output_dir(config.train.output_dir, policy_path, "--policy")
+    ids = all_prompt_ids(tokenizer, [m for m, _ in records], config.max_prompt_length, config.prompts)
+    items = [GRPOItem(m, i, ref) for (m, ref), i in zip(records, ids)]
     generator = make_generator(config, module, tokenizer, out)
     maker = GroupMaker(config, generator, rewards, tokenizer)
     log.info("GRPO on %d prompts x %d completions from %s, rewards %s, rollouts by %s", len(items),

@@ -21,7 +21,7 @@ import torch
 
 from training.data import Message, _messages, pad_right, parse_record, parse_records, require_object
 from training.losses import kto_loss, kto_reference_point
-from training.policy import fit, split_completions
+from training.policy import fit, report_cut, split_completions
 
 Metrics = dict[str, torch.Tensor]
 
@@ -67,12 +67,16 @@ class KTOItem:
     desirable: bool
 
 
-def tokenize_unpaired(tokenizer: Any, examples: Sequence[KTOExample], max_length: int) -> list[KTOItem]:
-    items = []
+def tokenize_unpaired(tokenizer: Any, examples: Sequence[KTOExample], max_length: int, name: Any = None
+                      ) -> list[KTOItem]:
+    """The examples' ids, fit into max_length; how many were cut is logged, naming the source `name`."""
+    items, cut = [], 0
     for ex in examples:
         prompt, (completion,) = split_completions(tokenizer, ex.prompt_messages, [ex.completion])
+        cut += len(prompt) + len(completion) > max_length
         prompt, (completion,) = fit(prompt, [completion], max_length)
         items.append(KTOItem(prompt, completion, ex.desirable))
+    report_cut(name, cut, len(items), "examples", "--max-length", max_length)
     return items
 
 

@@ -34,7 +34,7 @@ import torch
 
 from training import checkpoint as ckpt
 from training.types import (  # noqa: F401  (re-exported: trainers import them from here)
-    LoraSettings, Metrics, RolloutFn, StepFn, TrainConfig, TrainingDiverged, TrainState, Update,
+    LoraSettings, Metrics, RolloutFn, StepFn, TrainConfig, TrainingDiverged, TrainingInterrupted, TrainState, Update,
 )
 from training.run_log import RunLog, Window
 from training.sampler import item_lengths, lengths_digest, micro_batches
@@ -93,12 +93,24 @@ def train_config_from_args(args: Any, defaults: dict[str, Any] | None = None) ->
     trainer's own defaults, which given flags override."""
     refuse_orphan_flags(args)
     train = dict(defaults or {}) | given_flags(args, TRAIN_FLAGS)
+    check_output_dir(args.output)  # before any model is loaded
     train |= {"output_dir": args.output, "progress": not args.no_progress}
     if args.lora:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                 "target_modules": args.lora_targets.split(",") if args.lora_targets else None}
         train["lora"] = LoraSettings(**{k: v for k, v in lora.items() if v is not None})
     return TrainConfig(**train)
+
+
+def check_output_dir(output_dir: Any, model_path: Any = None, flag: str = "--base") -> None:
+    """Refuse an --output that is an existing file, or the very folder of the model being trained from (`model_path`,
+    given as `flag`): the export would overwrite that model. Paths are compared resolved (links, '..')."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is a file, not a folder: give a new folder (or a run's folder)")
+    if model_path is not None and out.resolve() == Path(model_path).resolve():
+        raise ValueError(f"--output {out} is the model being trained from ({flag} {model_path}): the export would "
+                         "overwrite it; give another folder")
 
 
 def seed_everything(seed: int) -> None:
@@ -282,6 +294,7 @@ def train(
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    check_output_dir(config.output_dir)
     accelerator = make_accelerator(config)
     check_distributed(accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -299,12 +312,13 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by us, once per step
     lengths = item_lengths(collate, train_data) if config.group_by_length else None  # (N,) or None: random order
     state = TrainState(world_size=world, num_items=len(train_data), lengths_digest=lengths_digest(lengths))
-    state = ckpt.resume_run(accelerator, config, model, optimizer, scheduler, state, extra_state)  # restores the RNGs: nothing random after
+    state = ckpt.resume_run(accelerator, config, model, optimizer, scheduler, state, extra_state, run_config)  # restores the RNGs: nothing random after
     runlog = RunLog(Path(config.output_dir), config, total, state, enabled=accelerator.is_main_process)
     params = [p for p in model.parameters() if p.requires_grad]
     result = LoopResult(accelerator.unwrap_model(model), state, is_main=accelerator.is_main_process, accelerator=accelerator)
     run_evaluation = partial(evaluate, model, eval_data, collate, step_fn, config.eval_batch_size or 2 * config.batch_size, accelerator)
     window = Window()
+    last_saved = state.step if state.step else None  # the step of the newest checkpoint of this run
 
     try:
         while state.step < total:
@@ -343,6 +357,7 @@ def train(
                 if done or (config.save_every and state.step % config.save_every == 0):
                     ckpt.save_run(accelerator, config, model, optimizer, scheduler, state, dict(run_config or {}),
                                   extra_state)
+                    last_saved = state.step
                 if done:
                     result.last_loss = float(loss.detach())  # the final step's last micro-batch loss
                     break
@@ -352,6 +367,9 @@ def train(
     except TrainingDiverged:
         runlog.close()  # the bar and TensorBoard end here; nothing of the failed step was saved
         raise
+    except KeyboardInterrupt:  # Ctrl-C: say where the run stood (the command prints it as one line)
+        runlog.close()
+        raise TrainingInterrupted(state.step, total, last_saved) from None
 
     if eval_data and not result.eval_metrics:  # resumed a run that had already finished
         result.eval_metrics = run_evaluation()

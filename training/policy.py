@@ -121,6 +121,25 @@ def prompt_ids(tokenizer: Any, messages: Sequence[Message], max_length: int) -> 
     return ids[-max_length:]
 
 
+def all_prompt_ids(tokenizer: Any, prompts: Sequence[Sequence[Message]], max_length: int, name: Any = None
+                   ) -> list[list[int]]:
+    """prompt_ids of every prompt; how many were cut to max_length is logged, naming the source `name`."""
+    out, cut = [], 0
+    for messages in prompts:
+        ids = conversation_ids(tokenizer, messages, add_generation_prompt=True)
+        cut += len(ids) > max_length
+        out.append(ids[-max_length:])
+    report_cut(name, cut, len(out), "prompts", "--max-prompt-length", max_length)
+    return out
+
+
+def report_cut(name: Any, cut: int, total: int, what: str, flag: str, max_length: int) -> None:
+    """Log how many of `total` items of the source `name` were cut to fit `flag` (nothing when none was)."""
+    if cut:
+        log.info("%s: %d of %d %s cut to %s %d", name if name is not None else "the given records", cut, total, what,
+                 flag, max_length)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:

@@ -148,7 +148,8 @@ def train_ppo(config: PPOConfig) -> PPOResult:
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     module, tokenizer, peft_model, policy_path = build(config)
-    prompts = tokenize_prompts(tokenizer, messages, config.max_prompt_length)
+    loop.check_output_dir(config.train.output_dir, policy_path, "--policy")
+    prompts = tokenize_prompts(tokenizer, messages, config.max_prompt_length, config.prompts)
     scorer = make_scorer(config.reward_model, config.reward_url, config.reward_timeout, config.reward_retries,
                          config.reward_api_key, config.reward_model_name)
     generator = make_generator(config, module, tokenizer, out)

@@ -136,6 +136,7 @@ def train_prm(config: PRMConfig) -> PRMResult:
     examples = require_records(load_stepwise(config.data), config.data, "--data")  # the data first: quick errors
     eval_examples = require_records(load_stepwise(config.eval), config.eval, "--eval") if config.eval else []
     source = resolve_model(config.base)
+    loop.check_output_dir(config.train.output_dir, source.path, "--base")
     tokenizer = load_tokenizer(source)
     hf_model = load_base(source, spec, config.train.seed, config.num_layers)
     max_length = model_max_length(tokenizer, hf_model.config, config.max_length)

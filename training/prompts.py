@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from training.data import Message, _messages, parse_records, require_object
-from training.policy import prompt_ids
+from training.policy import all_prompt_ids
 
 
 def parse_prompt(record: Mapping[str, Any] | str) -> list[Message]:
@@ -77,8 +77,11 @@ class PromptBatch:
         return len(self.items)
 
 
-def tokenize_prompts(tokenizer: Any, prompts: Sequence[list[Message]], max_prompt_length: int) -> list[PromptItem]:
-    return [PromptItem(m, prompt_ids(tokenizer, m, max_prompt_length)) for m in prompts]
+def tokenize_prompts(tokenizer: Any, prompts: Sequence[list[Message]], max_prompt_length: int, name: Any = None
+                     ) -> list[PromptItem]:
+    """The prompts' ids (cut from the left to max_prompt_length; how many were cut is logged, naming `name`)."""
+    ids = all_prompt_ids(tokenizer, prompts, max_prompt_length, name)
+    return [PromptItem(m, i) for m, i in zip(prompts, ids)]
 
 
 class PromptCollator:

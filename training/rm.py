@@ -188,6 +188,7 @@ def train_rm(config: RMConfig) -> RMResult:
     pairs = require_records(load_preferences(config.data), config.data, "--data")  # the data first: quick errors
     eval_pairs = require_records(load_preferences(config.eval), config.eval, "--eval") if config.eval else None
     source = resolve_model(config.base)
+    loop.check_output_dir(config.train.output_dir, source.path, "--base")
     tokenizer = load_tokenizer(source)
     hf_model = load_reward_model(source, torch.float32, "cpu")
     drop_dequantized_gguf_marker(hf_model)
@@ -199,6 +200,10 @@ def train_rm(config: RMConfig) -> RMResult:
     peft_model = loop.add_lora(hf_model, config.train.lora) if config.train.lora else None
     module = RewardModule(peft_model.get_base_model() if peft_model is not None else hf_model)
     collate = PreferenceCollator(tokenizer, max_length)
+    # Say what max_length cuts, per file (group_by_length keeps the ids: the loop's lengths() reuses them).
+    collate.truncation(pairs, keep=config.train.group_by_length).report(config.data, max_length)
+    if eval_pairs:
+        collate.truncation(eval_pairs).report(config.eval, max_length)
     step = partial(rm_step, center_rewards_coefficient=config.center_rewards_coefficient)
     run_config = {"rm": config.model_dump(mode="json", exclude={"train"}), "resolved_max_length": max_length,
                   "base_path": str(source.path)}
@@ -251,6 +256,7 @@ def _main_head_only(args: Any, config: RMConfig) -> int:
 
     from training.rm_head import train_head_only
 
+    loop.check_output_dir(config.train.output_dir, resolve_model(config.base).path, "--base")
     pick = lambda name: getattr(args, name, None) if getattr(args, name, None) is not None else HEAD_ONLY_DEFAULTS[name]  # noqa: E731
     command = "rewardserve " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     summary = train_head_only(config, epochs=pick("epochs"), lr=pick("lr"), weight_decay=pick("weight_decay"),

@@ -21,6 +21,19 @@ class TrainingDiverged(RuntimeError):
     exported (the message is one line, for the command's error)."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during the loop: where the run stood, for the command's one-line message."""
+
+    def __init__(self, step: int, total: int, last_checkpoint: int | None):
+        super().__init__(step)
+        self.step, self.total, self.last_checkpoint = step, total, last_checkpoint
+
+    def __str__(self) -> str:
+        saved = (f"the last checkpoint is step {self.last_checkpoint}" if self.last_checkpoint is not None else
+                 "no checkpoint saved yet, --resume starts over")
+        return f"interrupted at step {self.step} of {self.total} ({saved}): continue with --resume"
+
+
 class LoraSettings(BaseModel):
     """LoRA adapters (peft). The task head (`score` / `classifier`) stays fully trainable (modules_to_save)."""
 

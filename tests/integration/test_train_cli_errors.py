@@ -41,6 +41,8 @@ def files(tmp_path_factory):
         "nullq": write("nullq.jsonl", '{"question": null}\n'),
         "steps": write("steps.jsonl", "".join(json.dumps(r) + "\n" for r in STEPWISE)),
         "missing": root / "missing.jsonl",
+        "notgz": write("notgz.jsonl.gz", "".join(json.dumps(p) + "\n" for p in pairs)),
+        "afile": write("afile", "not a folder"),
         "root": root,
     }
 
@@ -66,11 +68,12 @@ def one_line_error(capsys, argv: list[str]) -> str:
     ("pairs", ["--lora", "--lora-r", "0"], "--lora-r: Input should be greater than 0 (got 0)"),
     ("pairs", ["--lora-r", "4"], "--lora-r needs --lora: add it, or drop the flag"),
     ("pairs", ["--eval-every", "2"], "--eval-every needs --eval (there is no eval set): add it, or drop the flag"),
-    ("mixed", [], "preference record 0 has no margin but record 2 has one: give every pair a margin, or none"),
-    ("nan", [], "preference record 0: margin must be a finite number, got 'nan'"),
+    ("mixed", [], "{mixed}:1: preference record 1 has no margin but record 3 (line 3) has one: give every pair a "
+     "margin, or none"),
+    ("nan", [], "{nan}:1: preference record 1: margin must be a finite number, got 'nan'"),
     ("empty", [], "--data {empty} holds no records"),
     ("pairs", ["--eval", "{empty}"], "--eval {empty} holds no records"),
-    ("numbers", [], "preference record 0 is not a JSON object (got a number)"),
+    ("numbers", [], "{numbers}:1: preference record 1 is not a JSON object (got a number)"),
     ("pairs", ["--head-only", "--lora"], "--lora does not apply to --head-only training"),
     ("pairs", ["--head-only", "--max-steps", "3"], "--max-steps does not apply to --head-only training"),
     ("pairs", ["--head-only", "--batch-size", "2"], "--batch-size does not apply to --head-only training"),
@@ -79,9 +82,13 @@ def one_line_error(capsys, argv: list[str]) -> str:
     ("pairs", ["--num-layers", "2"], "--num-layers applies to --head-only training"),
     ("pairs", ["--lora", "--lora-targets", "nope"],
      "--lora-targets nope: no module of BertForSequenceClassification matches; its linear layers are named"),
+    ("notgz", [], "{notgz}: not a readable gzip file (Not a gzipped file"),
+    ("pairs", ["--output", "{afile}"], "--output {afile} is a file, not a folder"),
+    ("pairs", ["--output", "{bert}"], "--output {bert} is the model being trained from (--base {bert})"),
+    ("pairs", ["--head-only", "--output", "{bert}"], "--output {bert} is the model being trained from (--base {bert})"),
 ])
 def test_train_rm_user_errors_are_one_line(capsys, tiny_bert_dir, files, tmp_path, data, extra, expected):
-    fill = lambda text: text.format(**{k: v for k, v in files.items()})  # noqa: E731
+    fill = lambda text: text.format(bert=tiny_bert_dir, **files)  # noqa: E731
     line = one_line_error(capsys, ["train", "rm", "--base", str(tiny_bert_dir), "--data", str(files[data]),
                                    "--output", str(tmp_path / "out"), "--max-length", "32", *QUIET,
                                    *map(fill, extra)])
@@ -108,13 +115,14 @@ def test_a_folder_saved_by_datasets_trains_a_reward_model(tiny_bert_dir, tmp_pat
     ("missing", [], "no data file or saved dataset at {missing}"),
     ("pairs", ["--eval", "{empty}"], "--eval {empty} holds no records"),
     ("pairs", ["--eval-batch-size", "4"], "--eval-batch-size needs --eval"),
-    ("strings", ["--loss-type", "kto"], "KTO record 0 is not a JSON object (got a string)"),
+    ("strings", ["--loss-type", "kto"], "{strings}: KTO record 1 is not a JSON object (got a string)"),
     ("pairs", ["--lora", "--lora-targets", "nope"], "--lora-targets nope: no module of LlamaForCausalLM matches"),
     ("pairs", ["--policy", "{bert}"], "{bert} is not a causal language model"),
+    ("pairs", ["--output", "{policy}"], "--output {policy} is the model being trained from (--policy {policy})"),
 ])
 def test_train_dpo_user_errors_are_one_line(capsys, tiny_llama_lm_dir, tiny_bert_dir, files, tmp_path, data, extra,
                                             expected):
-    fill = lambda text: text.format(bert=tiny_bert_dir, **files)  # noqa: E731
+    fill = lambda text: text.format(bert=tiny_bert_dir, policy=tiny_llama_lm_dir, **files)  # noqa: E731
     line = one_line_error(capsys, ["train", "dpo", "--policy", str(tiny_llama_lm_dir), "--data", str(files[data]),
                                    "--output", str(tmp_path / "out"), "--max-steps", "1", *QUIET, *map(fill, extra)])
     assert line.startswith("rewardserve train dpo: error: " + fill(expected)), line
@@ -128,7 +136,7 @@ def test_train_dpo_user_errors_are_one_line(capsys, tiny_llama_lm_dir, tiny_bert
     ("pairs", ["--temperature", "0"], "--temperature: Input should be greater than 0 (got 0.0)"),
     ("pairs", ["--kl-estimator", "k9"], "unknown KL estimator 'k9'; use one of ('k1', 'k2', 'k3')"),
     ("missing", [], "no data file or saved dataset at {missing}"),
-    ("numbers", [], "prompt record 0 is not a JSON object (got a number)"),
+    ("numbers", [], "{numbers}:1: prompt record 1 is not a JSON object (got a number)"),
     ("strings", ["--policy", "{bert}"], "{bert} is not a causal language model"),
 ])
 def test_train_ppo_user_errors_are_one_line(capsys, tiny_llama_lm_dir, tiny_bert_dir, files, tmp_path, prompts,
@@ -142,7 +150,7 @@ def test_train_ppo_user_errors_are_one_line(capsys, tiny_llama_lm_dir, tiny_bert
 
 @pytest.mark.parametrize("prompts, extra, expected", [
     ("strings", ["--format-pattern", "(a+)+"], "--format-pattern '(a+)+': nested repeats"),
-    ("nullq", [], "prompt record 0: question: expected a string, got None"),
+    ("nullq", [], "{nullq}:1: prompt record 1: question: expected a string, got None"),
     ("strings", ["--scale-rewards", "foo"], "unknown --scale-rewards 'foo'"),
     ("strings", ["--policy", "{bert}", "--reward-weights", "format=1", "--format-pattern", ".*"],
      "{bert} is not a causal language model"),
@@ -177,9 +185,9 @@ def test_a_plain_list_of_strings_is_a_prompt_file_for_grpo(tiny_llama_lm_dir, fi
     (["eval", "rm", "--model", "{bert}", "--data", "{empty}", "--report", "{out}"],
      "eval rm: error: {empty} holds no preference pairs"),
     (["eval", "prm", "--model", "{bert}", "--data", "{pairs}", "--report", "{out}"],
-     "eval prm: error: stepwise record 0:"),
+     "eval prm: error: {pairs}:1: stepwise record 1:"),
     (["eval", "bon", "--policy", "{bert}", "--prompts", "{numbers}", "--report", "{out}"],
-     "eval bon: error: prompt record 0 is not a JSON object (got a number)"),
+     "eval bon: error: {numbers}:1: prompt record 1 is not a JSON object (got a number)"),
 ])
 def test_prm_and_eval_user_errors_are_one_line(capsys, tiny_bert_dir, files, tmp_path, argv, expected):
     fill = lambda text: text.format(bert=tiny_bert_dir, out=tmp_path / "out", **files)  # noqa: E731
@@ -266,3 +274,46 @@ def test_a_misspelled_shipped_model_is_named_with_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match=r"model directory 'defualt' does not exist \(did you mean 'default'\? "
                                                 r"shipped models: default, helpful, ensemble, minilm, smollm2\)"):
         resolve_model("defualt")
+
+
+def test_ctrl_c_is_one_line_with_the_step_and_exit_130(capsys, monkeypatch, tmp_path):
+    import training.rm
+    from training.types import TrainingInterrupted
+
+    def interrupted(args):
+        raise TrainingInterrupted(7, 300, 5)
+
+    monkeypatch.setattr(training.rm, "main", interrupted)
+    assert main(["train", "rm", "--data", "x.jsonl", "--output", str(tmp_path / "out"), *QUIET]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == ("rewardserve train rm: interrupted at step 7 of 300 (the last checkpoint is step 5): "
+                           "continue with --resume"), err
+
+    def before_the_loop(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.rm, "main", before_the_loop)
+    assert main(["train", "rm", "--data", "x.jsonl", "--output", str(tmp_path / "out"), *QUIET]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("rewardserve train rm: interrupted") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_eval_rm_cuts_where_the_model_does_by_default(tmp_path):
+    import inspect
+
+    from training.evaluate import eval_rm
+
+    args = build_parser().parse_args(["eval", "rm", "--model", "m", "--data", "d", "--report", str(tmp_path)])
+    assert args.max_length == 0  # 0: the model's own limit, as training and serving (not an extra cap of 512)
+    assert inspect.signature(eval_rm).parameters["max_length"].default == 0
+
+
+@pytest.mark.parametrize("argv,said", [(["serve", "--max-queu", "10"], "unrecognized arguments: --max-queu 10"),
+                                       (["train", "rm", "--dat", "x", "--output", "y"], "required: --data")])
+def test_a_flag_is_taken_only_as_spelled(argv, said, capsys):
+    """argparse would read a typo's prefix as the flag it starts: `--max-queu 10` set max_queue."""
+    from rewardserve.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err

@@ -353,7 +353,7 @@ def test_a_margin_that_is_no_finite_number_is_refused(margin):
 def test_a_bare_json_nan_margin_is_refused_naming_its_record(tmp_path):
     path = tmp_path / "nan.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": NaN}\n')
-    with pytest.raises(ValueError, match=r"^preference record 1: margin must be a finite number, got nan$"):
+    with pytest.raises(ValueError, match=r"nan.jsonl:2: preference record 2: margin must be a finite number, got nan$"):
         load_preferences(path)
     assert parse_record({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "0.5"}).margin == 0.5
 
@@ -377,7 +377,7 @@ def test_a_record_that_is_no_json_object_says_so(record, kind):
 def test_a_jsonl_file_whose_first_line_is_a_list_is_read_line_by_line(tmp_path):
     path = tmp_path / "first_line_list.jsonl"
     path.write_text('["a", "b"]\n' + json.dumps(RECORDS[0]) + "\n")
-    with pytest.raises(ValueError, match=r"^preference record 0 is not a JSON object \(got a list\)$"):
+    with pytest.raises(ValueError, match=r"first_line_list.jsonl:1: preference record 1 is not a JSON object \(got a list\)$"):
         load_preferences(path)
     (tmp_path / "broken.json").write_text('[{"chosen": "x",\n')
     with pytest.raises(ValueError, match=r"broken.json: not JSON"):
@@ -410,3 +410,85 @@ def test_a_folder_saved_by_datasets_is_a_data_source(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(FileNotFoundError, match="no saved dataset"):
         read_records(tmp_path / "plain")
+
+
+# ---------------------------------------------------------------------------------- unreadable files, positions
+
+
+def test_a_file_named_gz_that_is_not_gzip_or_is_cut_short_is_refused_naming_it(tmp_path):
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_text(json.dumps(RECORDS[0]) + "\n")
+    with pytest.raises(ValueError, match=r"plain.jsonl.gz: not a readable gzip file \(Not a gzipped file"):
+        read_records(plain)
+    whole = _write(tmp_path, "jsonl.gz").read_bytes()
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz: not a readable gzip file \(Compressed file ended"):
+        read_records(cut)
+
+
+def test_bytes_that_are_not_utf8_are_refused_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((json.dumps(RECORDS[0]) + "\n").encode() + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+                     .encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9\)"):
+        read_records(path)
+
+
+def test_an_upper_case_gz_suffix_is_read_as_gzip(tmp_path):
+    path = _write(tmp_path, "jsonl.gz").rename(tmp_path / "PREFS.JSONL.GZ")
+    assert load_preferences(path) == [parse_record(r) for r in RECORDS]
+
+
+def test_a_bad_record_in_a_file_names_the_file_and_its_position_from_1(tmp_path):
+    bad = {"chosen": "x"}
+    (tmp_path / "bad.jsonl").write_text(json.dumps(RECORDS[0]) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: preference record 2: a preference record needs"):
+        load_preferences(tmp_path / "bad.jsonl")  # its line (after a blank one) and its number
+    (tmp_path / "bad.json").write_text(json.dumps([RECORDS[0], bad]))
+    with pytest.raises(ValueError, match=r"bad.json: preference record 2: a preference record needs"):
+        load_preferences(tmp_path / "bad.json")
+    from datasets import Dataset
+
+    Dataset.from_list([{"chosen": "x", "rejected": None}]).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"saved: preference record 1: "):
+        load_preferences(tmp_path / "saved")
+    plain = {k: v for k, v in RECORDS[1].items() if k != "margin"}
+    (tmp_path / "mixed.jsonl").write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(plain) + "\n")
+    with pytest.raises(ValueError, match=r"mixed.jsonl:2: preference record 2 has no margin but record 1 \(line 1\) "
+                                         r"has one"):
+        load_preferences(tmp_path / "mixed.jsonl")
+
+
+def test_a_pretty_printed_json_object_is_named_as_such(tmp_path):
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": RECORDS}, indent=2))
+    with pytest.raises(ValueError, match=r"wrapped.json: a JSON object with keys \['data'\], expected a list of "
+                                         r"records or JSON lines"):
+        read_records(tmp_path / "wrapped.json")
+
+
+def test_plain_text_sides_without_a_prompt_hint_at_adding_one():
+    with pytest.raises(ValueError, match=r"add a 'prompt' field"):
+        parse_record({"chosen": "What is 2 + 2? 4.", "rejected": "What is 2 + 2? 5."})
+
+
+def test_pairs_whose_sides_are_equal_are_kept_with_a_counted_warning(tmp_path, caplog):
+    same = {"prompt": "q", "chosen": "a", "rejected": "a"}
+    path = tmp_path / "same.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [RECORDS[0], same | {"margin": 1}, same | {"margin": 2}]))
+    with caplog.at_level("WARNING", logger="rewardserve.train.data"):
+        assert len(load_preferences(path)) == 3
+    assert f"{path}: 2 of 3 pairs have a chosen side identical to the rejected one" in caplog.text
+
+
+def test_truncation_is_counted_and_pairs_made_identical_by_it_are_warned(tokenizer, caplog):
+    tail = " the same long ending" * 20
+    cut_same = PreferencePair([user("q")], [bot("yes" + tail)], [bot("no" + tail)])
+    short = PreferencePair([user("q")], [bot("yes")], [bot("no")])
+    collator = PreferenceCollator(tokenizer, 32)
+    counts = collator.truncation([cut_same, short, short])
+    assert (counts.pairs, counts.rows_truncated, counts.pairs_truncated, counts.pairs_made_identical) == (3, 2, 1, 1)
+    with caplog.at_level("INFO", logger="rewardserve.train.data"):
+        counts.report("data.jsonl", 32)
+    assert "data.jsonl: 2 of 6 rows (1 of 3 pairs) cut to max_length 32" in caplog.text
+    assert "data.jsonl: 1 of 3 pairs are identical after truncation to max_length 32" in caplog.text

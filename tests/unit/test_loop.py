@@ -15,7 +15,8 @@ import torch
 
 from training import checkpoint as ckpt
 from training.loop import (
-    TrainConfig, TrainingDiverged, evaluate, make_accelerator, micro_batches, steps_per_epoch, train,
+    TrainConfig, TrainingDiverged, TrainingInterrupted, check_output_dir, evaluate, make_accelerator, micro_batches,
+    steps_per_epoch, train,
 )
 
 torch.set_num_threads(1)
@@ -163,6 +164,51 @@ def test_resume_refuses_a_different_batch_shape_and_fresh_runs_refuse_old_checkp
         train(config(tmp_path, "run", max_steps=6, batch_size=4, resume=True), Toy(0), data, collate, plain_step)
     with pytest.raises(ValueError, match="--resume"):
         train(config(tmp_path, "run", max_steps=6), Toy(0), data, collate, plain_step)
+
+
+def test_resume_refuses_a_checkpoint_trained_from_another_model_naming_both(tmp_path):
+    data = toy_data()
+    (tmp_path / "base_a").mkdir()
+    (tmp_path / "base_b").mkdir()
+    train(config(tmp_path, "run", max_steps=3), Toy(0), data, collate, plain_step,
+          run_config={"base_path": str(tmp_path / "base_a")})
+    with pytest.raises(ValueError, match=r"trained from --base .*base_a, this run starts from .*base_b"):
+        train(config(tmp_path, "run", max_steps=6, resume=True), Toy(0), data, collate, plain_step,
+              run_config={"base_path": str(tmp_path / "base_b")})
+    with pytest.raises(ValueError, match=r"--policy .*base_a"):  # the policy trainers' key too
+        ckpt._check_same_model({"policy_path": str(tmp_path / "base_a")}, {"policy_path": str(tmp_path / "base_b")},
+                               tmp_path)
+    # the same folder, however written, resumes
+    resumed = train(config(tmp_path, "run", max_steps=6, resume=True), Toy(0), data, collate, plain_step,
+                    run_config={"base_path": str(tmp_path / "base_b" / ".." / "base_a")})
+    assert resumed.state.step == 6
+
+
+def test_an_output_that_is_a_file_or_the_base_model_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"--output .*afile is a file, not a folder"):
+        train(config(tmp_path, "afile"), Toy(0), toy_data(), collate, plain_step)
+    (tmp_path / "base").mkdir()
+    with pytest.raises(ValueError, match=r"is the model being trained from \(--base .*base\): the export would overwrite"):
+        check_output_dir(tmp_path / "x" / ".." / "base", tmp_path / "base")
+    check_output_dir(tmp_path / "new", tmp_path / "base")  # another folder: fine
+
+
+def test_ctrl_c_in_the_loop_says_the_step_and_the_last_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def ctrl_c_at_call_9(model, batch):  # grad_accum 2: call 9 is in step 5; a checkpoint every 3 steps
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return plain_step(model, batch)
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config(tmp_path, "run"), Toy(0), toy_data(), collate, ctrl_c_at_call_9)
+    assert (stopped.value.step, stopped.value.total, stopped.value.last_checkpoint) == (4, 10, 3)
+    assert str(stopped.value) == ("interrupted at step 4 of 10 (the last checkpoint is step 3): continue with "
+                                  "--resume")
+    assert isinstance(stopped.value, KeyboardInterrupt)  # still an interrupt for callers that catch those
 
 
 # ------------------------------------------------------------------------------------------- non-finite values

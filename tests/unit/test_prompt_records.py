@@ -41,7 +41,7 @@ def test_a_question_must_be_a_string(tmp_path):
     with pytest.raises(ValueError, match=r"prompt record 0: question: expected a string, got None"):
         load_prompts([{"question": None}])  # not the prompt "None"
     (tmp_path / "bad.jsonl").write_text('"Say hi."\n{"text": "x"}\n')
-    with pytest.raises(ValueError, match=r"prompt record 1: no prompt"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: prompt record 2: no prompt"):
         bon_prompts(tmp_path / "bad.jsonl")
 
 
