@@ -47,6 +47,7 @@ class WorkItem:
     compute_s: float = 0.0
     computed_at: float = 0.0  # the start of the forward pass that computed it (one value per pass)
     finished: bool = False  # answered or dropped: no longer counted in the queue depth
+    waited: bool = False  # its queue wait is observed (once: a recomputation alone is not waiting)
 
     @property
     def length(self) -> int:
@@ -222,15 +223,13 @@ class DynamicBatcher:
                     f"queue full ({self._pending} inputs waiting, limit {self.max_queue}); retry later",
                 )
             self._pending += count
-            depth = self._pending
-        self._observer.on_depth(depth)
+            self._observer.on_depth(self._pending)  # under the lock: sets from two threads land in order
         return Reservation(self, count)
 
     def _unreserve(self, count: int) -> None:
         with self._cond:
             self._pending -= count
-            depth = self._pending
-        self._observer.on_depth(depth)
+            self._observer.on_depth(self._pending)
 
     def submit(self, batch: Sequence[Sequence[int]], deadline: float | None = None,
                reservation: Reservation | None = None,
@@ -267,10 +266,9 @@ class DynamicBatcher:
             for item in removed:
                 item.finished = True
             self._pending -= len(removed)
-            depth = self._pending
+            self._observer.on_depth(self._pending)
         for _ in removed:
             self._observer.on_dropped(reason)
-        self._observer.on_depth(depth)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish everything queued, then stop the worker."""
@@ -324,8 +322,7 @@ class DynamicBatcher:
             item.finished = True
         with self._cond:
             self._pending -= len(todo)
-            depth = self._pending
-        self._observer.on_depth(depth)
+            self._observer.on_depth(self._pending)
         for i, item in todo:
             if values is not None:
                 _post(item, values[i])
@@ -373,11 +370,19 @@ class DynamicBatcher:
             raise RuntimeError(f"backend returned {len(result.values)} values for {len(planned)} inputs")
         return result
 
+    def _run_alone(self, item: WorkItem) -> None:
+        """Compute one input of a pass again on its own, unless its caller has gone or its deadline passed
+        meanwhile (then it is dropped and counted, as a queued one would be)."""
+        if self._live([item]):
+            self._run_batch([item])
+
     def _run_batch(self, batch: list[WorkItem], groups: tuple[Group, ...] = ()) -> None:
         start = time.monotonic()
         for item in batch:
-            item.queue_s = start - item.enqueued
-            self._observer.on_queue_wait(item.queue_s)
+            if not item.waited:  # once per input: a recomputation alone (below) is not more waiting
+                item.waited = True
+                item.queue_s = start - item.enqueued
+                self._observer.on_queue_wait(item.queue_s)
         planned = PlannedBatch((item.ids for item in batch), groups, self.group_min_prefix,
                                reads=[item.reads for item in batch])
         try:
@@ -386,7 +391,7 @@ class DynamicBatcher:
             log.exception("batch of %d failed", len(batch))
             if len(batch) > 1:  # find the input that fails: each one alone, so the others still get their rewards
                 for item in batch:
-                    self._run_batch([item])
+                    self._run_alone(item)
                 return
             error = RewardServeError(ErrorKind.BACKEND, f"scoring failed: {type(exc).__name__}: {exc}")
             self._finish(batch, error=error)
@@ -413,6 +418,6 @@ class DynamicBatcher:
             self._finish([item for i, item in enumerate(batch) if i not in skip],
                          [v for i, v in enumerate(result.values) if i not in skip])
             for i in broken:
-                self._run_batch([batch[i]])
+                self._run_alone(batch[i])
             return
         self._finish(batch, result.values)

@@ -69,7 +69,7 @@ class EdgeMiddleware:
         request_id = (header(scope, REQUEST_ID_HEADER) or uuid.uuid4().hex.encode())[:128]
         scope.setdefault("state", {})["request_id"] = request_id.decode("latin-1")
         route = scope["path"] if scope["path"] in self.known_routes else "other"
-        status = {"code": 500}
+        status: dict[str, int | None] = {"code": None}
         start = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
@@ -81,16 +81,20 @@ class EdgeMiddleware:
 
         self.in_flight.count += 1
         metrics.IN_FLIGHT.labels("http").inc()
+        failed = True
         try:
             if self.in_flight.count > self.max_in_flight and scope["path"] not in PROBE_ROUTES:
                 await send_error(send_wrapper, ErrorKind.UNAVAILABLE,
                                  f"too many requests in flight (max_http_in_flight={self.max_in_flight}); retry later")
             else:
                 await self.app(scope, receive, send_wrapper)
+            failed = False
         finally:
             self.in_flight.count -= 1
             metrics.IN_FLIGHT.labels("http").dec()
-            metrics.REQUESTS.labels("http", route, str(status["code"])).inc()
+            # nothing answered: the client went away first (499, as nginx counts it), unless we failed (500)
+            code = status["code"] if status["code"] is not None else (500 if failed else 499)
+            metrics.REQUESTS.labels("http", route, str(code)).inc()
             metrics.REQUEST_LATENCY.labels("http", route).observe(time.perf_counter() - start)
 
 

@@ -204,6 +204,21 @@ def test_a_client_stalled_mid_body_is_answered_408_and_frees_its_slot(tiny_bert_
             assert reply.startswith(b"HTTP/1.1 408") and b"http_body_timeout_s=1 s" in reply
         assert score(server, [PAIR]).status_code == 200
 
+        def counted(code: str) -> float:
+            text = httpx.get(server.http_url + "/metrics").text
+            return metric_value(text, "rewardserve_requests_total", transport="http", route="/v1/score", code=code)
+
+        before = {code: counted(code) for code in ("408", "499", "500")}
+        assert before["408"] == 2
+        gone = socket.create_connection(("127.0.0.1", server.runtime.http_port))  # closes mid-body: nobody answered
+        gone.sendall(b"POST /v1/score HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        time.sleep(0.2)
+        gone.close()
+        deadline = time.monotonic() + 10
+        while counted("499") == before["499"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert counted("499") == before["499"] + 1 and counted("500") == before["500"]  # the client's doing
+
 
 async def test_full_queue_answers_429_at_once(limited_server):
     """Refusals do not wait for queued work: with the model held, the queue (8 inputs, 2 requests of 4) fills,

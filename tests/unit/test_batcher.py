@@ -135,6 +135,38 @@ async def test_an_input_that_gives_nan_does_not_spoil_the_others_in_its_pass():
         b.stop()
 
 
+async def test_a_nan_input_whose_deadline_passed_in_its_pass_is_dropped_not_computed_again():
+    """The recompute alone checks its caller first, and queue wait is observed once per input."""
+    waits: list[float] = []
+    dropped: list[str] = []
+
+    class Observer:
+        def on_batch(self, *args): pass
+        def on_queue_wait(self, seconds): waits.append(seconds)
+        def on_dropped(self, reason): dropped.append(reason)
+        def on_depth(self, depth): pass
+        def on_groups(self, *args): pass
+
+    calls: list[int] = []
+
+    def compute(batch):
+        calls.append(len(batch))
+        time.sleep(0.3)  # the pass outlasts the NaN input's deadline
+        return [float("nan") if 666 in ids else 1.0 for ids in batch]
+
+    b = DynamicBatcher(compute, max_batch_size=16, max_wait_s=0.05, max_padding_ratio=1.0, observer=Observer())
+    b.start()
+    try:
+        short, other = b.submit([[666], [1, 2]], deadline=time.monotonic() + 0.1)  # one pass, whatever the timing
+        assert await other.future == 1.0  # finished in the pass: its deadline no longer matters
+        with pytest.raises(RewardServeError) as err:
+            await short.future
+        assert err.value.kind == ErrorKind.DEADLINE
+        assert calls == [2] and dropped == ["deadline"] and len(waits) == 2 and b.depth == 0
+    finally:
+        b.stop()
+
+
 async def test_cancelled_and_expired_inputs_are_dropped_before_compute():
     rec = Recorder()
     rec.release.clear()
