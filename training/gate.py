@@ -157,6 +157,9 @@ def train_gate(args: Any, frozen: Any = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     base_spec = args.base or "smollm2"
+    from training.loop import check_output_dir
+
+    check_output_dir(args.output)  # an existing file: refused before anything is read or loaded
     # the data first: a wrong file is refused before the minutes a base model takes to load
     items = {role: read_items(files, args.reads, flag_of(role))
              for role, files in (("positive", args.positive), ("negative", args.negative))}

@@ -145,6 +145,8 @@ def train_ppo(config: PPOConfig) -> PPOResult:
         torch.set_num_threads(config.train.threads)
     loop.seed_everything(config.train.seed)
     messages = load_prompts(config.prompts)  # before any model is loaded: a bad file fails at once
+    if config.reward_model and Path(config.reward_model).is_dir():  # the export would overwrite the scorer
+        loop.check_output_dir(config.train.output_dir, config.reward_model, "--reward-model")
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     module, tokenizer, peft_model, policy_path = build(config)

@@ -433,3 +433,7 @@ def test_train_gate_reads_every_file_before_loading_the_base(tmp_path, monkeypat
         train_gate(build_parser().parse_args([*argv, "--reads", "input", "--eval-negative", str(prompts_only)]))
     with pytest.raises((OSError, ValueError), match="missing.jsonl"):
         train_gate(build_parser().parse_args([*argv, "--eval-positive", str(tmp_path / "missing.jsonl")]))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        train_gate(build_parser().parse_args([*argv[:-2], "--output", str(a_file)]))

@@ -138,6 +138,7 @@ def test_train_dpo_user_errors_are_one_line(capsys, tiny_llama_lm_dir, tiny_bert
     ("missing", [], "no data file or saved dataset at {missing}"),
     ("numbers", [], "{numbers}:1: prompt record 1 is not a JSON object (got a number)"),
     ("strings", ["--policy", "{bert}"], "{bert} is not a causal language model"),
+    ("strings", ["--output", "{bert}"], "--output {bert} is the model being trained from (--reward-model {bert})"),
 ])
 def test_train_ppo_user_errors_are_one_line(capsys, tiny_llama_lm_dir, tiny_bert_dir, files, tmp_path, prompts,
                                             extra, expected):
