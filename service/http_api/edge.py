@@ -118,33 +118,40 @@ class BodyLimitMiddleware:
         await send_error(send, ErrorKind.PAYLOAD_TOO_LARGE,
                          f"request body exceeds max_body_bytes={self.max_body_bytes}", [(b"connection", b"close")])
 
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body (None: the client went away); _TooLarge past max_body_bytes."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
     async def _read_limited(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Read the whole body (bounded) and return a receive that replays it; None if 413 was sent."""
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(send)
             return None
-        chunks: list[bytes] = []
-        size = 0
-        until = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, until - time.monotonic()))
-            except asyncio.TimeoutError:
-                await send_error(send, ErrorKind.DEADLINE, f"the request body did not arrive within "
-                                 f"http_body_timeout_s={self.timeout_s:g} s", [(b"connection", b"close")], 408)
-                return None
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                await self._too_large(send)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.timeout_s):  # one deadline for the whole body, not one per chunk
+                body = await self._read_body(receive)
+        except TimeoutError:
+            await send_error(send, ErrorKind.DEADLINE, f"the request body did not arrive within "
+                             f"http_body_timeout_s={self.timeout_s:g} s", [(b"connection", b"close")], 408)
+            return None
+        except _TooLarge:
+            await self._too_large(send)
+            return None
+        if body is None:  # the client went away
+            return None
         replayed = False
 
         async def replay() -> Message:
@@ -155,3 +162,7 @@ class BodyLimitMiddleware:
             return await receive()
 
         return replay
+
+
+class _TooLarge(Exception):
+    """The body passed max_body_bytes (BodyLimitMiddleware answers 413)."""
