@@ -17,9 +17,11 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import json
+import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rewardmodel.inputs import MessagesInput, PromptResponseInput, RawInput, StepsInput
 
@@ -96,20 +98,29 @@ def render_plain(messages: Sequence[dict[str, Any]]) -> str:
 NEUTRAL = "\u200b"
 """Written after the first character of a special token's text found in a prompt, response or message: see
 `neutral_text`."""
-_SPECIAL_TEXTS: dict[int, tuple[Any, tuple[str, ...]]] = {}
+_PER_TOKENIZER: "weakref.WeakKeyDictionary[Any, dict[Callable, Any]]" = weakref.WeakKeyDictionary()
 
 
+def per_tokenizer(compute: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`compute(tokenizer)` remembered for as long as the tokenizer lives (a tokenizer's special tokens do not
+    change once it is loaded)."""
+    def remembered(tokenizer: Any) -> Any:
+        held = _PER_TOKENIZER.setdefault(tokenizer, {})
+        if compute not in held:
+            held[compute] = compute(tokenizer)
+        return held[compute]
+
+    return functools.wraps(compute)(remembered)
+
+
+@per_tokenizer
 def special_texts(tokenizer: Any) -> tuple[str, ...]:
     """The texts the tokenizer reads as special tokens (BOS, EOS, [SEP], a template's <|im_end|>...), longest
     first."""
-    held = _SPECIAL_TEXTS.get(id(tokenizer))
-    if held is None or held[0] is not tokenizer:
-        texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
-        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        texts |= {t.content for t in decoder.values() if getattr(t, "special", False)}
-        held = _SPECIAL_TEXTS[id(tokenizer)] = (tokenizer, tuple(sorted((t for t in texts if t), key=len,
-                                                                        reverse=True)))
-    return held[1]
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    return tuple(sorted((t for t in texts if t), key=len, reverse=True))
 
 
 def neutral_text(tokenizer: Any, text: str) -> str:
@@ -213,25 +224,20 @@ TAIL_MARGIN = 64
 HEAD_CHARS = 2048
 
 
-_ADDED: dict[int, tuple[Any, tuple[list[int], list[int]]]] = {}
-
-
+@per_tokenizer
 def added_specials(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer adds before and after a text (BOS; BERT's [CLS] and [SEP])."""
-    held = _ADDED.get(id(tokenizer))
-    if held is None or held[0] is not tokenizer:
-        try:
-            bare = token_ids(tokenizer, "a", add_special_tokens=False)
-            full = token_ids(tokenizer, "a", add_special_tokens=True)
-            start = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
-            found = (full[:start], full[start + len(bare):])
-        except (StopIteration, RenderError):
-            found = ([], [])
-        bos = getattr(tokenizer, "bos_token_id", None)
-        if not found[0] and bos is not None:
-            found = ([bos], found[1])  # a text that holds BOS where the tokenizer adds none: still one, not two
-        held = _ADDED[id(tokenizer)] = (tokenizer, found)
-    return held[1]
+    try:
+        bare = token_ids(tokenizer, "a", add_special_tokens=False)
+        full = token_ids(tokenizer, "a", add_special_tokens=True)
+        start = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+        found = (full[:start], full[start + len(bare):])
+    except (StopIteration, RenderError):
+        found = ([], [])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not found[0] and bos is not None:
+        found = ([bos], found[1])  # a text that holds BOS where the tokenizer adds none: still one, not two
+    return found
 
 
 def _without_doubled_bos(tokenizer: Any, ids: list[int], tail: bool = True) -> list[int]:
