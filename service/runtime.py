@@ -64,7 +64,7 @@ def check_ports(config: ServeConfig) -> None:
             bind_socket(config.host, port, what, listen=False).close()
 
 
-def environment_warnings(config: ServeConfig, environ: Any = None) -> list[str]:
+def environment_warnings(requires_keys: bool, environ: Any = None) -> list[str]:
     """What to warn about in the environment: REWARDSERVE_* names that nothing reads (a typo), and the clients'
     REWARDSERVE_API_KEY set on a server that requires no key (its keys are REWARDSERVE_API_KEYS)."""
     import difflib
@@ -78,7 +78,7 @@ def environment_warnings(config: ServeConfig, environ: Any = None) -> list[str]:
         if key not in fields and key not in OTHER_ENV:
             close = difflib.get_close_matches(key, fields, n=1)
             out.append(f"{key} is not a setting (ignored)" + (f": did you mean {close[0]}?" if close else ""))
-    if environ.get("REWARDSERVE_API_KEY") and not load_keys(config.api_keys, config.api_key_file):
+    if environ.get("REWARDSERVE_API_KEY") and not requires_keys:
         out.append("REWARDSERVE_API_KEY is set, but it is the clients' key: this server requires none. Set "
                    "REWARDSERVE_API_KEYS (or --api-keys, --api-key-file) to require keys")
     return out
@@ -120,7 +120,8 @@ class Runtime:
 
     async def start(self) -> None:
         """Models, generator, gRPC, HTTP, in that order; if any step fails, what was started is stopped again."""
-        for warning in environment_warnings(self.config):
+        keys = len(load_keys(self.config.api_keys, self.config.api_key_file))
+        for warning in environment_warnings(keys > 0):
             log.warning("%s", warning)
         if self.house is None:
             check_ports(self.config)
@@ -137,7 +138,6 @@ class Runtime:
         except BaseException:
             await self._stop_all()
             raise
-        keys = len(load_keys(self.config.api_keys, self.config.api_key_file))
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host  # an IPv6 address
         log.info(
             "rewardserve serving %s: HTTP %s://%s:%d  gRPC %s  API keys %s",
