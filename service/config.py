@@ -115,8 +115,9 @@ class ServeConfig(BaseModel):
 
     model: str = "default"
     """Reward model: a Hugging Face checkpoint directory, or `default` (the shipped default RM), `helpful`,
-    `ensemble`, or `minilm` / `smollm2` (bases with an untrained, random head: for speed tests, not scores). Repeat `--model [NAME=]SPEC` to serve several (the first is the default). On the
-    command line it replaces a config file's models and the ensembles over them."""
+    `ensemble`, or `minilm` / `smollm2` (bases with an untrained, random head: for speed tests, not scores).
+    Repeat `--model [NAME=]SPEC` to serve several (the first is the default). On the command line it replaces a
+    config file's models and the ensembles over them."""
     models: list[ModelEntry] = []
     """Several models, each `{name, path, aliases?, debias?}` (config file `models:`; the flag is a repeated
     `--model NAME=SPEC`); the first is the default. Empty: `model` alone."""
@@ -346,8 +347,8 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
 OTHER_ENV = frozenset({
     "REWARDSERVE_URL", "REWARDSERVE_API_KEY", "REWARDSERVE_TIMEOUT", "REWARDSERVE_TRANSPORT", "REWARDSERVE_INPUT",
-    "REWARDSERVE_STRIP", "REWARDSERVE_REWARD_MODEL", "REWARDSERVE_GENERATOR_API_KEY", "REWARDSERVE_CACHE", "REWARDSERVE_ALLOCATOR",
-    "REWARDSERVE_ALLOCATOR_EXEC", "REWARDSERVE_MALLOC_TRIM_S",
+    "REWARDSERVE_STRIP", "REWARDSERVE_REWARD_MODEL", "REWARDSERVE_GENERATOR_API_KEY", "REWARDSERVE_CACHE",
+    "REWARDSERVE_ALLOCATOR", "REWARDSERVE_ALLOCATOR_EXEC", "REWARDSERVE_MALLOC_TRIM_S",
 })
 """REWARDSERVE_* variables that are not config fields: the clients' and adapters', the Best-of-N generator's key,
 the policy cache folder and the process's allocator settings. Any other unknown one is warned about at start."""
@@ -384,9 +385,7 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
         data.update(load_file(config_file))
     env = from_env(environ)
     if "model" in env:  # REWARDSERVE_MODEL replaces the file's models and their ensembles, as --model does
-        for key in ("model", "models", "ensembles"):
-            data.pop(key, None)
-        data.update(model_flags(env.pop("model")))  # NAME=SPEC entries, comma-separated
+        _replace_models(data, env.pop("model"))
     data.update(env)
     if args is not None:
         for name in ServeConfig.model_fields:
@@ -394,12 +393,17 @@ def resolve(args: argparse.Namespace | None = None, environ: dict[str, str] | No
             if value is None:
                 continue
             if name == "model":  # the command line's models replace the file's, with the ensembles over them
-                for key in ("model", "models", "ensembles"):
-                    data.pop(key, None)
-                data.update(model_flags(value))
+                _replace_models(data, value)
                 continue
             data[name] = _coerce(value, ServeConfig.model_fields[name].annotation)
     return ServeConfig.model_validate(data)
+
+
+def _replace_models(data: dict[str, Any], values: str | list[str]) -> None:
+    """`--model` / REWARDSERVE_MODEL: their models replace the config's, and the ensembles over the config's."""
+    for key in ("model", "models", "ensembles"):
+        data.pop(key, None)
+    data.update(model_flags(values))
 
 
 def model_flags(values: str | list[str]) -> dict[str, Any]:
