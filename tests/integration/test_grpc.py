@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 import httpx
@@ -129,16 +130,22 @@ def test_stream_invalid_request_aborts_naming_it(bert_server):
     assert "inputs.0: no input set" in err.value.details()
 
 
+def stream_until_error(server, requests: list[pb.ScoreRequest]) -> tuple[list, Any]:
+    """The replies a ScoreStream gives before it ends with an error, and that error (pytest's ExceptionInfo)."""
+    replies = []
+    with stub_for(server) as stub, pytest.raises(grpc.RpcError) as err:
+        for reply in stub.ScoreStream(iter(requests), timeout=60):
+            replies.append(reply)
+    return replies, err
+
+
 def test_requests_before_an_invalid_one_are_answered_before_the_stream_ends(bert_server):
     """Accepted work is not thrown away by a later client bug, whatever the timing: the requests read before the
     invalid one are all answered (sent at once, they are still being scored when it fails validation)."""
     requests = stream_requests(10)
     requests.insert(10, pb.ScoreRequest(request_id="bad-one", inputs=[]))
     requests += stream_requests(3)
-    replies = []
-    with stub_for(bert_server) as stub, pytest.raises(grpc.RpcError) as err:
-        for reply in stub.ScoreStream(iter(requests), timeout=60):
-            replies.append(reply)
+    replies, err = stream_until_error(bert_server, requests)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sequence=10" in err.value.details()
     assert sorted(r.sequence for r in replies) == list(range(10))
     assert all(len(r.scores) >= 1 and not r.HasField("error") for r in replies)
@@ -156,10 +163,7 @@ def test_requests_before_a_late_failing_invalid_one_are_answered(bert_server):
     them (it did: 0-10 of the 10 earlier requests came back)."""
     for _ in range(3):
         requests = [*stream_requests(10), slow_invalid("bad-one", 1), *stream_requests(3)]
-        replies = []
-        with stub_for(bert_server) as stub, pytest.raises(grpc.RpcError) as err:
-            for reply in stub.ScoreStream(iter(requests), timeout=60):
-                replies.append(reply)
+        replies, err = stream_until_error(bert_server, requests)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "request_id=bad-one sequence=10: inputs.1: model 'tiny-bert' has no step head" in err.value.details()
         assert set(range(10)) <= {r.sequence for r in replies}
@@ -171,10 +175,7 @@ def test_stream_with_two_invalid_requests_names_the_first(bert_server):
     naming the earlier one, and the requests before it are answered."""
     requests = [*stream_requests(3), slow_invalid("bad-early", 40), *stream_requests(5),
                 pb.ScoreRequest(request_id="bad-late", inputs=[])]
-    replies = []
-    with stub_for(bert_server) as stub, pytest.raises(grpc.RpcError) as err:
-        for reply in stub.ScoreStream(iter(requests), timeout=60):
-            replies.append(reply)
+    replies, err = stream_until_error(bert_server, requests)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request_id=bad-early sequence=3" in err.value.details()
     assert {0, 1, 2} <= {r.sequence for r in replies} and 3 not in {r.sequence for r in replies}
