@@ -207,8 +207,8 @@ class AsyncRewardClient(AsyncRanking, AsyncClient):
                     **kw: Any) -> httpx.Response:
         http = await self._http.get()
         try:
-            return await http.request(method, endpoint + path,
-                                            timeout=timeout_of(remaining, self.connect_timeout), **kw)
+            return await http.request(method, endpoint + path, timeout=timeout_of(remaining, self.connect_timeout),
+                                      **kw)
         except httpx.HTTPError as exc:
             raise transport_error(exc, endpoint) from exc
 

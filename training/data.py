@@ -429,7 +429,8 @@ class Truncation:
                  self.rows_truncated, 2 * self.pairs, self.pairs_truncated, self.pairs, max_length)
         if self.pairs_made_identical:
             log.warning("%s: %d of %d pairs are identical after truncation to max_length %d (the two sides differ "
-                        "only in what was cut): they carry no preference; raise --max-length", name, self.pairs_made_identical, self.pairs, max_length)
+                        "only in what was cut): they carry no preference; raise --max-length", name,
+                        self.pairs_made_identical, self.pairs, max_length)
 
 
 class PreferenceCollator:
